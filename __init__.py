@@ -1,0 +1,1 @@
+"""Conveyor: an asynchronous, multi-process LLM inference engine."""

@@ -1,0 +1,67 @@
+"""Engine configuration: one Struct, validated once, sent as-is to the core and the workers."""
+
+import os
+
+import msgspec
+
+GiB = 1 << 30
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_memory: int | None = None  # bytes per rank; default: 2 GiB on CPU, 85% of free memory on GPU
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory
+    scheduling_policy: str = "fcfs"  # fcfs | priority
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"  # auto | torch | triton
+    worker_threads: int | None = None  # torch threads per worker; default: cores / tensor_parallel_size
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
+               "auto, float32, bfloat16 or float16")
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len, ">= 1")
+        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
+               "a power of two from 1 to 128")
+        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+        _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
+               self.kv_cache_memory, "> 0 bytes")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, ">= 1")
+        _check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", self.scheduling_policy,
+               "fcfs or priority")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
+        _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
+               self.attention_backend, "auto, torch or triton")
+        if not self.enable_chunked_prefill and self.max_model_len is not None:
+            _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
+                   self.max_num_batched_tokens, ">= max_model_len when chunked prefill is off")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_worker_threads(self) -> int:
+        return self.worker_threads or max(1, (os.cpu_count() or 1) // self.tensor_parallel_size)
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {allowed}, got {value!r}")

@@ -1,0 +1,268 @@
+"""Continuous batching: which requests run this step, and how many tokens each computes.
+
+One token budget per step (`max_num_batched_tokens`) is spent first on running requests
+(decodes and unfinished prefill chunks), then on waiting ones, FCFS or by priority. Long prompts
+are chunked so decodes keep flowing. When blocks run out, the lowest-priority running request is
+preempted (freed, recomputed later).
+"""
+
+import heapq
+import itertools
+import time
+from collections import deque
+
+from conveyor.config import EngineConfig
+from conveyor.engine_core.kv_cache_manager import KVCacheManager
+from conveyor.engine_core.request import Request, RequestStatus
+from conveyor.ipc.messages import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+)
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+class WaitingQueue:
+    """FCFS, or lowest (priority, arrival) first. Preempted requests go back in front."""
+
+    def __init__(self, policy: str):
+        self.by_priority = policy == "priority"
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._tiebreak = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap) if self.by_priority else len(self._fifo)
+
+    def add(self, request: Request, front: bool = False) -> None:
+        if self.by_priority:
+            heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._tiebreak), request))
+        elif front:
+            self._fifo.appendleft(request)
+        else:
+            self._fifo.append(request)
+
+    def peek(self) -> Request:
+        return self._heap[0][3] if self.by_priority else self._fifo[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3] if self.by_priority else self._fifo.popleft()
+
+    def remove(self, request: Request) -> None:
+        if self.by_priority:
+            self._heap = [entry for entry in self._heap if entry[3] is not request]
+            heapq.heapify(self._heap)
+        else:
+            self._fifo.remove(request)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int):
+        self.config = config
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting = WaitingQueue(config.scheduling_policy)
+        self.running: list[Request] = []
+        self.known_to_workers: set[str] = set()
+        self.dropped_ids: list[str] = []  # finished or preempted since the last step: workers forget them
+        self.step_id = 0
+        self.num_preemptions = 0
+
+    # ---- requests in and out ----
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request can never run, or None."""
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            return (f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                    f"max_model_len ({self.max_model_len})")
+        if not self.kv.can_fit(total):
+            return (f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} tokens "
+                    f"exceed the whole KV cache ({self.kv.num_blocks * self.config.block_size} tokens)")
+        return None
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._free(request, status)
+            finished.append(request)
+        return finished
+
+    def _free(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        if request.request_id in self.known_to_workers:
+            self.known_to_workers.discard(request.request_id)
+            self.dropped_ids.append(request.request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ----
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        preempted = False
+
+        for request in list(self.running):
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = self._num_tokens_to_compute(request, budget)
+            if n == 0:
+                continue
+            while (blocks := self.kv.allocate_slots(request, n)) is None:
+                victim = self._pick_victim()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            if blocks is None:
+                continue
+            scheduled[request.request_id] = n
+            new_blocks[request.request_id] = blocks
+            budget -= n
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            hits, num_hit_tokens = ([], 0)
+            if request.num_computed_tokens == 0:
+                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            remaining = request.num_tokens - request.num_computed_tokens - num_hit_tokens
+            if remaining > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(remaining, budget)
+            blocks = self.kv.allocate_slots(request, n, hits, num_hit_tokens)
+            if blocks is None:
+                break
+            self.waiting.pop()
+            request.num_computed_tokens += num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.time()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = n
+            new_blocks[request.request_id] = blocks
+            budget -= n
+
+        return self._make_output(scheduled, new_blocks)
+
+    def _num_tokens_to_compute(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining > budget and not self.config.enable_chunked_prefill:
+            return 0
+        return min(remaining, budget)
+
+    def _pick_victim(self) -> Request:
+        if self.waiting.by_priority:
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        if request.request_id in self.known_to_workers:
+            self.known_to_workers.discard(request.request_id)
+            self.dropped_ids.append(request.request_id)
+        self.waiting.add(request, front=True)
+
+    def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
+        new, cached = [], []
+        for request_id, n in scheduled.items():
+            request = self.requests[request_id]
+            if request_id in self.known_to_workers:
+                cached.append(CachedRequestData(request_id, new_blocks[request_id], request.num_computed_tokens))
+            else:
+                self.known_to_workers.add(request_id)
+                new.append(NewRequestData(
+                    request_id,
+                    request.prompt_token_ids,
+                    request.sampling_params,
+                    self.kv.get_block_ids(request_id),
+                    request.num_computed_tokens,
+                    request.output_token_ids,
+                ))
+            request.num_computed_tokens += n
+        output = SchedulerOutput(self.step_id, new, cached, scheduled, self.dropped_ids)
+        self.dropped_ids = []
+        self.step_id += 1
+        return output
+
+    def update_from_output(self, step: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, EngineCoreOutput]]:
+        outputs = []
+        for i, (request_id, token_ids) in enumerate(zip(result.request_ids, result.sampled_token_ids)):
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.append_output_token_ids(token_ids)
+            status = self._check_stop(request)
+            output = EngineCoreOutput(
+                request_id,
+                token_ids,
+                new_logprobs=[result.logprobs[i]] if result.logprobs and result.logprobs[i] else None,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            )
+            if request.num_output_tokens == len(token_ids):
+                output.first_scheduled_time = request.first_scheduled_time
+            if status is not None:
+                self.running.remove(request)
+                self._free(request, status)
+                output.finish_reason = FINISH_REASONS[status]
+                output.stop_reason = request.stop_reason
+            outputs.append((request, output))
+        return outputs
+
+    def _check_stop(self, request: Request) -> RequestStatus | None:
+        params = request.sampling_params
+        last = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and last == params.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if last in params.stop_token_ids:
+                request.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def stats(self, step_time: float = 0.0, model_time: float = 0.0) -> SchedulerStats:
+        prefix = self.kv.make_prefix_cache_stats()
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            num_preemptions=self.num_preemptions,
+            step_time=step_time,
+            model_time=model_time,
+        )

@@ -1,0 +1,167 @@
+"""Runs the model on one rank: persistent per-request state, step inputs, forward, sampling."""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from conveyor.config import EngineConfig
+from conveyor.gpu_worker.attention import AttentionMetadata
+from conveyor.gpu_worker.model_loader import load_model
+from conveyor.gpu_worker.ops import select_ops
+from conveyor.gpu_worker.parallel import tp_size
+from conveyor.gpu_worker.sampler import Sampler, SamplingState, make_sampling_state
+from conveyor.ipc.messages import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30
+
+
+def resolve_dtype(config: EngineConfig, hf_config) -> torch.dtype:
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    request_id: str
+    token_ids: list[int]  # prompt, then every sampled token
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingState
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device | None = None):
+        self.config = config
+        self.device = device or torch.device(config.resolved_device())
+        self.hf_config = AutoConfig.from_pretrained(config.model)
+        self.dtype = resolve_dtype(config, self.hf_config)
+        self.ops = select_ops(self.device, config.attention_backend)
+        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops)
+        self.block_size = config.block_size
+        self.sampler = Sampler(self.hf_config.vocab_size)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_cache: torch.Tensor | None = None
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache ----
+
+    def kv_block_bytes(self) -> int:
+        attn = self.model.model.layers[0].self_attn
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * self.hf_config.num_hidden_layers
+
+    def determine_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:
+                budget = DEFAULT_CPU_KV_CACHE_MEMORY
+        return max(1, budget // self.kv_block_bytes())
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        attn = self.model.model.layers[0].self_attn
+        shape = (self.hf_config.num_hidden_layers, 2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        # Zeroed: padded attention reads of unused slots must meet finite values.
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+
+    # ---- one step ----
+
+    def update_states(self, step: SchedulerOutput) -> None:
+        for request_id in step.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in step.new_requests:
+            sampling = make_sampling_state(new.sampling_params, new.prompt_token_ids, self.device)
+            sampling.output_token_ids.extend(new.output_token_ids)
+            self.requests[new.request_id] = CachedRequestState(
+                new.request_id,
+                new.prompt_token_ids + new.output_token_ids,
+                list(new.block_ids),
+                new.num_computed_tokens,
+                sampling,
+            )
+        for cached in step.cached_requests:
+            state = self.requests[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        start = time.perf_counter()
+        self.update_states(step)
+        if not step.num_scheduled_tokens:
+            return ModelRunnerOutput(step.step_id, [], [])
+        # Decodes first: the attention path batches them.
+        order = sorted(step.num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+        states = [self.requests[request_id] for request_id, _ in order]
+        num_tokens = [n for _, n in order]
+        input_ids, positions, meta, logits_indices, sampling_states = self.prepare_inputs(states, num_tokens)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        sampled_ids: list[list[int]] = []
+        request_ids: list[str] = []
+        logprobs = None
+        if logits_indices:
+            logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
+            out = self.sampler(logits, [s.sampling for s in sampling_states])
+            for state, token in zip(sampling_states, out.sampled_token_ids):
+                state.token_ids.append(token)
+                state.sampling.output_token_ids.append(token)
+                request_ids.append(state.request_id)
+                sampled_ids.append([token])
+            if any(lp is not None for lp in out.logprobs):
+                logprobs = out.logprobs
+        return ModelRunnerOutput(step.step_id, request_ids, sampled_ids, logprobs,
+                                 model_time=time.perf_counter() - start)
+
+    def prepare_inputs(self, states: list[CachedRequestState], num_tokens: list[int]):
+        bs = self.block_size
+        counts = np.array(num_tokens, dtype=np.int64)
+        starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        seq_lens = starts + counts
+        total = int(counts.sum())
+        query_start_loc = np.zeros(len(states) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        # position of every token: its request's start plus its offset within the request's query
+        offsets = np.arange(total, dtype=np.int64) - np.repeat(query_start_loc[:-1], counts)
+        positions = np.repeat(starts, counts) + offsets
+        input_ids = np.empty(total, dtype=np.int64)
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_tables = np.zeros((len(states), max_blocks), dtype=np.int32)
+        logits_indices, sampling_states = [], []
+        for i, (state, start, n) in enumerate(zip(states, starts, num_tokens)):
+            q0 = query_start_loc[i]
+            input_ids[q0 : q0 + n] = state.token_ids[start : start + n]
+            block_tables[i, : len(state.block_ids)] = state.block_ids
+            if start + n >= len(state.token_ids):  # reaches the end of what is known: sample
+                logits_indices.append(int(q0 + n - 1))
+                sampling_states.append(state)
+        row = np.repeat(np.arange(len(states)), counts)
+        slot_mapping = block_tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else len(states)
+        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=to(slot_mapping),
+            query_start_loc=to(query_start_loc.astype(np.int32)),
+            seq_lens=to(seq_lens.astype(np.int32)),
+            block_tables=to(block_tables),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decodes,
+            query_lens_cpu=num_tokens,
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        return to(input_ids), to(positions), meta, logits_indices, sampling_states

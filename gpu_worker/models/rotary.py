@@ -1,0 +1,33 @@
+"""Rotary position embedding tables, computed the way transformers computes them (llama3, yarn,
+linear and the other scalings come from transformers' own init functions)."""
+
+import torch
+
+
+def rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None)  # transformers >= 5
+    if params is None:  # transformers 4: rope_scaling plus a separate rope_theta
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_type", params.get("type", "default"))
+        params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    return params
+
+
+def build_cos_sin_cache(config, head_dim: int) -> torch.Tensor:
+    """[max_position_embeddings, head_dim] float32: cos in the first half, sin in the second."""
+    params = rope_parameters(config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params["rope_theta"]
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"rope type {rope_type!r} is not supported; supported: {sorted(ROPE_INIT_FUNCTIONS)}")
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq.float())
+    return torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)

@@ -1,0 +1,79 @@
+"""The hot ops a model calls, chosen once per model runner: torch on CPU, Triton kernels on CUDA.
+
+Every op takes token-major tensors ([T, ...]); `attention` follows the paged-cache contract of
+docs/architecture.md. This is the only place that decides which implementation runs.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attention
+
+
+class TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    @classmethod
+    def fused_add_rms_norm(
+        cls, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = x + residual
+        return cls.rms_norm(residual, weight, eps), residual
+
+    @staticmethod
+    def rotary_embedding(
+        positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotation of q [T, H, D] and k [T, KVH, D]; returns new tensors."""
+        half = cos_sin_cache.shape[1] // 2
+        cos_sin = cos_sin_cache[positions].unsqueeze(1)
+        cos, sin = cos_sin[..., :half].to(q.dtype), cos_sin[..., half:].to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        # The CPU runner never pads, so every slot is a real one.
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+    @staticmethod
+    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, sliding_window: int | None) -> torch.Tensor:
+        return torch_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1] * 2
+    x1, x2 = x[..., : rot // 2], x[..., rot // 2 : rot]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated if rot == x.shape[-1] else torch.cat((rotated, x[..., rot:]), dim=-1)
+
+
+def select_ops(device: torch.device, backend: str = "auto"):
+    """`auto`: Triton on CUDA, torch elsewhere. `triton` on a CPU is allowed only under the
+    interpreter (TRITON_INTERPRET=1), which tests use to prove the wiring end to end."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return TorchOps
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
+        from conveyor.gpu_worker.triton_ops import TritonOps
+
+        return TritonOps
+    raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {backend!r}")

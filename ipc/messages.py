@@ -1,0 +1,182 @@
+"""Every message that crosses a process boundary, as msgspec Structs (msgpack on the wire).
+
+Structs are array-like and omit defaults; add new fields only at the end of a Struct. A family's
+members carry a tag, so one decoder reads every message of a socket.
+"""
+
+import msgspec
+
+from conveyor.frontend.sampling_params import SamplingParams
+
+
+class Message(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+# ---- logprobs, shared by core and workers -------------------------------------------------------
+
+
+class Logprobs(msgspec.Struct, array_like=True, gc=False):
+    """Log-probabilities at one position: the chosen token's, and the top-N of the distribution."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+# ---- frontend -> core ---------------------------------------------------------------------------
+
+
+class EngineCoreRequest(Message, tag="req"):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    client_index: int = 0
+    priority: int = 0
+    lora_id: int = 0
+    cache_salt: str | None = None
+
+
+class Abort(Message, tag="abort"):
+    request_ids: list[str]
+    client_index: int = 0
+
+
+class Hello(Message, tag="hello"):
+    """A frontend announces itself and where the core should send its outputs."""
+
+    client_index: int
+    output_address: str
+
+
+class UtilityCall(Message, tag="call"):
+    """A request/response call into the core (stats, reset_prefix_cache, ...)."""
+
+    call_id: int
+    method: str
+    args: list = []
+    client_index: int = 0
+
+
+EngineCoreInput = EngineCoreRequest | Abort | Hello | UtilityCall
+
+
+# ---- core -> frontend ---------------------------------------------------------------------------
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[Logprobs] | None = None
+    prompt_logprobs: list[Logprobs | None] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    error: str | None = None
+
+
+class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    step_time: float = 0.0  # wall time of the last step
+    model_time: float = 0.0  # of which the workers' forward + sample
+
+
+class EngineCoreOutputs(Message, tag="out"):
+    outputs: list[EngineCoreOutput]
+    timestamp: float
+    stats: SchedulerStats | None = None
+
+
+class UtilityResult(Message, tag="result"):
+    call_id: int
+    result: object = None
+    error: str | None = None
+
+
+class EngineDead(Message, tag="dead"):
+    """The core's last word: why it is going down."""
+
+    reason: str
+
+
+EngineCoreOutputMessage = EngineCoreOutputs | UtilityResult | EngineDead
+
+
+# ---- core -> workers ----------------------------------------------------------------------------
+
+
+class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request the workers have not seen (or dropped at preemption): its full state."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    output_token_ids: list[int] = []  # tokens generated before a preemption
+
+
+class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A running request the workers hold: only what changed."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class SchedulerOutput(Message, tag="step"):
+    step_id: int
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    finished_request_ids: list[str]  # finished or preempted: workers drop their state
+
+
+class WorkerCall(Message, tag="wcall"):
+    method: str
+    args: list = []
+
+
+class Shutdown(Message, tag="shutdown"):
+    pass
+
+
+WorkerInput = SchedulerOutput | WorkerCall | Shutdown
+
+
+# ---- workers -> core ----------------------------------------------------------------------------
+
+
+class ModelRunnerOutput(Message, tag="mro"):
+    step_id: int
+    request_ids: list[str]  # requests that sampled a token this step, in order
+    sampled_token_ids: list[list[int]]
+    logprobs: list[Logprobs | None] | None = None
+    prompt_logprobs: dict[str, list[Logprobs | None]] | None = None
+    model_time: float = 0.0
+
+
+class WorkerReady(Message, tag="ready"):
+    rank: int
+    num_gpu_blocks: int
+
+
+class WorkerResult(Message, tag="wresult"):
+    result: object = None
+
+
+class WorkerError(Message, tag="werror"):
+    rank: int
+    error: str
+
+
+WorkerOutput = ModelRunnerOutput | WorkerReady | WorkerResult | WorkerError

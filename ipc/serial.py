@@ -1,0 +1,57 @@
+"""msgpack encoding of the message Structs, with tensors carried as raw side frames.
+
+`encode` returns a list of frames: the msgpack body first, then one buffer per tensor, which
+zmq sends without copying. Nothing here pickles.
+"""
+
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+TENSOR_EXT = 1
+
+
+class Encoder:
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self._frames: list[Any] = []
+
+    def encode(self, obj: Any) -> list[Any]:
+        self._frames = [b""]
+        try:
+            self._frames[0] = self._encoder.encode(obj)
+            return self._frames
+        finally:
+            self._frames = []
+
+    def _enc_hook(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            array = obj.detach().cpu().contiguous()
+            dtype = str(array.dtype).removeprefix("torch.")
+            self._frames.append(array.view(torch.uint8).numpy().data if array.numel() else b"")
+            meta = msgspec.msgpack.encode((dtype, list(array.shape), len(self._frames) - 1))
+            return msgspec.msgpack.Ext(TENSOR_EXT, meta)
+        raise TypeError(f"cannot encode {type(obj).__name__} for IPC")
+
+
+class Decoder:
+    def __init__(self, type_: Any = Any) -> None:
+        self._decoder = msgspec.msgpack.Decoder(type_, ext_hook=self._ext_hook)
+        self._frames: list[Any] = []
+
+    def decode(self, frames: list[Any]) -> Any:
+        self._frames = frames
+        try:
+            return self._decoder.decode(frames[0])
+        finally:
+            self._frames = []
+
+    def _ext_hook(self, code: int, data: memoryview) -> Any:
+        if code != TENSOR_EXT:
+            raise ValueError(f"unknown msgpack extension type {code}")
+        dtype, shape, index = msgspec.msgpack.decode(data)
+        buffer = self._frames[index]
+        raw = np.frombuffer(buffer, dtype=np.uint8) if len(buffer) else np.empty(0, np.uint8)
+        return torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).reshape(shape)

@@ -1,0 +1,171 @@
+"""The model runner over the paged cache is token-exact against transformers (float32)."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conveyor.config import EngineConfig
+from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.gpu_worker.model_runner import ModelRunner
+from conveyor.ipc.messages import CachedRequestData, NewRequestData, SchedulerOutput
+
+PROMPT_LENS = (1, 5, 17, 64, 300)
+MAX_TOKENS = 32
+
+
+def make_prompts(vocab_size: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_greedy(model_dir: str, prompts, max_tokens=MAX_TOKENS):
+    """transformers' own forward, one prompt at a time: (tokens, chosen-token logprobs)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model(ids, use_cache=True)
+            tokens, logprobs = [], []
+            for _ in range(max_tokens):
+                lp = torch.log_softmax(out.logits[0, -1].float(), -1)
+                token = int(lp.argmax())
+                tokens.append(token)
+                logprobs.append(float(lp[token]))
+                out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            results.append((tokens, logprobs))
+    return results
+
+
+def run_greedy(runner: ModelRunner, prompts, max_tokens=MAX_TOKENS, chunk: int | None = None, logprobs=None):
+    """A minimal scheduler: every request runs at once, prompts fed `chunk` tokens a step."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
+    bs = runner.block_size
+    next_block = 0
+    reqs = {}
+    for i, prompt in enumerate(prompts):
+        reqs[str(i)] = {"tokens": list(prompt), "computed": 0, "blocks": [], "out": [], "lps": [], "seen": False}
+    step_id = 0
+    while any(len(r["out"]) < max_tokens for r in reqs.values()):
+        new, cached, sched = [], [], {}
+        for rid, r in reqs.items():
+            if len(r["out"]) >= max_tokens:
+                continue
+            remaining = len(r["tokens"]) - r["computed"]
+            n = remaining if chunk is None else min(chunk, remaining)
+            need = -(-(r["computed"] + n) // bs) - len(r["blocks"])
+            added = list(range(next_block, next_block + need))
+            next_block += need
+            r["blocks"] += added
+            if not r["seen"]:
+                new.append(NewRequestData(rid, list(r["tokens"]), params, list(r["blocks"]), r["computed"]))
+                r["seen"] = True
+            else:
+                cached.append(CachedRequestData(rid, added, r["computed"]))
+            sched[rid] = n
+            r["computed"] += n
+        out = runner.execute_model(SchedulerOutput(step_id, new, cached, sched, []))
+        step_id += 1
+        for k, (rid, tokens) in enumerate(zip(out.request_ids, out.sampled_token_ids)):
+            reqs[rid]["tokens"] += tokens
+            reqs[rid]["out"] += tokens
+            if out.logprobs:
+                reqs[rid]["lps"].append(out.logprobs[k].logprob)
+    return [(reqs[str(i)]["out"], reqs[str(i)]["lps"]) for i in range(len(prompts))]
+
+
+def make_runner(model_dir: str, block_size: int = 16, **kwargs) -> ModelRunner:
+    config = EngineConfig(model=model_dir, dtype="float32", block_size=block_size, num_kv_blocks=2048, **kwargs)
+    runner = ModelRunner(config, torch.device("cpu"))
+    runner.init_kv_cache(config.num_kv_blocks)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models):
+    from transformers import AutoConfig
+
+    refs = {}
+    for arch, path in tiny_models.items():
+        prompts = make_prompts(AutoConfig.from_pretrained(path).vocab_size)
+        refs[arch] = (prompts, hf_greedy(path, prompts))
+    return refs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_greedy_matches_transformers(arch, tiny_models, references):
+    prompts, expected = references[arch]
+    got = run_greedy(make_runner(tiny_models[arch]), prompts)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_chunked_prefill_of_7_tokens_matches_transformers(arch, tiny_models, references):
+    prompts, expected = references[arch]
+    got = run_greedy(make_runner(tiny_models[arch]), prompts, chunk=7)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+
+
+@pytest.mark.parametrize("block_size", [1, 32])
+def test_block_size_does_not_change_tokens(block_size, tiny_models, references):
+    prompts, expected = references["llama"]
+    got = run_greedy(make_runner(tiny_models["llama"], block_size=block_size), prompts)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_chosen_token_logprobs_match_transformers(arch, tiny_models, references):
+    prompts, expected = references[arch]
+    got = run_greedy(make_runner(tiny_models[arch]), prompts, logprobs=0)
+    for (_, lps), (_, ref) in zip(got, expected):
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref), atol=1e-4, rtol=0)
+
+
+def test_missing_tensor_is_named(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_models["llama"]
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            os.symlink(os.path.join(src, name), tmp_path / name)
+    weights = {}
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(src, name)))
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        make_runner(str(tmp_path))
+
+
+def test_wrong_shape_is_named(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_models["llama"]
+    for name in os.listdir(src):
+        if name != "model.safetensors":
+            os.symlink(os.path.join(src, name), tmp_path / name)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    weights["model.layers.0.self_attn.k_proj.weight"] = weights["model.layers.0.self_attn.k_proj.weight"][:, :-1].contiguous()
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*shape"):
+        make_runner(str(tmp_path))
+
+
+def test_unsupported_architecture_is_named(tiny_models, tmp_path):
+    import json
+
+    src = tiny_models["llama"]
+    for name in os.listdir(src):
+        if name != "config.json":
+            os.symlink(os.path.join(src, name), tmp_path / name)
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="GPTNeoXForCausalLM"):
+        make_runner(str(tmp_path))

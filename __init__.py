@@ -1,1 +1,27 @@
-"""Conveyor: an asynchronous, multi-process LLM inference engine."""
+"""Conveyor: an asynchronous, multi-process LLM inference engine.
+
+Exports resolve lazily, so the engine-core and worker processes (which import `conveyor.*`
+submodules) never pay for importing the frontend's stack.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "AsyncLLM": "conveyor.frontend.async_llm",
+    "LLM": "conveyor.frontend.llm",
+    "CompletionOutput": "conveyor.frontend.outputs",
+    "RequestMetrics": "conveyor.frontend.outputs",
+    "RequestOutput": "conveyor.frontend.outputs",
+    "EngineDeadError": "conveyor.frontend.errors",
+    "EngineStartupError": "conveyor.frontend.errors",
+    "RequestOutputKind": "conveyor.frontend.sampling_params",
+    "SamplingParams": "conveyor.frontend.sampling_params",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'conveyor' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

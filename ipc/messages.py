@@ -6,6 +6,7 @@ members carry a tag, so one decoder reads every message of a socket.
 
 import msgspec
 
+from conveyor.config import EngineConfig
 from conveyor.frontend.sampling_params import SamplingParams
 
 
@@ -108,7 +109,12 @@ class EngineDead(Message, tag="dead"):
     reason: str
 
 
-EngineCoreOutputMessage = EngineCoreOutputs | UtilityResult | EngineDead
+class EngineReady(Message, tag="engine_ready"):
+    max_model_len: int
+    num_kv_blocks: int
+
+
+EngineCoreOutputMessage = EngineCoreOutputs | UtilityResult | EngineDead | EngineReady
 
 
 # ---- core -> workers ----------------------------------------------------------------------------
@@ -180,3 +186,22 @@ class WorkerError(Message, tag="werror"):
 
 
 WorkerOutput = ModelRunnerOutput | WorkerReady | WorkerResult | WorkerError
+
+
+# ---- process bootstrap payloads (sent on a child's stdin, see ipc/process.py) --------------------
+
+
+class CorePayload(msgspec.Struct):
+    config: EngineConfig
+    input_address: str  # the core binds it; every frontend connects
+    output_address: str  # frontend 0's output socket
+    ipc_dir: str
+    max_model_len: int
+
+
+class WorkerPayload(msgspec.Struct):
+    config: EngineConfig
+    rank: int
+    input_address: str  # the core's PUSH socket for this rank
+    output_address: str  # the core's PULL socket, shared by all ranks
+    dist_init_file: str  # torch.distributed rendezvous (file://, no port to pick)

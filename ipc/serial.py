@@ -1,14 +1,14 @@
 """msgpack encoding of the message Structs, with tensors carried as raw side frames.
 
 `encode` returns a list of frames: the msgpack body first, then one buffer per tensor, which
-zmq sends without copying. Nothing here pickles.
+zmq sends without copying. Nothing here pickles, and nothing imports torch until a tensor crosses
+(the engine-core process never needs it).
 """
 
 from typing import Any
 
 import msgspec
 import numpy as np
-import torch
 
 TENSOR_EXT = 1
 
@@ -27,7 +27,7 @@ class Encoder:
             self._frames = []
 
     def _enc_hook(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
+        if type(obj).__module__ == "torch" and type(obj).__name__ in ("Tensor", "Parameter"):
             array = obj.detach().cpu().contiguous()
             dtype = str(array.dtype).removeprefix("torch.")
             self._frames.append(array.view(torch.uint8).numpy().data if array.numel() else b"")
@@ -51,6 +51,8 @@ class Decoder:
     def _ext_hook(self, code: int, data: memoryview) -> Any:
         if code != TENSOR_EXT:
             raise ValueError(f"unknown msgpack extension type {code}")
+        import torch  # only processes that receive tensors pay for importing torch
+
         dtype, shape, index = msgspec.msgpack.decode(data)
         buffer = self._frames[index]
         raw = np.frombuffer(buffer, dtype=np.uint8) if len(buffer) else np.empty(0, np.uint8)

@@ -1,0 +1,94 @@
+"""The core's handle on its workers: starts one process per tensor-parallel rank, broadcasts each
+step to all of them, and collects rank 0's result, noticing at once when a worker dies."""
+
+import os
+import subprocess
+import time
+
+import zmq
+
+from conveyor.config import EngineConfig
+from conveyor.ipc.messages import (
+    ModelRunnerOutput,
+    SchedulerOutput,
+    Shutdown,
+    WorkerCall,
+    WorkerError,
+    WorkerOutput,
+    WorkerPayload,
+    WorkerReady,
+    WorkerResult,
+)
+from conveyor.ipc.process import describe_exit, spawn, terminate
+from conveyor.ipc.serial import Decoder, Encoder
+from conveyor.ipc.sockets import ipc_address, make_socket
+
+POLL_MS = 50
+
+
+class WorkerFailure(RuntimeError):
+    pass
+
+
+class Executor:
+    def __init__(self, config: EngineConfig, ipc_dir: str, startup_timeout: float = 600.0):
+        self.config = config
+        self.ctx = zmq.Context(1)
+        self.encoder, self.decoder = Encoder(), Decoder(WorkerOutput)
+        self.results = make_socket(self.ctx, zmq.PULL, ipc_address(ipc_dir, "worker-out"), bind=True)
+        self.inputs: list[zmq.Socket] = []
+        self.workers: list[subprocess.Popen] = []
+        dist_init_file = os.path.join(ipc_dir, "dist-init")
+        for rank in range(config.tensor_parallel_size):
+            address = ipc_address(ipc_dir, f"worker-in-{rank}")
+            self.inputs.append(make_socket(self.ctx, zmq.PUSH, address, bind=True))
+            payload = WorkerPayload(config, rank, address, self.results.getsockopt_string(zmq.LAST_ENDPOINT),
+                                    dist_init_file)
+            self.workers.append(spawn("conveyor.gpu_worker.worker", payload, f"worker-{rank}"))
+        ready = [self._receive(WorkerReady, startup_timeout) for _ in self.workers]
+        self.num_blocks = min(r.num_gpu_blocks for r in ready)
+
+    def collective_call(self, method: str, *args, timeout: float = 600.0) -> list:
+        self._broadcast(WorkerCall(method, list(args)))
+        return [self._receive(WorkerResult, timeout).result for _ in self.workers]
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self._broadcast(step)
+        return self._receive(ModelRunnerOutput)
+
+    def _broadcast(self, message) -> None:
+        frames = self.encoder.encode(message)
+        for sock in self.inputs:
+            sock.send_multipart(frames, copy=False)
+
+    def _receive(self, expected: type, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.results.poll(POLL_MS):
+            self.check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerFailure(f"workers did not answer within {timeout:.0f} s")
+        message = self.decoder.decode(self.results.recv_multipart(copy=False))
+        if isinstance(message, WorkerError):
+            raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+        if not isinstance(message, expected):
+            raise WorkerFailure(f"expected {expected.__name__} from a worker, got {type(message).__name__}")
+        return message
+
+    def check_alive(self) -> None:
+        for rank, proc in enumerate(self.workers):
+            if proc.poll() is not None:
+                # A worker that failed cleanly sent its traceback first: prefer that.
+                if self.results.poll(0):
+                    message = self.decoder.decode(self.results.recv_multipart(copy=False))
+                    if isinstance(message, WorkerError):
+                        raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+                raise WorkerFailure(describe_exit(f"worker rank {rank}", proc.returncode))
+
+    def shutdown(self) -> None:
+        try:
+            self._broadcast(Shutdown())
+        except zmq.ZMQError:
+            pass
+        for proc in self.workers:
+            terminate(proc, timeout=5.0)
+        self.ctx.destroy(linger=0)

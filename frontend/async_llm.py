@@ -1,0 +1,198 @@
+"""AsyncLLM: the engine inside the caller's asyncio application.
+
+    llm = AsyncLLM("path/to/model")
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=32)):
+        print(out.outputs[0].text)
+
+Every `generate()` works in whatever event loop calls it: outputs reach each request through its
+own loop, so nothing is bound to the first loop used (several `asyncio.run`s in a row work).
+Leaving the iterator early (break, cancel, close) aborts the request in the engine.
+"""
+
+import asyncio
+import atexit
+import copy
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from conveyor.config import EngineConfig
+from conveyor.frontend.core_client import CoreClient
+from conveyor.frontend.detokenizer import IncrementalDetokenizer
+from conveyor.frontend.errors import EngineDeadError
+from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState
+from conveyor.frontend.outputs import RequestMetrics, RequestOutput
+from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+TOKENIZE_OFF_LOOP_CHARS = 2048  # longer prompts are tokenized on a thread, off the event loop
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if config.max_model_len is None:
+        if limit is None:
+            raise ValueError("max_model_len must be given: the model config has no max_position_embeddings")
+        return limit
+    if limit is not None and config.max_model_len > limit:
+        raise ValueError(f"max_model_len must be <= the model's max_position_embeddings ({limit}), "
+                         f"got {config.max_model_len}")
+    return config.max_model_len
+
+
+def eos_token_ids(model: str, tokenizer) -> list[int]:
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+class AsyncLLM:
+    def __init__(self, model: str, tokenizer: str | None = None, **engine_args: Any):
+        self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
+        self.hf_config = AutoConfig.from_pretrained(model)
+        self.max_model_len = resolve_max_model_len(self.config, self.hf_config)
+        self.output_processor = OutputProcessor(None)
+        # Start the engine first: the tokenizer loads here while the workers load the model.
+        self.client = CoreClient(self.config, self.max_model_len, self._on_outputs, self.output_processor.fail_all)
+        self._finalizer = weakref.finalize(self, self.client.shutdown)
+        atexit.register(self._finalizer)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer_path)
+            self.eos_token_ids = eos_token_ids(model, self.tokenizer)
+            self.output_processor.tokenizer = self.tokenizer
+            self.client.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- the public surface ----
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        state = await self.add_request(prompt, sampling_params, request_id, priority)
+        try:
+            while True:
+                output = await state.mailbox.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            # Cancelled, closed early or failed: the engine must stop working on it.
+            if self.output_processor.remove(state.request_id) is not None:
+                self.client.abort([state.request_id])
+
+    async def add_request(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                          request_id: str | None = None, priority: int = 0) -> RequestState:
+        self._check_alive()
+        params = sampling_params or SamplingParams()
+        text, token_ids = await self._tokenize(prompt)
+        self.validate(token_ids, params)
+        params = self._bind(params)
+        request_id = request_id or uuid.uuid4().hex
+        arrival = time.time()
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
+        state = RequestState(request_id, text, token_ids, params, detokenizer,
+                             OutputMailbox(asyncio.get_running_loop(), params.output_kind), RequestMetrics(arrival))
+        self.output_processor.add_request(state)
+        try:
+            self.client.add_request(EngineCoreRequest(request_id, token_ids, params, arrival, priority=priority))
+        except BaseException:
+            self.output_processor.remove(request_id)
+            raise
+        return state
+
+    async def abort(self, request_id: str) -> None:
+        state = self.output_processor.remove(request_id)
+        if state is not None:
+            self.client.abort([request_id])
+
+    async def get_stats(self) -> dict:
+        return await asyncio.wrap_future(self.client.call("stats"))
+
+    async def reset_prefix_cache(self) -> bool:
+        return await asyncio.wrap_future(self.client.call("reset_prefix_cache"))
+
+    @property
+    def is_dead(self) -> bool:
+        return self.client.dead is not None
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    async def __aenter__(self) -> "AsyncLLM":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- input processing ----
+
+    async def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_token_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict must hold 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list):
+            return None, self._check_token_ids(prompt)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+        if len(prompt) > TOKENIZE_OFF_LOOP_CHARS:
+            return prompt, await asyncio.to_thread(self.tokenizer.encode, prompt)
+        return prompt, self.tokenizer.encode(prompt)
+
+    def _check_token_ids(self, token_ids) -> list[int]:
+        vocab = self.hf_config.vocab_size
+        if not isinstance(token_ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt_token_ids must be a list of ints in [0, {vocab})")
+        return token_ids
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt is {n} tokens long; max_model_len is {self.max_model_len}, "
+                             "which must leave room for at least one output token")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len ({self.max_model_len})")
+
+    def _bind(self, params: SamplingParams) -> SamplingParams:
+        """A private copy of the caller's params with the tokenizer's facts filled in."""
+        return copy.deepcopy(params).bind_tokenizer(
+            self.tokenizer, self.eos_token_ids or None, vocab_size=self.hf_config.vocab_size)
+
+    # ---- outputs (called on the client's output thread) ----
+
+    def _on_outputs(self, message: EngineCoreOutputs) -> None:
+        model_time = message.stats.model_time if message.stats else 0.0
+        to_abort = self.output_processor.process(message.outputs, model_time)
+        if to_abort:
+            self.client.abort(to_abort)
+
+    def _check_alive(self) -> None:
+        if self.client.dead is not None:
+            raise self.client.dead

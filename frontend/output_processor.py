@@ -1,0 +1,172 @@
+"""Turns the core's raw outputs into RequestOutputs: incremental detokenization, stop strings,
+logprobs, metrics, and a per-request mailbox that merges updates while its consumer lags.
+
+`process` runs on the client's output thread, off the caller's event loop; mailboxes are fed on
+their own loop through `call_soon_threadsafe`."""
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from conveyor.frontend.detokenizer import IncrementalDetokenizer
+from conveyor.frontend.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.ipc.messages import EngineCoreOutput, Logprobs
+
+
+class OutputMailbox:
+    """Holds at most one unread RequestOutput: deltas merge, cumulative outputs replace."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, kind: RequestOutputKind):
+        self.loop = loop
+        self.kind = kind
+        self.pending: RequestOutput | BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        pending = self.pending
+        if (self.kind == RequestOutputKind.DELTA and isinstance(pending, RequestOutput)
+                and isinstance(item, RequestOutput)):
+            pending.merge_delta(item)
+        elif not isinstance(pending, BaseException):
+            self.pending = item
+        self.ready.set()
+
+    def put_threadsafe(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.put, item)
+        except RuntimeError:
+            pass  # that loop is closed: nobody is listening any more
+
+    async def get(self) -> RequestOutput:
+        await self.ready.wait()
+        item, self.pending = self.pending, None
+        self.ready.clear()
+        if isinstance(item, BaseException):
+            self.pending = item  # every later get raises too
+            self.ready.set()
+            raise item
+        return item
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    mailbox: OutputMailbox
+    metrics: RequestMetrics
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    num_cached_tokens: int = 0
+    sent_tokens: int = 0  # tokens already handed out as deltas
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+        self.lock = threading.Lock()
+
+    def add_request(self, state: RequestState) -> None:
+        if state.params.logprobs is not None:
+            state.logprobs, state.cumulative_logprob = [], 0.0
+        with self.lock:
+            if state.request_id in self.states:
+                raise ValueError(f"request_id {state.request_id!r} is already in use")
+            self.states[state.request_id] = state
+
+    def remove(self, request_id: str) -> RequestState | None:
+        with self.lock:
+            return self.states.pop(request_id, None)
+
+    def process(self, outputs: list[EngineCoreOutput], model_time: float) -> list[str]:
+        """Deliver one step's outputs; returns the ids the core must abort (stop strings hit)."""
+        now = time.time()
+        to_abort = []
+        for raw in outputs:
+            with self.lock:
+                state = self.states.get(raw.request_id)
+            if state is None:
+                continue  # aborted meanwhile
+            finish_reason, stop_reason = raw.finish_reason, raw.stop_reason
+            self._record(state, raw, now, model_time)
+            if state.detokenizer is not None and raw.new_token_ids:
+                stop_terminated = finish_reason == "stop" and stop_reason is None or isinstance(stop_reason, int)
+                stop_str = state.detokenizer.update(raw.new_token_ids, stop_terminated=stop_terminated)
+                if stop_str is not None and finish_reason is None:
+                    finish_reason, stop_reason = "stop", stop_str
+                    to_abort.append(raw.request_id)
+            finished = finish_reason is not None
+            if finished:
+                self.remove(raw.request_id)
+                state.metrics.finished_time = now
+            output = self._make_output(state, finished, finish_reason, stop_reason, raw.error)
+            if output is not None:
+                state.mailbox.put_threadsafe(output)
+        return to_abort
+
+    def fail_all(self, error: BaseException) -> None:
+        with self.lock:
+            states, self.states = list(self.states.values()), {}
+        for state in states:
+            state.mailbox.put_threadsafe(error)
+
+    def _record(self, state: RequestState, raw: EngineCoreOutput, now: float, model_time: float) -> None:
+        metrics = state.metrics
+        if raw.first_scheduled_time is not None:
+            metrics.first_scheduled_time = raw.first_scheduled_time
+        if raw.new_token_ids:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+        metrics.model_forward_time += model_time
+        metrics.model_execute_time += model_time
+        state.num_cached_tokens = raw.num_cached_tokens
+        state.token_ids.extend(raw.new_token_ids)
+        if state.logprobs is not None and raw.new_logprobs:
+            for entry in raw.new_logprobs:
+                state.logprobs.append(self.to_position_logprobs(entry))
+                state.cumulative_logprob += entry.logprob
+
+    def to_position_logprobs(self, entry: Logprobs | None) -> PositionLogprobs | None:
+        if entry is None:
+            return None
+        decode = self.tokenizer.convert_ids_to_tokens if self.tokenizer is not None else None
+        result = {entry.token_id: Logprob(entry.logprob, entry.rank, decode(entry.token_id) if decode else None)}
+        for rank, (token_id, logprob) in enumerate(zip(entry.top_token_ids, entry.top_logprobs), start=1):
+            if token_id not in result:
+                result[token_id] = Logprob(logprob, rank, decode(token_id) if decode else None)
+        return result
+
+    def _make_output(self, state, finished, finish_reason, stop_reason, error) -> RequestOutput | None:
+        kind = state.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        detok = state.detokenizer
+        if kind == RequestOutputKind.DELTA:
+            token_ids = state.token_ids[state.sent_tokens:]
+            logprobs = state.logprobs[state.sent_tokens:] if state.logprobs is not None else None
+            text = detok.get_delta_text(finished) if detok else ""
+            state.sent_tokens = len(state.token_ids)
+        else:
+            token_ids = list(state.token_ids)
+            logprobs = list(state.logprobs) if state.logprobs is not None else None
+            text = detok.get_output_text(finished) if detok else ""
+        completion = CompletionOutput(0, text, token_ids, state.cumulative_logprob, logprobs,
+                                      finish_reason, stop_reason)
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            num_cached_tokens=state.num_cached_tokens,
+            metrics=state.metrics,
+            error_code=400 if error else None,
+            error_message=error,
+        )

@@ -1,0 +1,83 @@
+"""A worker process: one tensor-parallel rank. Loads its weight shard, holds its KV cache, and runs
+every step the core broadcasts; rank 0 returns the sampled tokens."""
+
+import logging
+import os
+import traceback
+
+import torch
+import zmq
+
+from conveyor.config import EngineConfig
+from conveyor.ipc.messages import (
+    SchedulerOutput,
+    Shutdown,
+    WorkerCall,
+    WorkerError,
+    WorkerInput,
+    WorkerPayload,
+    WorkerReady,
+    WorkerResult,
+)
+from conveyor.ipc.process import read_payload, run_child
+from conveyor.ipc.serial import Decoder, Encoder
+from conveyor.ipc.sockets import make_socket
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed(payload: WorkerPayload, device: torch.device) -> None:
+    from conveyor.gpu_worker.parallel import init_tensor_parallel
+
+    size = payload.config.tensor_parallel_size
+    if size > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{payload.dist_init_file}",
+                                rank=payload.rank, world_size=size)
+    init_tensor_parallel(payload.rank, size)
+
+
+def worker_main() -> None:
+    payload: WorkerPayload = read_payload(WorkerPayload)
+    config, rank = payload.config, payload.rank
+    logging.basicConfig(level=os.environ.get("CONVEYOR_LOG_LEVEL", "WARNING"))
+    ctx = zmq.Context(1)
+    inputs = make_socket(ctx, zmq.PULL, payload.input_address, bind=False)
+    outputs = make_socket(ctx, zmq.PUSH, payload.output_address, bind=False)
+    encoder, decoder = Encoder(), Decoder(WorkerInput)
+    try:
+        torch.set_num_threads(config.resolved_worker_threads())
+        device = torch.device(config.resolved_device())
+        if device.type == "cuda":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        init_distributed(payload, device)
+
+        from conveyor.gpu_worker.model_runner import ModelRunner
+
+        runner = ModelRunner(config, device)
+        outputs.send_multipart(encoder.encode(WorkerReady(rank, runner.determine_num_blocks())))
+        while True:
+            message = decoder.decode(inputs.recv_multipart(copy=False))
+            if isinstance(message, SchedulerOutput):
+                result = runner.execute_model(message)
+                if rank == 0:
+                    outputs.send_multipart(encoder.encode(result), copy=False)
+            elif isinstance(message, WorkerCall):
+                result = getattr(runner, message.method)(*message.args)
+                outputs.send_multipart(encoder.encode(WorkerResult(result)))
+            elif isinstance(message, Shutdown):
+                break
+    except Exception:
+        error = traceback.format_exc()
+        logger.error("worker rank %d failed:\n%s", rank, error)
+        outputs.send_multipart(encoder.encode(WorkerError(rank, error)))
+        outputs.close(linger=1000)
+        os._exit(1)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    run_child(worker_main)

@@ -1,0 +1,102 @@
+"""Child processes: how they start, how they learn their config, and how they die with their parent.
+
+A child runs `python -m <module>`: it never re-imports the user's `__main__` (so scripts without an
+`if __name__ == "__main__"` guard and notebooks work). Its config arrives msgpack-encoded on
+stdin, and stdin then stays open as its lifeline: when the parent dies, SIGKILL included, the
+pipe closes and the child exits at once.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+import msgspec
+
+_HEADER = 8
+
+
+def spawn(module: str, payload: msgspec.Struct, name: str, new_process_group: bool = False,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `python -m module` and hand it `payload`. With `new_process_group` the child leads a
+    group of its own, and everything it starts can be killed together."""
+    data = msgspec.msgpack.encode(payload)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        stdin=subprocess.PIPE,
+        start_new_session=new_process_group,
+        env={**os.environ, **(env or {}), "CONVEYOR_PROCESS_NAME": name},
+    )
+    proc.stdin.write(len(data).to_bytes(_HEADER, "little") + data)
+    proc.stdin.flush()
+    return proc
+
+
+def read_payload(type_: type) -> object:
+    """In a child: read the parent's payload, then watch the lifeline in a daemon thread."""
+    stdin = sys.stdin.buffer
+    size = int.from_bytes(_read_exactly(stdin, _HEADER), "little")
+    payload = msgspec.msgpack.decode(_read_exactly(stdin, size), type=type_)
+    threading.Thread(target=_exit_when_parent_dies, args=(stdin,), daemon=True, name="lifeline").start()
+    return payload
+
+
+def _read_exactly(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if data is None or len(data) != n:
+        os._exit(1)  # the parent went away before it finished talking to us
+    return data
+
+
+def _exit_when_parent_dies(stdin) -> None:
+    while stdin.read(65536):
+        pass
+    os._exit(1)
+
+
+def kill_process_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGKILL the group `proc` leads (it and every descendant that stayed in it), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """Ask politely (close the lifeline), wait, then kill."""
+    try:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def describe_exit(name: str, returncode: int | None) -> str:
+    if returncode is None:
+        return f"{name} is still running"
+    if returncode < 0:
+        try:
+            signame = signal.Signals(-returncode).name
+        except ValueError:
+            signame = f"signal {-returncode}"
+        return f"{name} process died with {signame} (exit code {returncode})"
+    return f"{name} process exited with code {returncode}"
+
+
+def run_child(main: Callable[[], None]) -> None:
+    """Run a child's main: SIGINT is the parent's business (Ctrl-C reaches the whole terminal
+    group), SIGTERM exits cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    main()

@@ -96,7 +96,7 @@ class EngineCore:
     # ---- utility calls (UtilityCall.method) ----
 
     def call_stats(self) -> dict:
-        return msgspec.to_builtins(self.scheduler.stats(self.last_step_time, self.last_model_time))
+        return msgspec.structs.asdict(self.scheduler.stats(self.last_step_time, self.last_model_time))
 
     def call_reset_prefix_cache(self) -> bool:
         return self.scheduler.kv.reset_prefix_cache()
@@ -193,6 +193,8 @@ class EngineCoreProc:
             self.outputs.put((client, EngineDead(reason)))
         self.outputs.put(None)
         self.output_thread.join(timeout=2.0)
+        # Closing a socket does not flush it; terminating the context does (up to the linger).
+        self.ctx.destroy(linger=1000)
 
     # ---- I/O threads ----
 
@@ -212,8 +214,6 @@ class EngineCoreProc:
             sock = self.output_sockets.get(client)
             if sock is not None:
                 sock.send_multipart(encoder.encode(message), copy=False)
-        for sock in self.output_sockets.values():
-            sock.close(linger=1000)
 
 
 def core_main() -> None:

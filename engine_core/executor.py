@@ -77,8 +77,8 @@ class Executor:
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.workers):
             if proc.poll() is not None:
-                # A worker that failed cleanly sent its traceback first: prefer that.
-                if self.results.poll(0):
+                # A worker that failed cleanly sent its traceback first: give it a moment to land.
+                if self.results.poll(200):
                     message = self.decoder.decode(self.results.recv_multipart(copy=False))
                     if isinstance(message, WorkerError):
                         raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")

@@ -32,7 +32,7 @@ from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
-TOKENIZE_OFF_LOOP_CHARS = 2048  # longer prompts are tokenized on a thread, off the event loop
+TOKENIZE_OFF_LOOP_CHARS = 256  # longer prompts are tokenized on a thread, off the event loop
 
 PromptType = str | dict[str, Any] | list[int]
 

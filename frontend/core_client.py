@@ -120,7 +120,8 @@ class CoreClient:
         try:
             while not self.closing:
                 if not self.output_socket.poll(POLL_MS):
-                    if self.proc.poll() is not None:
+                    # A dying core sends its reason first: give that a moment to land.
+                    if self.proc.poll() is not None and not self.output_socket.poll(300):
                         self._die(describe_exit("engine core", self.proc.returncode))
                         return
                     continue

@@ -74,7 +74,7 @@ def worker_main() -> None:
         error = traceback.format_exc()
         logger.error("worker rank %d failed:\n%s", rank, error)
         outputs.send_multipart(encoder.encode(WorkerError(rank, error)))
-        outputs.close(linger=1000)
+        ctx.destroy(linger=1000)  # flushes the error before we exit
         os._exit(1)
     os._exit(0)
 

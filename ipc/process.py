@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -65,7 +66,20 @@ def kill_process_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        pass
+        return
+    deadline = time.monotonic() + timeout
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)  # descendants, reparented when the leader died, still being reaped
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def terminate(proc: subprocess.Popen, timeout: float) -> None:

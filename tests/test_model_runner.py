@@ -4,40 +4,13 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from conveyor.config import EngineConfig
 from conveyor.frontend.sampling_params import SamplingParams
 from conveyor.gpu_worker.model_runner import ModelRunner
 from conveyor.ipc.messages import CachedRequestData, NewRequestData, SchedulerOutput
 
-PROMPT_LENS = (1, 5, 17, 64, 300)
-MAX_TOKENS = 32
-
-
-def make_prompts(vocab_size: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lens]
-
-
-def hf_greedy(model_dir: str, prompts, max_tokens=MAX_TOKENS):
-    """transformers' own forward, one prompt at a time: (tokens, chosen-token logprobs)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    results = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model(ids, use_cache=True)
-            tokens, logprobs = [], []
-            for _ in range(max_tokens):
-                lp = torch.log_softmax(out.logits[0, -1].float(), -1)
-                token = int(lp.argmax())
-                tokens.append(token)
-                logprobs.append(float(lp[token]))
-                out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-            results.append((tokens, logprobs))
-    return results
-
+from reference import MAX_TOKENS, hf_greedy, make_prompts
 
 def run_greedy(runner: ModelRunner, prompts, max_tokens=MAX_TOKENS, chunk: int | None = None, logprobs=None):
     """A minimal scheduler: every request runs at once, prompts fed `chunk` tokens a step."""

@@ -1,0 +1,51 @@
+"""Process-tree inspection for lifecycle tests (reads /proc; no psutil needed)."""
+
+import os
+import time
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def descendants_of(pid: int) -> list[int]:
+    result, frontier = [], [pid]
+    while frontier:
+        kids = children_of(frontier.pop())
+        result += kids
+        frontier += kids
+    return result
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def engine_pids(llm) -> tuple[int, list[int]]:
+    """(core pid, worker pids) of an AsyncLLM."""
+    core = llm.client.proc.pid
+    return core, children_of(core)

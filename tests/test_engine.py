@@ -1,0 +1,131 @@
+"""AsyncLLM through the real processes: exact tokens under batching, preemption, chunked prefill,
+prefix caching and tensor parallelism; cancellation frees blocks."""
+
+import asyncio
+
+import pytest
+from transformers import AutoConfig
+
+from conveyor import AsyncLLM, SamplingParams
+from reference import hf_greedy, make_prompts
+
+LENS = [1, 3, 7, 12, 17, 25, 33, 40, 48, 63, 64, 65, 80, 96, 100, 128] * 2
+OUTS = [4, 9, 16, 23, 30, 12, 5, 27] * 4
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+async def run_one(llm: AsyncLLM, prompt: list[int], max_tokens: int):
+    async for out in llm.generate({"prompt_token_ids": prompt}, greedy(max_tokens)):
+        pass
+    return out
+
+
+async def run_all(llm: AsyncLLM, prompts, outs):
+    results = await asyncio.gather(*(run_one(llm, p, n) for p, n in zip(prompts, outs)))
+    return [r.outputs[0].token_ids for r in results]
+
+
+@pytest.fixture(scope="module")
+def workload(llama_dir):
+    prompts = make_prompts(AutoConfig.from_pretrained(llama_dir).vocab_size, LENS, seed=1)
+    expected = [tokens[:n] for (tokens, _), n in zip(hf_greedy(llama_dir, prompts, max(OUTS)), OUTS)]
+    return prompts, expected
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=512)
+    yield llm
+    llm.shutdown()
+
+
+async def test_concurrent_requests_match_transformers_and_running_alone(engine, workload):
+    prompts, expected = workload
+    together = await run_all(engine, prompts, OUTS)
+    assert together == expected
+    alone = [(await run_one(engine, p, n)).outputs[0].token_ids for p, n in zip(prompts[:6], OUTS[:6])]
+    assert alone == expected[:6]
+
+
+async def test_repeated_prompt_hits_prefix_cache(engine, workload):
+    prompts, expected = workload
+    prompt = prompts[-1]  # 128 tokens: 8 full blocks of 16
+    first = await run_one(engine, prompt, OUTS[-1])
+    again = await run_one(engine, prompt, OUTS[-1])
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids == expected[-1]
+    assert again.num_cached_tokens == 112  # every full block but the one holding the last prompt token
+
+
+async def test_cancelled_stream_frees_its_blocks(engine):
+    async def consume():
+        async for _ in engine.generate({"prompt_token_ids": list(range(3, 200))}, greedy(400)):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(1.0)
+    assert (await engine.get_stats())["num_running"] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        stats = await engine.get_stats()
+        if stats["kv_cache_usage"] == 0 and stats["num_running"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["kv_cache_usage"] == 0 and stats["num_running"] == 0
+
+
+async def test_breaking_out_of_the_stream_aborts_the_request(engine):
+    async for out in engine.generate({"prompt_token_ids": list(range(3, 50))}, greedy(400)):
+        if len(out.outputs[0].token_ids) >= 3:
+            break
+    for _ in range(100):
+        stats = await engine.get_stats()
+        if stats["num_running"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+
+
+async def test_prompt_beyond_max_model_len_fails_alone(engine, workload):
+    prompts, expected = workload
+    good = asyncio.create_task(run_one(engine, prompts[5], OUTS[5]))
+    with pytest.raises(ValueError, match="max_model_len"):
+        async for _ in engine.generate({"prompt_token_ids": [5] * 3000}, greedy(4)):
+            pass
+    assert (await good).outputs[0].token_ids == expected[5]
+
+
+async def test_request_larger_than_the_whole_cache_is_rejected(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=4, block_size=16)
+    try:
+        async for out in llm.generate({"prompt_token_ids": list(range(3, 60))}, greedy(30)):
+            pass
+        assert out.finished and out.outputs[0].finish_reason == "error"
+        assert "KV cache" in out.error_message
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        pytest.param({"num_kv_blocks": 24}, id="preemption"),
+        pytest.param({"max_num_batched_tokens": 16}, id="chunked-prefill"),
+        pytest.param({"tensor_parallel_size": 2}, id="tensor-parallel-2"),
+        pytest.param({"block_size": 1, "max_num_seqs": 5}, id="block-size-1"),
+    ],
+)
+async def test_outputs_stay_exact_under(engine_args, llama_dir, workload):
+    prompts, expected = workload
+    llm = AsyncLLM(llama_dir, dtype="float32", **engine_args)
+    try:
+        assert await run_all(llm, prompts, OUTS) == expected
+        if "num_kv_blocks" in engine_args:
+            stats = await llm.get_stats()
+            assert stats["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
+    finally:
+        llm.shutdown()

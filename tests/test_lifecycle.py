@@ -1,0 +1,175 @@
+"""Nothing hangs and nothing outlives its parent: deaths become EngineDeadError within a second,
+start-up failures raise from the constructor, and shutdown leaves no process behind."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conveyor import AsyncLLM, EngineDeadError, EngineStartupError, SamplingParams
+from procs import children_of, descendants_of, engine_pids, group_alive, wait_until
+
+LONG = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+
+
+async def stream_all(llm, prompt, params=LONG):
+    async for out in llm.generate({"prompt_token_ids": prompt}, params):
+        pass
+    return out
+
+
+async def assert_pending_calls_die_fast(llm, kill):
+    tasks = [asyncio.create_task(stream_all(llm, list(range(3, 20 + i)))) for i in range(4)]
+    await asyncio.sleep(1.0)
+    assert not any(t.done() for t in tasks)
+    kill()
+    killed_at = time.monotonic()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+    elapsed = time.monotonic() - killed_at
+    assert all(isinstance(r, EngineDeadError) for r in results), results
+    assert elapsed < 1.0, f"pending calls took {elapsed:.2f} s to fail"
+    with pytest.raises(EngineDeadError):
+        await stream_all(llm, [5, 6, 7])
+    return results
+
+
+async def test_killed_worker_fails_every_pending_and_later_call(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256)
+    core, workers = engine_pids(llm)
+    try:
+        results = await assert_pending_calls_die_fast(llm, lambda: os.kill(workers[0], signal.SIGKILL))
+        assert "worker rank 0" in str(results[0]) and "SIGKILL" in str(results[0])
+    finally:
+        llm.shutdown()
+    assert wait_until(lambda: not group_alive(core), timeout=5)
+
+
+async def test_killed_core_fails_every_pending_and_later_call(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256)
+    core, workers = engine_pids(llm)
+    try:
+        results = await assert_pending_calls_die_fast(llm, lambda: os.kill(core, signal.SIGKILL))
+        assert "engine core" in str(results[0]) and "SIGKILL" in str(results[0])
+    finally:
+        llm.shutdown()
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=5)
+
+
+async def test_exception_inside_forward_reaches_callers_with_its_cause(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256)
+    core, workers = engine_pids(llm)
+    try:
+        # A logits processor that raises runs inside the worker's step.
+        params = SamplingParams(max_tokens=5, logits_processors=["conveyor_test_missing_module:boom"])
+        with pytest.raises(EngineDeadError, match="conveyor_test_missing_module"):
+            await asyncio.wait_for(stream_all(llm, [5, 6, 7], params), timeout=10)
+    finally:
+        llm.shutdown()
+    assert wait_until(lambda: not group_alive(core), timeout=5)
+
+
+def test_shutdown_stops_every_child_and_removes_ipc_files(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=64, tensor_parallel_size=2)
+    core, workers = engine_pids(llm)
+    assert len(workers) == 2
+    ipc_dir = llm.client.ipc_dir
+    assert os.listdir(ipc_dir)
+    llm.shutdown()
+    assert not group_alive(core)
+    assert not os.path.exists(ipc_dir)
+    assert children_of(os.getpid()) == []
+
+
+def test_bad_model_path_raises_from_constructor():
+    with pytest.raises(OSError):
+        AsyncLLM("/nonexistent/model/dir")
+
+
+def test_worker_that_fails_to_load_raises_with_cause_and_leaves_nothing(llama_dir, tmp_path):
+    for name in os.listdir(llama_dir):
+        if not name.endswith(".safetensors") and not name.endswith(".index.json"):
+            os.symlink(os.path.join(llama_dir, name), tmp_path / name)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    before = set(children_of(os.getpid()))
+    with pytest.raises(EngineStartupError, match="(?i)safetensors|header"):
+        AsyncLLM(str(tmp_path), dtype="float32", num_kv_blocks=16)
+    assert wait_until(lambda: set(children_of(os.getpid())) <= before, timeout=5)
+
+
+PARENT_SCRIPT = textwrap.dedent("""
+    import asyncio, os, sys
+    from conveyor import AsyncLLM, SamplingParams
+
+    async def main():
+        llm = AsyncLLM(sys.argv[1], dtype="float32", num_kv_blocks=64)
+        print(llm.client.proc.pid, flush=True)
+        async for _ in llm.generate([5, 6, 7], SamplingParams(max_tokens=100000, ignore_eos=True)):
+            pass
+
+    asyncio.run(main())
+""")
+
+
+def test_children_exit_when_parent_is_sigkilled(llama_dir):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, llama_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        core = int(parent.stdout.readline())
+        assert wait_until(lambda: len(children_of(core)) == 1, timeout=30)
+        family = [core] + descendants_of(core)
+        time.sleep(0.5)
+        parent.kill()
+        parent.wait()
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in family), timeout=5)
+    finally:
+        parent.kill()
+
+
+def test_engine_works_across_successive_event_loops(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=64)
+    try:
+        first = asyncio.run(stream_all(llm, [5, 6, 7], SamplingParams(temperature=0, max_tokens=4)))
+        second = asyncio.run(stream_all(llm, [5, 6, 7], SamplingParams(temperature=0, max_tokens=4)))
+        import uvloop
+
+        third = uvloop.run(stream_all(llm, [5, 6, 7], SamplingParams(temperature=0, max_tokens=4)))
+        assert first.outputs[0].token_ids == second.outputs[0].token_ids == third.outputs[0].token_ids
+        assert len(first.outputs[0].token_ids) == 4
+    finally:
+        llm.shutdown()
+
+
+async def test_event_loop_stays_responsive_under_load(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=4096, max_num_batched_tokens=2048)
+    worst = 0.0
+    stop = asyncio.Event()
+
+    async def ticker():
+        nonlocal worst
+        while not stop.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            worst = max(worst, time.perf_counter() - before - 0.001)
+
+    try:
+        tick = asyncio.create_task(ticker())
+        prompts = [" ".join(f"word{i}x{j}" for j in range(80)) for i in range(64)]
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        outs = await asyncio.gather(*(stream_all_text(llm, p, params) for p in prompts))
+        stop.set()
+        await tick
+        assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+        assert min(len(o.prompt_token_ids) for o in outs) >= 500
+        assert worst < 0.050, f"event loop stalled for {worst * 1000:.1f} ms"
+    finally:
+        llm.shutdown()
+
+
+async def stream_all_text(llm, prompt, params):
+    async for out in llm.generate(prompt, params):
+        pass
+    return out

@@ -1,0 +1,159 @@
+import msgspec
+import pytest
+
+from conveyor.frontend.sampling_params import (MAX_LOGPROBS, RequestOutputKind, SamplingParams,
+                                               SamplingType)
+
+INVALID = [
+    ("n", 0), ("n", 1.5),
+    ("temperature", -0.1), ("temperature", float("inf")), ("temperature", "hot"),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 2.5),
+    ("min_p", -0.1), ("min_p", 1.1),
+    ("seed", 2**64), ("seed", "7"),
+    ("repetition_penalty", 0.0), ("repetition_penalty", float("nan")),
+    ("presence_penalty", 2.5), ("presence_penalty", -2.1),
+    ("frequency_penalty", 3.0), ("frequency_penalty", -2.5),
+    ("no_repeat_ngram_size", -1),
+    ("logit_bias", {-1: 1.0}), ("logit_bias", {5: 101.0}), ("logit_bias", [1, 2]),
+    ("allowed_token_ids", []), ("allowed_token_ids", [1, -3]), ("allowed_token_ids", ["a"]),
+    ("bad_words", [""]), ("bad_words", ["ok", 3]), ("bad_words", "word"),
+    ("max_tokens", 0), ("max_tokens", 2.0),
+    ("min_tokens", -1),
+    ("ignore_eos", 1), ("include_stop_str_in_output", "yes"), ("skip_special_tokens", None),
+    ("spaces_between_special_tokens", 0), ("detokenize", "no"), ("use_beam_search", 1),
+    ("early_stopping", "never"),
+    ("stop", [""]), ("stop", ["ok", 1]), ("stop", 5),
+    ("stop_token_ids", [-1]), ("stop_token_ids", [1.0]),
+    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1),
+    ("prompt_logprobs", -1), ("prompt_logprobs", MAX_LOGPROBS + 1),
+    ("output_kind", 7),
+    ("length_penalty", "long"),
+    ("logits_processors", ["noimportpath"]), ("logits_processors", "pkg.mod:fn"),
+    ("bad_words_token_ids", [[]]),
+    ("eos_token_id", -1),
+]
+
+
+@pytest.mark.parametrize("name,value", INVALID, ids=[f"{n}={v!r}" for n, v in INVALID])
+def test_invalid_field_raises_value_error_naming_field_and_value(name, value):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{name: value})
+    message = str(info.value)
+    assert message.startswith(name), message
+    assert repr(value) in message or str(value) in message, message
+
+
+def test_error_message_states_allowed_range():
+    with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
+        SamplingParams(top_p=1.5)
+
+
+def test_min_tokens_above_max_tokens_is_rejected():
+    with pytest.raises(ValueError, match="min_tokens must be <= max_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=4)
+
+
+def test_beam_search_rejects_sampling_filters():
+    with pytest.raises(ValueError, match="use_beam_search"):
+        SamplingParams(use_beam_search=True, n=4, top_p=0.5)
+
+
+def test_defaults_match_vllm():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, p.min_tokens) == (
+        1, 1.0, 1.0, 0, 0.0, 16, 0)
+    assert p.stop == [] and p.stop_token_ids == [] and p.output_kind is RequestOutputKind.CUMULATIVE
+    assert p.skip_special_tokens and p.spaces_between_special_tokens and p.detokenize
+
+
+def test_top_k_minus_one_normalises_to_zero():
+    assert SamplingParams(top_k=-1).top_k == 0
+
+
+def test_stop_string_normalises_to_list():
+    assert SamplingParams(stop="###").stop == ["###"]
+
+
+def test_max_tokens_none_means_unbounded():
+    assert SamplingParams(max_tokens=None, min_tokens=1000).max_tokens is None
+
+
+def test_msgpack_round_trip_preserves_every_field():
+    p = SamplingParams(
+        n=2, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, seed=1234, repetition_penalty=1.2,
+        presence_penalty=0.5, frequency_penalty=-0.5, no_repeat_ngram_size=3,
+        logit_bias={5: -3.0, 9: 2.5}, allowed_token_ids=[1, 2, 3], bad_words=["foo bar"],
+        max_tokens=None, min_tokens=2, stop=["\n\n", "END"], stop_token_ids=[7],
+        include_stop_str_in_output=True, logprobs=5, prompt_logprobs=0, skip_special_tokens=False,
+        spaces_between_special_tokens=False, output_kind=RequestOutputKind.DELTA,
+        logits_processors=["pkg.mod:fn"], bad_words_token_ids=[[3, 4]], eos_token_id=2)
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=SamplingParams)
+    assert decoded == p
+    assert decoded.output_kind is RequestOutputKind.DELTA
+    assert decoded.all_stop_token_ids == [7, 2]
+
+
+def test_default_params_encode_to_an_empty_map():
+    assert msgspec.msgpack.encode(SamplingParams()) == b"\xde\x00\x00"
+
+
+def test_decoding_invalid_payload_raises():
+    payload = msgspec.msgpack.encode({"top_p": 2.0})
+    with pytest.raises(msgspec.ValidationError, match="top_p"):
+        msgspec.msgpack.decode(payload, type=SamplingParams)
+
+
+def test_sampling_type_follows_temperature_seed_and_beam_search():
+    assert SamplingParams(temperature=0).sampling_type is SamplingType.GREEDY
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams().sampling_type is SamplingType.RANDOM
+    assert SamplingParams(seed=3).sampling_type is SamplingType.RANDOM_SEED
+    assert SamplingParams(use_beam_search=True, n=3).sampling_type is SamplingType.BEAM
+
+
+def test_all_stop_token_ids_add_eos_unless_ignore_eos():
+    assert SamplingParams(stop_token_ids=[5], eos_token_id=2).all_stop_token_ids == [5, 2]
+    assert SamplingParams(stop_token_ids=[5], eos_token_id=2, ignore_eos=True).all_stop_token_ids == [5]
+
+
+class _WordTokenizer:
+    """Splits on spaces; a word with a leading space is a different token than without."""
+
+    def __init__(self):
+        self.vocab = {w: i for i, w in enumerate(
+            ["<eos>", "foo", " foo", "bar", " bar", "baz", "x", " "])}
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def encode(self, text, add_special_tokens=False):
+        words = text.split(" ")
+        out = [self.vocab[words[0]]] if words[0] else []
+        for w in words[1:]:
+            out += [self.vocab[" " + w]] if " " + w in self.vocab else [self.vocab[" "], self.vocab[w]]
+        return out
+
+
+def test_bind_tokenizer_tokenizes_bad_words_with_and_without_leading_space():
+    p = SamplingParams(bad_words=["foo bar", "baz"]).bind_tokenizer(_WordTokenizer(), eos_token_id=0)
+    # "baz" has no spaced variant of its own: " baz" is not a new word token
+    assert p.bad_words_token_ids == [[1, 4], [2, 4], [5]]
+
+
+def test_bind_tokenizer_sets_eos_and_stop_ids():
+    p = SamplingParams(stop_token_ids=[6]).bind_tokenizer(_WordTokenizer(), eos_token_id=[0, 5])
+    assert p.eos_token_id == 0
+    assert p.stop_token_ids == [6, 5]
+    assert p.all_stop_token_ids == [6, 5, 0]
+
+
+@pytest.mark.parametrize("name,value", [("stop_token_ids", [99]), ("allowed_token_ids", [1, 8]),
+                                        ("logit_bias", {12: 1.0})])
+def test_bind_tokenizer_rejects_token_ids_outside_vocab(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} holds token ids outside the vocabulary \[0, 8\)"):
+        SamplingParams(**{name: value}).bind_tokenizer(_WordTokenizer(), eos_token_id=0)
+
+
+def test_bind_tokenizer_accepts_larger_model_vocab():
+    p = SamplingParams(allowed_token_ids=[10]).bind_tokenizer(_WordTokenizer(), 0, vocab_size=16)
+    assert p.allowed_token_ids == [10]

@@ -233,6 +233,8 @@ class Scheduler:
             )
             if request.num_output_tokens == len(token_ids):
                 output.first_scheduled_time = request.first_scheduled_time
+            if result.prompt_logprobs and request_id in result.prompt_logprobs:
+                output.prompt_logprobs = result.prompt_logprobs[request_id]
             if status is not None:
                 self.running.remove(request)
                 self._free(request, status)

@@ -12,6 +12,7 @@ Leaving the iterator early (break, cancel, close) aborts the request in the engi
 import asyncio
 import atexit
 import copy
+import dataclasses
 import logging
 import time
 import uuid
@@ -19,6 +20,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from conveyor.config import EngineConfig
@@ -27,7 +29,7 @@ from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,17 @@ class AsyncLLM:
         request_id: str | None = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        state = await self.add_request(prompt, sampling_params, request_id, priority)
+        params = sampling_params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if params.n > 1:
+            stream = self._generate_n(prompt, params, request_id, priority)
+        else:
+            stream = self._generate_one(prompt, params, request_id, priority)
+        async for output in stream:
+            yield output
+
+    async def _generate_one(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
+        state = await self.add_request(prompt, params, request_id, priority)
         try:
             while True:
                 output = await state.mailbox.get()
@@ -98,17 +110,57 @@ class AsyncLLM:
                     return
         finally:
             # Cancelled, closed early or failed: the engine must stop working on it.
-            if self.output_processor.remove(state.request_id) is not None:
-                self.client.abort([state.request_id])
+            await self.abort(state.request_id)
 
-    async def add_request(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                          request_id: str | None = None, priority: int = 0) -> RequestState:
+    async def _generate_n(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
+        """`n` samples of one prompt: one engine request each (the prefix cache computes the
+        prompt once), merged into one RequestOutput with a CompletionOutput per sample."""
+        n, kind = params.n, params.output_kind
+        states: list[RequestState] = []
+        waiting: dict[asyncio.Future, int] = {}
+        try:
+            for i in range(n):
+                child = msgspec.structs.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                states.append(await self.add_request(prompt, child, f"{i}_{request_id}", priority))
+            latest: list[RequestOutput | None] = [None] * n
+            waiting.update({asyncio.ensure_future(state.mailbox.get()): i for i, state in enumerate(states)})
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                changed = []
+                for future in done:
+                    i = waiting.pop(future)
+                    latest[i] = future.result()
+                    changed.append(i)
+                    if not latest[i].finished:
+                        waiting[asyncio.ensure_future(states[i].mailbox.get())] = i
+                if kind == RequestOutputKind.FINAL_ONLY and waiting:
+                    continue
+                shown = sorted(changed) if kind == RequestOutputKind.DELTA else [i for i in range(n) if latest[i]]
+                first = latest[shown[0]]
+                yield RequestOutput(
+                    request_id=request_id,
+                    prompt=first.prompt,
+                    prompt_token_ids=first.prompt_token_ids,
+                    outputs=[dataclasses.replace(latest[i].outputs[0], index=i) for i in shown],
+                    finished=not waiting,
+                    prompt_logprobs=first.prompt_logprobs,
+                    num_cached_tokens=min(latest[i].num_cached_tokens for i in shown),
+                    metrics=first.metrics,
+                    error_code=next((latest[i].error_code for i in shown if latest[i].error_code), None),
+                    error_message=next((latest[i].error_message for i in shown if latest[i].error_message), None),
+                )
+        finally:
+            for future in waiting:
+                future.cancel()
+            for state in states:
+                await self.abort(state.request_id)
+
+    async def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str,
+                          priority: int = 0) -> RequestState:
         self._check_alive()
-        params = sampling_params or SamplingParams()
         text, token_ids = await self._tokenize(prompt)
         self.validate(token_ids, params)
         params = self._bind(params)
-        request_id = request_id or uuid.uuid4().hex
         arrival = time.time()
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
         state = RequestState(request_id, text, token_ids, params, detokenizer,

@@ -63,6 +63,7 @@ class RequestState:
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     sent_tokens: int = 0  # tokens already handed out as deltas
 
 
@@ -127,6 +128,8 @@ class OutputProcessor:
         metrics.model_forward_time += model_time
         metrics.model_execute_time += model_time
         state.num_cached_tokens = raw.num_cached_tokens
+        if raw.prompt_logprobs is not None:
+            state.prompt_logprobs = [self.to_position_logprobs(entry) for entry in raw.prompt_logprobs]
         state.token_ids.extend(raw.new_token_ids)
         if state.logprobs is not None and raw.new_logprobs:
             for entry in raw.new_logprobs:
@@ -165,6 +168,7 @@ class OutputProcessor:
             prompt_token_ids=state.prompt_token_ids,
             outputs=[completion],
             finished=finished,
+            prompt_logprobs=state.prompt_logprobs,
             num_cached_tokens=state.num_cached_tokens,
             metrics=state.metrics,
             error_code=400 if error else None,

@@ -13,8 +13,8 @@ from conveyor.gpu_worker.attention import AttentionMetadata
 from conveyor.gpu_worker.model_loader import load_model
 from conveyor.gpu_worker.ops import select_ops
 from conveyor.gpu_worker.parallel import tp_size
-from conveyor.gpu_worker.sampler import Sampler, SamplingState, make_sampling_state
-from conveyor.ipc.messages import ModelRunnerOutput, SchedulerOutput
+from conveyor.gpu_worker.sampler import Sampler, SamplingState, compute_logprobs, make_sampling_state
+from conveyor.ipc.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    num_prompt_tokens: int
+    prompt_logprobs: list[Logprobs | None] | None = None  # collected chunk by chunk until sampled
 
 
 class ModelRunner:
@@ -92,6 +94,9 @@ class ModelRunner:
                 list(new.block_ids),
                 new.num_computed_tokens,
                 sampling,
+                len(new.prompt_token_ids),
+                # the first prompt token has no logprob; a resumed request already sent them
+                [None] if new.sampling_params.prompt_logprobs is not None and not new.output_token_ids else None,
             )
         for cached in step.cached_requests:
             state = self.requests[cached.request_id]
@@ -110,6 +115,7 @@ class ModelRunner:
         num_tokens = [n for _, n in order]
         input_ids, positions, meta, logits_indices, sampling_states = self.prepare_inputs(states, num_tokens)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        self.collect_prompt_logprobs(hidden, states, num_tokens)
         sampled_ids: list[list[int]] = []
         request_ids: list[str] = []
         logprobs = None
@@ -123,8 +129,27 @@ class ModelRunner:
                 sampled_ids.append([token])
             if any(lp is not None for lp in out.logprobs):
                 logprobs = out.logprobs
-        return ModelRunnerOutput(step.step_id, request_ids, sampled_ids, logprobs,
+        prompt_logprobs = {}
+        for state in sampling_states:
+            if state.prompt_logprobs is not None:
+                prompt_logprobs[state.request_id], state.prompt_logprobs = state.prompt_logprobs, None
+        return ModelRunnerOutput(step.step_id, request_ids, sampled_ids, logprobs, prompt_logprobs or None,
                                  model_time=time.perf_counter() - start)
+
+    def collect_prompt_logprobs(self, hidden, states, num_tokens) -> None:
+        """For requests that asked for prompt logprobs: the logprob of each prompt token given the
+        ones before it, from this step's chunk of the prompt."""
+        start = 0
+        for state, n in zip(states, num_tokens):
+            if state.prompt_logprobs is not None:
+                first = state.num_computed_tokens  # position of the chunk's first token
+                last = min(first + n, state.num_prompt_tokens - 1)  # predicts positions first+1 .. last
+                if last > first:
+                    logits = self.model.compute_logits(hidden[start : start + last - first])
+                    targets = state.token_ids[first + 1 : last + 1]
+                    num_top = state.sampling.params.prompt_logprobs
+                    state.prompt_logprobs += compute_logprobs(logits, targets, num_top)
+            start += n
 
     def prepare_inputs(self, states: list[CachedRequestState], num_tokens: list[int]):
         bs = self.block_size

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conveyor.ipc.messages import Logprobs  # one position: chosen token, rank, top-N
 from conveyor.frontend.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 _LOGPROBS_CHUNK = 512  # rows per log_softmax pass in compute_logprobs (bounds memory for prompts)
@@ -45,20 +46,9 @@ class SamplingState:
 
 
 @dataclass(slots=True)
-class TokenLogprobs:
-    """One position: the chosen token's logprob and rank (1 = most likely), plus the top-N."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top_token_ids: list[int]
-    top_logprobs: list[float]
-
-
-@dataclass(slots=True)
 class SamplerOutput:
     sampled_token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
+    logprobs: list[Logprobs | None]  # None where params.logprobs is None
 
 
 def make_sampling_state(params: SamplingParams, prompt_token_ids: list[int],
@@ -107,7 +97,7 @@ class Sampler:
                 tokens[idx] = sampled
         token_list = tokens.tolist()
 
-        logprobs: list[TokenLogprobs | None] = [None] * len(states)
+        logprobs: list[Logprobs | None] = [None] * len(states)
         if lp_rows:
             entries = compute_logprobs(raw, [token_list[i] for i in lp_rows],
                                        [params[i].logprobs for i in lp_rows])
@@ -117,13 +107,13 @@ class Sampler:
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: Sequence[int] | torch.Tensor,
-                     num_top: int | Sequence[int]) -> list[TokenLogprobs]:
+                     num_top: int | Sequence[int]) -> list[Logprobs]:
     """Log-softmax of each row of raw `logits` [N, V]: the logprob and rank of `token_ids[i]` and
     the `num_top` (per row, or one for all) most likely tokens. Reusable for prompt logprobs."""
     n = logits.shape[0]
     tops = [num_top] * n if isinstance(num_top, int) else list(num_top)
     ids = torch.as_tensor(token_ids, dtype=torch.long, device=logits.device).view(-1, 1)
-    out: list[TokenLogprobs] = []
+    out: list[Logprobs] = []
     for start in range(0, n, _LOGPROBS_CHUNK):
         end = min(start + _LOGPROBS_CHUNK, n)
         lp = torch.log_softmax(logits[start:end].float(), dim=-1)
@@ -136,7 +126,7 @@ def compute_logprobs(logits: torch.Tensor, token_ids: Sequence[int] | torch.Tens
         ids_list = ids[start:end].view(-1).tolist()
         for j in range(end - start):
             t = tops[start + j]
-            out.append(TokenLogprobs(ids_list[j], chosen_list[j], ranks[j], top_ids[j][:t],
+            out.append(Logprobs(ids_list[j], chosen_list[j], ranks[j], top_ids[j][:t],
                                      top_lp[j][:t]))
     return out
 

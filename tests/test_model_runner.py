@@ -142,3 +142,14 @@ def test_unsupported_architecture_is_named(tiny_models, tmp_path):
         json.dump(config, f)
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM"):
         make_runner(str(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_backend_matches_transformers_under_the_interpreter(arch, tiny_models, references):
+    """The Triton kernels, wired into the whole model, on CPU tensors via TRITON_INTERPRET=1."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    prompts, expected = references[arch]
+    runner = make_runner(tiny_models[arch], attention_backend="triton")
+    assert runner.ops.name == "triton"
+    got = run_greedy(runner, prompts[:3], max_tokens=4, chunk=7)
+    assert [tokens for tokens, _ in got] == [tokens[:4] for tokens, _ in expected[:3]]

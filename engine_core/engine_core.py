@@ -50,6 +50,9 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.executor.num_blocks, max_model_len)
         self.last_step_time = 0.0
         self.last_model_time = 0.0
+        self.num_steps = 0
+        self.total_step_time = 0.0
+        self.total_model_time = 0.0
 
     def add_request(self, message: EngineCoreRequest) -> EngineCoreOutput | None:
         """Queue a request, or return the error output of one that can never run."""
@@ -91,12 +94,21 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(step, result)
         self.last_model_time = result.model_time
         self.last_step_time = time.perf_counter() - start
+        self.num_steps += 1
+        self.total_step_time += self.last_step_time
+        self.total_model_time += self.last_model_time
         return outputs
+
+    def stats(self):
+        stats = self.scheduler.stats(self.last_step_time, self.last_model_time)
+        stats.num_steps, stats.total_step_time, stats.total_model_time = (
+            self.num_steps, self.total_step_time, self.total_model_time)
+        return stats
 
     # ---- utility calls (UtilityCall.method) ----
 
     def call_stats(self) -> dict:
-        return msgspec.structs.asdict(self.scheduler.stats(self.last_step_time, self.last_model_time))
+        return msgspec.structs.asdict(self.stats())
 
     def call_reset_prefix_cache(self) -> bool:
         return self.scheduler.kv.reset_prefix_cache()
@@ -180,7 +192,7 @@ class EngineCoreProc:
             self._send(client, client_outputs)
 
     def _send(self, client: int, outputs: list[EngineCoreOutput]) -> None:
-        stats = self.core.scheduler.stats(self.core.last_step_time, self.core.last_model_time)
+        stats = self.core.stats()
         self.outputs.put((client, EngineCoreOutputs(outputs, time.time(), stats)))
 
     def _die(self, exc: BaseException) -> None:

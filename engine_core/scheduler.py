@@ -77,6 +77,8 @@ class Scheduler:
         self.dropped_ids: list[str] = []  # finished or preempted since the last step: workers forget them
         self.step_id = 0
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens looked up, since start
+        self.prefix_cache_hits = 0
 
     # ---- requests in and out ----
 
@@ -257,13 +259,15 @@ class Scheduler:
         return None
 
     def stats(self, step_time: float = 0.0, model_time: float = 0.0) -> SchedulerStats:
-        prefix = self.kv.make_prefix_cache_stats()
+        prefix = self.kv.make_prefix_cache_stats()  # counts since the previous call
+        self.prefix_cache_queries += prefix.queries
+        self.prefix_cache_hits += prefix.hits
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             kv_cache_usage=self.kv.usage,
-            prefix_cache_queries=prefix.queries,
-            prefix_cache_hits=prefix.hits,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
             step_time=step_time,
             model_time=model_time,

@@ -24,6 +24,7 @@ import msgspec
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from conveyor.config import EngineConfig
+from conveyor.frontend.beam_search import beam_search
 from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.errors import EngineDeadError
@@ -93,12 +94,17 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         params = sampling_params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        if params.n > 1:
+        if params.use_beam_search:
+            stream = self._beam_search(prompt, params, request_id, priority)
+        elif params.n > 1:
             stream = self._generate_n(prompt, params, request_id, priority)
         else:
             stream = self._generate_one(prompt, params, request_id, priority)
         async for output in stream:
             yield output
+
+    async def _beam_search(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
+        yield await beam_search(self, prompt, params, request_id, priority)
 
     async def _generate_one(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
         state = await self.add_request(prompt, params, request_id, priority)

@@ -89,6 +89,9 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_preemptions: int = 0
     step_time: float = 0.0  # wall time of the last step
     model_time: float = 0.0  # of which the workers' forward + sample
+    num_steps: int = 0  # since start, with the two totals below
+    total_step_time: float = 0.0
+    total_model_time: float = 0.0
 
 
 class EngineCoreOutputs(Message, tag="out"):

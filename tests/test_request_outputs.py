@@ -100,3 +100,21 @@ async def test_invalid_parameters_fail_alone(engine):
         await final(engine, "Hello", SamplingParams(logit_bias={10**7: 1.0}))
     out, _ = await good
     assert out.finished and len(out.outputs[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("width,length_penalty,early_stopping", [(3, 1.0, False), (2, 0.5, True), (4, 2.0, False)])
+async def test_beam_search_equals_transformers(engine, llama_dir, width, length_penalty, early_stopping):
+    prompt = list(range(7, 30))
+    params = SamplingParams(n=width, use_beam_search=True, max_tokens=10, length_penalty=length_penalty,
+                            early_stopping=early_stopping)
+    out, _ = await final(engine, {"prompt_token_ids": prompt}, params)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    ref = model.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,
+                         max_new_tokens=10, length_penalty=length_penalty, early_stopping=early_stopping)
+    pad = model.generation_config.pad_token_id
+    expected = []
+    for row in ref[:, len(prompt):].tolist():
+        while row and row[-1] == pad:  # sequences that ended early are padded
+            row.pop()
+        expected.append(row)
+    assert [c.token_ids for c in out.outputs] == expected

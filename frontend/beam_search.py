@@ -1,0 +1,91 @@
+"""Beam search over the engine, the way transformers' `generate(num_beams=...)` does it.
+
+Each step asks the engine, for every live beam, for the top-K log-probabilities of its next
+token (one single-token request per beam; the prefix cache makes the shared history nearly
+free). The candidates are then ranked exactly as transformers ranks them: the top K = 2·width
+continuations by accumulated log-probability, the best `width` unfinished ones continue, and
+those among the top `width` that hit EOS or the length limit become finished hypotheses scored
+`sum_logprobs / generated_length ** length_penalty`.
+"""
+
+import asyncio
+from dataclasses import dataclass
+
+from conveyor.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+
+NEG_INF = -1.0e9
+
+
+@dataclass(slots=True)
+class Beam:
+    tokens: list[int]
+    score: float  # sum of log-probabilities (normalised by length once finished)
+    finished: bool = False
+
+
+async def beam_search(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0) -> RequestOutput:
+    width = params.n
+    text, prompt_ids = await llm._tokenize(prompt)
+    max_tokens = params.max_tokens or llm.max_model_len - len(prompt_ids)
+    llm.validate(prompt_ids, params)
+    stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)
+    num_candidates = max(2, 1 + len(stop_ids)) * width
+    arrival = RequestMetrics(arrival_time=asyncio.get_running_loop().time())
+    step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=num_candidates,
+                                 detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    running = [Beam([], 0.0)]  # transformers starts with width copies, all but one at -1e9
+    finished: list[Beam] = []
+    improvable = True
+    for step in range(max_tokens):
+        tops = await asyncio.gather(*(
+            _next_logprobs(llm, prompt_ids + beam.tokens, step_params, f"{request_id}-beam{step}.{b}", priority)
+            for b, beam in enumerate(running)
+        ))
+        candidates = sorted(
+            ((beam.score + logprob, b, token) for b, (beam, top) in enumerate(zip(running, tops))
+             for token, logprob in top),
+            key=lambda c: (-c[0], c[1], c[2]),
+        )[:num_candidates]
+        hits = [token in stop_ids or step + 1 >= max_tokens for _, _, token in candidates]
+
+        all_full = len(finished) == width and params.early_stopping
+        if improvable and not all_full:
+            normaliser = (step + 1) ** params.length_penalty
+            for rank, ((score, b, token), hit) in enumerate(zip(candidates, hits)):
+                if hit and rank < width:
+                    finished.append(Beam(running[b].tokens + [token], score / normaliser, True))
+            finished = sorted(finished, key=lambda beam: -beam.score)[:width]
+
+        running = [Beam(running[b].tokens + [token], score)
+                   for (score, b, token), hit in zip(candidates, hits) if not hit][:width]
+        improvable = improvable and _can_improve(running, finished, width, step + 1, max_tokens, params)
+        if not running or not improvable or (len(finished) == width and params.early_stopping):
+            break
+
+    outputs = [
+        CompletionOutput(i, llm.tokenizer.decode(beam.tokens, skip_special_tokens=params.skip_special_tokens),
+                         beam.tokens, cumulative_logprob=beam.score,
+                         finish_reason="stop" if beam.tokens[-1] in stop_ids else "length")
+        for i, beam in enumerate(finished)
+    ]
+    return RequestOutput(request_id, text, prompt_ids, outputs, finished=True, metrics=arrival)
+
+
+def _can_improve(running: list[Beam], finished: list[Beam], width: int, generated: int, max_tokens: int,
+                 params: SamplingParams) -> bool:
+    """transformers' early-stop heuristic: could the best running beam still beat the worst kept
+    hypothesis? Always yes while fewer than `width` hypotheses are kept."""
+    if len(finished) < width or not running:
+        return True
+    length = max_tokens if params.early_stopping == "never" and params.length_penalty > 0 else generated
+    best_possible = running[0].score / (length ** params.length_penalty)
+    return best_possible > min(beam.score for beam in finished)
+
+
+async def _next_logprobs(llm, token_ids, params, request_id, priority) -> list[tuple[int, float]]:
+    async for output in llm.generate({"prompt_token_ids": token_ids}, params, request_id, priority):
+        pass
+    position = output.outputs[0].logprobs[0]
+    return [(token, entry.logprob) for token, entry in position.items()]

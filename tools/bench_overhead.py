@@ -1,0 +1,72 @@
+"""Engine overhead: steps/s and the share of each step spent outside the model forward.
+
+A 1-layer tiny model makes the forward cheap, so what remains is the engine's own cost:
+scheduling, IPC, output handling. Numbers come from the core's own timers (`get_stats`).
+
+    python -m conveyor.tools.bench_overhead [--batch-sizes 1,64,256] [--out overhead.json]
+"""
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+
+from conveyor import AsyncLLM, SamplingParams
+from conveyor.tools.make_tiny_model import make_tiny_model
+
+
+async def measure(llm: AsyncLLM, batch: int, output_len: int, prompt_len: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+
+    async def one(i: int):
+        async for _ in llm.generate({"prompt_token_ids": [3 + (i + j) % 200 for j in range(prompt_len)]}, params):
+            pass
+
+    before = await llm.get_stats()
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(batch)))
+    wall = time.perf_counter() - start
+    after = await llm.get_stats()
+    steps = after["num_steps"] - before["num_steps"]
+    step_time = after["total_step_time"] - before["total_step_time"]
+    model_time = after["total_model_time"] - before["total_model_time"]
+    return {
+        "batch_size": batch,
+        "steps": steps,
+        "steps_per_s": steps / step_time,
+        "mean_step_ms": 1000 * step_time / steps,
+        "overhead_share": 1 - model_time / step_time,
+        "output_tok_per_s": batch * output_len / wall,
+    }
+
+
+async def run(args) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model(f"{tmp}/one-layer", "llama", num_layers=1)
+        max_batch = max(args.batch_sizes)
+        async with AsyncLLM(str(model), dtype="float32", max_num_seqs=max_batch,
+                            max_num_batched_tokens=max(2048, max_batch * args.prompt_len)) as llm:
+            await measure(llm, 4, 8, args.prompt_len)  # warm-up
+            return [await measure(llm, b, args.output_len, args.prompt_len) for b in args.batch_sizes]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64, 256])
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    rows = asyncio.run(run(args))
+    print(f"{'batch':>6} {'steps/s':>9} {'step ms':>8} {'outside forward':>16} {'out tok/s':>10}")
+    for r in rows:
+        print(f"{r['batch_size']:>6} {r['steps_per_s']:>9.1f} {r['mean_step_ms']:>8.2f} "
+              f"{100 * r['overhead_share']:>15.1f}% {r['output_tok_per_s']:>10.0f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ those among the top `width` that hit EOS or the length limit become finished hyp
 """
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from conveyor.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -31,7 +32,7 @@ async def beam_search(llm, prompt, params: SamplingParams, request_id: str, prio
     llm.validate(prompt_ids, params)
     stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)
     num_candidates = max(2, 1 + len(stop_ids)) * width
-    arrival = RequestMetrics(arrival_time=asyncio.get_running_loop().time())
+    metrics = RequestMetrics(arrival_time=time.time())
     step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=num_candidates,
                                  detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
 
@@ -60,7 +61,7 @@ async def beam_search(llm, prompt, params: SamplingParams, request_id: str, prio
 
         running = [Beam(running[b].tokens + [token], score)
                    for (score, b, token), hit in zip(candidates, hits) if not hit][:width]
-        improvable = improvable and _can_improve(running, finished, width, step + 1, max_tokens, params)
+        improvable = improvable and _can_improve(running, finished, width, step + 1, params)
         if not running or not improvable or (len(finished) == width and params.early_stopping):
             break
 
@@ -70,17 +71,16 @@ async def beam_search(llm, prompt, params: SamplingParams, request_id: str, prio
                          finish_reason="stop" if beam.tokens[-1] in stop_ids else "length")
         for i, beam in enumerate(finished)
     ]
-    return RequestOutput(request_id, text, prompt_ids, outputs, finished=True, metrics=arrival)
+    return RequestOutput(request_id, text, prompt_ids, outputs, finished=True, metrics=metrics)
 
 
-def _can_improve(running: list[Beam], finished: list[Beam], width: int, generated: int, max_tokens: int,
+def _can_improve(running: list[Beam], finished: list[Beam], width: int, generated: int,
                  params: SamplingParams) -> bool:
     """transformers' early-stop heuristic: could the best running beam still beat the worst kept
     hypothesis? Always yes while fewer than `width` hypotheses are kept."""
     if len(finished) < width or not running:
         return True
-    length = max_tokens if params.early_stopping == "never" and params.length_penalty > 0 else generated
-    best_possible = running[0].score / (length ** params.length_penalty)
+    best_possible = running[0].score / (generated ** params.length_penalty)
     return best_possible > min(beam.score for beam in finished)
 
 

@@ -11,13 +11,14 @@ Leaving the iterator early (break, cancel, close) aborts the request in the engi
 
 import asyncio
 import atexit
-import copy
 import dataclasses
+import gc
 import logging
 import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -64,15 +65,29 @@ def eos_token_ids(model: str, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def _release(client: CoreClient, executor: ThreadPoolExecutor) -> None:
+    client.shutdown()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def freeze_startup_garbage() -> None:
+    """Move everything alive now (torch, transformers, the tokenizer...) out of the garbage
+    collector's sight: full collections over those graphs stall the event loop for 100+ ms."""
+    gc.collect()
+    gc.freeze()
+
+
 class AsyncLLM:
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args: Any):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
         self.hf_config = AutoConfig.from_pretrained(model)
         self.max_model_len = resolve_max_model_len(self.config, self.hf_config)
         self.output_processor = OutputProcessor(None)
+        # One thread: tokenizing holds the GIL, and every extra contender delays the event loop.
+        self.input_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-input")
         # Start the engine first: the tokenizer loads here while the workers load the model.
         self.client = CoreClient(self.config, self.max_model_len, self._on_outputs, self.output_processor.fail_all)
-        self._finalizer = weakref.finalize(self, self.client.shutdown)
+        self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor)
         atexit.register(self._finalizer)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer_path)
@@ -82,6 +97,7 @@ class AsyncLLM:
         except BaseException:
             self.shutdown()
             raise
+        freeze_startup_garbage()
 
     # ---- the public surface ----
 
@@ -164,11 +180,13 @@ class AsyncLLM:
     async def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str,
                           priority: int = 0) -> RequestState:
         self._check_alive()
-        text, token_ids = await self._tokenize(prompt)
-        self.validate(token_ids, params)
-        params = self._bind(params)
+        if isinstance(prompt, str) and len(prompt) > TOKENIZE_OFF_LOOP_CHARS:
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self.input_executor, self.process_inputs, prompt, params)
+        else:
+            prepared = self.process_inputs(prompt, params)
+        text, token_ids, params, detokenizer = prepared
         arrival = time.time()
-        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
         state = RequestState(request_id, text, token_ids, params, detokenizer,
                              OutputMailbox(asyncio.get_running_loop(), params.output_kind), RequestMetrics(arrival))
         self.output_processor.add_request(state)
@@ -178,6 +196,15 @@ class AsyncLLM:
             self.output_processor.remove(request_id)
             raise
         return state
+
+    def process_inputs(self, prompt: PromptType, params: SamplingParams):
+        """Tokenize, validate and bind one request: (text, token ids, params, detokenizer). Runs on
+        a thread for long prompts, so the event loop only does bookkeeping."""
+        text, token_ids = self.tokenize(prompt)
+        self.validate(token_ids, params)
+        params = self._bind(params)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
+        return text, token_ids, params, detokenizer
 
     async def abort(self, request_id: str) -> None:
         state = self.output_processor.remove(request_id)
@@ -205,7 +232,7 @@ class AsyncLLM:
 
     # ---- input processing ----
 
-    async def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), self._check_token_ids(prompt["prompt_token_ids"])
@@ -217,8 +244,6 @@ class AsyncLLM:
             return None, self._check_token_ids(prompt)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
-        if len(prompt) > TOKENIZE_OFF_LOOP_CHARS:
-            return prompt, await asyncio.to_thread(self.tokenizer.encode, prompt)
         return prompt, self.tokenizer.encode(prompt)
 
     def _check_token_ids(self, token_ids) -> list[int]:
@@ -240,16 +265,19 @@ class AsyncLLM:
 
     def _bind(self, params: SamplingParams) -> SamplingParams:
         """A private copy of the caller's params with the tokenizer's facts filled in."""
-        return copy.deepcopy(params).bind_tokenizer(
+        private = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
+        return private.bind_tokenizer(
             self.tokenizer, self.eos_token_ids or None, vocab_size=self.hf_config.vocab_size)
 
     # ---- outputs (called on the client's output thread) ----
 
     def _on_outputs(self, message: EngineCoreOutputs) -> None:
         model_time = message.stats.model_time if message.stats else 0.0
-        to_abort = self.output_processor.process(message.outputs, model_time)
+        deliveries, to_abort = self.output_processor.process(message.outputs, model_time)
         if to_abort:
             self.client.abort(to_abort)
+        for mailbox, output in deliveries:
+            mailbox.put_threadsafe(output)
 
     def _check_alive(self) -> None:
         if self.client.dead is not None:

@@ -27,7 +27,7 @@ class Beam:
 
 async def beam_search(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0) -> RequestOutput:
     width = params.n
-    text, prompt_ids = await llm._tokenize(prompt)
+    text, prompt_ids = llm.tokenize(prompt)
     max_tokens = params.max_tokens or llm.max_model_len - len(prompt_ids)
     llm.validate(prompt_ids, params)
     stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)

@@ -85,10 +85,12 @@ class OutputProcessor:
         with self.lock:
             return self.states.pop(request_id, None)
 
-    def process(self, outputs: list[EngineCoreOutput], model_time: float) -> list[str]:
-        """Deliver one step's outputs; returns the ids the core must abort (stop strings hit)."""
+    def process(self, outputs: list[EngineCoreOutput], model_time: float):
+        """One step's outputs -> (deliveries, ids the core must abort because a stop string hit).
+        The caller sends the aborts *before* delivering, so nobody sees a finished request that
+        the engine still runs."""
         now = time.time()
-        to_abort = []
+        to_abort, deliveries = [], []
         for raw in outputs:
             with self.lock:
                 state = self.states.get(raw.request_id)
@@ -108,8 +110,8 @@ class OutputProcessor:
                 state.metrics.finished_time = now
             output = self._make_output(state, finished, finish_reason, stop_reason, raw.error)
             if output is not None:
-                state.mailbox.put_threadsafe(output)
-        return to_abort
+                deliveries.append((state.mailbox, output))
+        return deliveries, to_abort
 
     def fail_all(self, error: BaseException) -> None:
         with self.lock:

@@ -1,6 +1,7 @@
 """A worker process: one tensor-parallel rank. Loads its weight shard, holds its KV cache, and runs
 every step the core broadcasts; rank 0 returns the sampled tokens."""
 
+import gc
 import logging
 import os
 import traceback
@@ -58,6 +59,8 @@ def worker_main() -> None:
         from conveyor.gpu_worker.model_runner import ModelRunner
 
         runner = ModelRunner(config, device)
+        gc.collect()
+        gc.freeze()  # the model's objects never become garbage: keep collections short
         outputs.send_multipart(encoder.encode(WorkerReady(rank, runner.determine_num_blocks())))
         while True:
             message = decoder.decode(inputs.recv_multipart(copy=False))

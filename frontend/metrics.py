@@ -1,0 +1,106 @@
+"""Prometheus metrics of one API server, in a registry of its own (several apps may share a process).
+
+Per-request figures are recorded when an engine request ends; the engine's gauges (running and
+waiting requests, KV-cache usage, prefix-cache hit rate) are read from `AsyncLLM.get_stats()` when
+/metrics is scraped.
+"""
+
+import asyncio
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from conveyor.frontend.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+STATS_TIMEOUT_S = 2.0
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                         0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, labels + list(extra), registry=self.registry)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, labels, registry=self.registry).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.requests = counter("conveyor_request_success", "Finished requests by finish reason.",
+                                ["finished_reason"])
+        self.prompt_tokens = counter("conveyor_prompt_tokens", "Prompt tokens processed.").labels(model_name)
+        self.generation_tokens = counter("conveyor_generation_tokens", "Tokens generated.").labels(model_name)
+        self.prefix_queries = counter("conveyor_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.").labels(model_name)
+        self.prefix_hits = counter("conveyor_prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache.").labels(model_name)
+        self.ttft = histogram("conveyor_time_to_first_token_seconds", "Arrival to first token.",
+                              LATENCY_BUCKETS)
+        self.tpot = histogram("conveyor_time_per_output_token_seconds",
+                              "Mean time between output tokens, per request.", TOKEN_LATENCY_BUCKETS)
+        self.e2e = histogram("conveyor_e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
+        self.queue = histogram("conveyor_request_queue_time_seconds", "Arrival to first scheduled.",
+                               LATENCY_BUCKETS)
+        self.running = gauge("conveyor_num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("conveyor_num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("conveyor_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
+        self.prefix_hit_rate = gauge("conveyor_prefix_cache_hit_rate",
+                                     "Prefix-cache hits / queries since the server started (0-1).")
+        self.preemptions = gauge("conveyor_num_preemptions", "Preemptions since the engine started.")
+        self._hits = self._queries = 0
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        """One engine request ended normally; `output` is its last (finished) output."""
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        m = output.metrics
+        if m is None:
+            return
+        if m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+
+    def observe_completion(self, finish_reason: str, num_tokens: int, output: RequestOutput | None) -> None:
+        """One sequence (a choice) ended: count it and its tokens."""
+        self.requests.labels(self.model_name, finish_reason).inc()
+        self.generation_tokens.inc(num_tokens)
+        m = output.metrics if output is not None else None
+        if m is not None and num_tokens > 1 and m.first_token_time is not None and m.last_token_time is not None:
+            self.tpot.observe((m.last_token_time - m.first_token_time) / (num_tokens - 1))
+
+    async def refresh(self, engine) -> None:
+        if engine is None or engine.is_dead:
+            return
+        try:
+            stats = await asyncio.wait_for(engine.get_stats(), STATS_TIMEOUT_S)
+        except Exception as e:  # a slow or dying engine must not fail the scrape
+            logger.warning("engine stats unavailable: %s", e)
+            return
+        self.running.set(stats.get("num_running", 0))
+        self.waiting.set(stats.get("num_waiting", 0))
+        self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
+        self.preemptions.set(stats.get("num_preemptions", 0))
+        # The engine reports totals since start; counters advance by what is new.
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+        self.prefix_queries.inc(max(0, queries - self._queries))
+        self.prefix_hits.inc(max(0, hits - self._hits))
+        self._queries, self._hits = queries, hits
+        if queries:
+            self.prefix_hit_rate.set(hits / queries)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,277 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client and by raw
+HTTP for the error paths."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from conveyor import AsyncLLM
+from conveyor.frontend.api_server import build_app
+from conveyor.frontend.errors import EngineDeadError
+
+MODEL = "tiny-llama"
+API_KEY = "test-key"
+MAX_MODEL_LEN = 1024
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+def start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """uvicorn on a free port of 127.0.0.1, in a thread of this process."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def live(llama_dir):
+    engine = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256, max_model_len=MAX_MODEL_LEN)
+    server, thread, url = start_server(build_app(engine, MODEL, api_key=API_KEY))
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    yield SimpleNamespace(engine=engine, url=url, client=client, http=http)
+    http.close()
+    client.close()
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+    assert not thread.is_alive()
+
+
+async def wait_idle(engine, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await engine.get_stats()
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0 or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
+
+
+def assert_error(response: httpx.Response, status: int, needle: str = "") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in error["message"]
+    return error
+
+
+# ---- completions ----
+
+def test_completion_returns_text_and_usage(live):
+    out = live.client.completions.create(model=MODEL, prompt="Hello there", max_tokens=5, **GREEDY)
+    prompt_len = live.http.post("/tokenize", json={"prompt": "Hello there"}).json()["count"]
+    assert out.object == "text_completion" and out.model == MODEL
+    assert len(out.choices) == 1 and out.choices[0].finish_reason == "length" and out.choices[0].text
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == \
+        (prompt_len, 5, prompt_len + 5)
+
+
+def test_streamed_completion_equals_whole_one_and_ends_with_usage(live):
+    whole = live.client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, **GREEDY)
+    chunks = list(live.client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stream_is_server_sent_events_ending_with_done(live):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}
+    with live.http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_completion_logprobs_have_one_entry_per_token(live):
+    out = live.client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, logprobs=2, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert all(2 <= len(top) <= 3 for top in lp.top_logprobs)
+    assert "".join(lp.tokens) == out.choices[0].text
+
+
+def test_n_returns_n_choices(live):
+    out = live.client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, n=2, temperature=1.0,
+                                         seed=7, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert out.usage.completion_tokens == 12
+
+
+def test_streamed_n_covers_every_choice(live):
+    chunks = list(live.client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, n=2, stream=True,
+                                                 **GREEDY))
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_stop_string_ends_the_text_before_it(live):
+    full = live.client.completions.create(model=MODEL, prompt="The", max_tokens=16, **GREEDY).choices[0].text
+    start = next(i for i in range(len(full) // 3, len(full) - 2) if full[i:i + 2].isalnum())
+    stop = full[start:start + 2]
+    out = live.client.completions.create(model=MODEL, prompt="The", max_tokens=16, stop=[stop], **GREEDY)
+    assert out.choices[0].text == full[:full.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+# ---- chat ----
+
+def test_chat_completion_applies_the_chat_template(live):
+    messages = [{"role": "user", "content": "Say something"}]
+    out = live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, **GREEDY)
+    templated = live.http.post("/tokenize", json={"messages": messages}).json()["count"]
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
+    assert out.usage.prompt_tokens == templated and out.usage.completion_tokens == 5
+
+
+def test_streamed_chat_starts_with_role_and_equals_whole_one(live):
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, **GREEDY)
+    chunks = list(live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                      stream=True, stream_options={"include_usage": True},
+                                                      **GREEDY))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_chat_logprobs_list_top_alternatives(live):
+    out = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=3, logprobs=True, top_logprobs=2, **GREEDY)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 3
+    for token in content:
+        assert len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob)  # greedy picks the best
+
+
+# ---- other routes ----
+
+def test_models_lists_the_served_name(live):
+    assert [m.id for m in live.client.models.list().data] == [MODEL]
+
+
+def test_tokenize_then_detokenize_round_trips(live):
+    ids = live.http.post("/tokenize", json={"prompt": "round trip", "add_special_tokens": False}).json()["tokens"]
+    assert live.http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "round trip"
+
+
+def test_health_is_ok_while_the_engine_runs(live):
+    assert live.http.get("/health").status_code == 200
+
+
+def test_metrics_expose_request_and_engine_figures(live):
+    live.client.completions.create(model=MODEL, prompt="metrics", max_tokens=2, **GREEDY)
+    text = live.http.get("/metrics").text
+    for name in ("conveyor_request_success_total", "conveyor_prompt_tokens_total",
+                 "conveyor_generation_tokens_total", "conveyor_time_to_first_token_seconds_bucket",
+                 "conveyor_time_per_output_token_seconds_bucket", "conveyor_e2e_request_latency_seconds_bucket",
+                 "conveyor_request_queue_time_seconds_bucket", "conveyor_num_requests_running",
+                 "conveyor_num_requests_waiting", "conveyor_kv_cache_usage_perc", "conveyor_prefix_cache_hit_rate"):
+        assert name in text
+    assert f'conveyor_request_success_total{{finished_reason="length",model_name="{MODEL}"}}' in text
+
+
+# ---- errors ----
+
+def test_malformed_json_is_400(live):
+    response = live.http.post("/v1/completions", content=b'{"model": "tiny-llama", "prompt": ',
+                              headers={"Content-Type": "application/json"})
+    assert_error(response, 400)
+
+
+def test_wrong_types_are_400(live):
+    assert_error(live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": "five"}),
+                 400, "max_tokens")
+    assert_error(live.http.post("/v1/chat/completions", json={"model": MODEL, "messages": "hi"}), 400, "messages")
+
+
+def test_out_of_range_sampling_value_is_400_naming_it(live):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        live.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-1.0)
+
+
+def test_unknown_model_is_404(live):
+    with pytest.raises(openai.NotFoundError):
+        live.client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+
+def test_missing_or_wrong_api_key_is_401(live):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    assert_error(httpx.post(f"{live.url}/v1/completions", json=body), 401)
+    assert_error(httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert httpx.get(f"{live.url}/health").status_code == 200  # only /v1 routes need the key
+
+
+def test_over_long_prompt_is_400(live):
+    body = {"model": MODEL, "prompt": [7] * MAX_MODEL_LEN, "max_tokens": 2}
+    assert_error(live.http.post("/v1/completions", json=body), 400, "max_model_len")
+    body["stream"] = True
+    assert_error(live.http.post("/v1/completions", json=body), 400, "max_model_len")
+
+
+# ---- clients that leave ----
+
+async def test_client_leaving_mid_stream_aborts_the_request(live):
+    body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": 200, "stream": True,
+            "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break
+            assert (await live.engine.get_stats())["num_running"] == 1
+    stats = await wait_idle(live.engine)
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+
+
+async def test_client_leaving_before_a_whole_response_aborts_the_request(live):
+    body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json=body, timeout=0.5)
+    stats = await wait_idle(live.engine)
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+
+
+# ---- a dead engine (a stand-in: no processes) ----
+
+class DeadEngine:
+    is_dead = True
+    max_model_len = 16
+
+    async def generate(self, *args, **kwargs):
+        raise EngineDeadError("engine is dead: test")
+        yield
+
+
+async def test_dead_engine_makes_health_and_requests_503():
+    app = build_app(DeadEngine(), MODEL)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        assert (await http.get("/health")).status_code == 503
+        response = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert_error(response, 503)

@@ -1,0 +1,111 @@
+"""The `conveyor` command: help, `generate` streaming to the terminal, `serve` shutting down gracefully
+on SIGTERM with nothing left behind, and `bench` dispatch."""
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from conveyor.frontend.cli import main, parse_size
+from procs import descendants_of, wait_until
+
+CONVEYOR = [shutil.which("conveyor")] if shutil.which("conveyor") else [sys.executable, "-m", "conveyor.frontend.cli"]
+ENGINE = ["--dtype", "float32", "--num-kv-blocks", "64", "--max-model-len", "256"]
+
+
+def test_serve_help_lists_server_and_engine_options():
+    result = subprocess.run(CONVEYOR + ["serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ("--port", "--host", "--api-key", "--shutdown-timeout", "--tensor-parallel-size",
+                   "--max-model-len", "--kv-cache-memory", "--served-model-name"):
+        assert option in result.stdout
+
+
+def test_kv_cache_memory_takes_human_sizes():
+    assert parse_size("2GiB") == 2 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
+
+
+def test_generate_streams_text_and_exits_zero_leaving_no_process(llama_dir):
+    proc = subprocess.Popen(
+        CONVEYOR + ["generate", llama_dir, "Once upon a time", "--max-tokens", "8", "--temperature", "0",
+                    "--ignore-eos"] + ENGINE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 180
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:  # note every engine process it starts
+            seen.update(descendants_of(proc.pid))
+            time.sleep(0.1)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.endswith("\n") and out.strip()
+    assert seen and wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in seen), timeout=10)
+
+
+def read_port(proc: subprocess.Popen, timeout: float) -> int:
+    """The port uvicorn reports it bound (the command asked for port 0); stderr keeps draining."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr] + [lines.put(None)],
+                     daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert line is not None, "conveyor serve exited before serving:\n" + "".join(seen)
+        seen.append(line)
+        match = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
+        if match:
+            return int(match.group(1))
+
+
+def test_serve_finishes_in_flight_stream_on_sigterm_and_leaves_no_process(llama_dir):
+    proc = subprocess.Popen(CONVEYOR + ["serve", llama_dir, "--port", "0", "--served-model-name", "tiny",
+                                        "--shutdown-timeout", "30", "--log-level", "info"] + ENGINE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        port = read_port(proc, timeout=180)
+        children = descendants_of(proc.pid)
+        assert children, "no engine process"
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    break
+            proc.send_signal(signal.SIGTERM)
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["choices"][0]["finish_reason"] == "length"  # finished, not cut off
+        assert proc.wait(timeout=60) == 0
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_bench_dispatches_to_the_tools_module(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "latency", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_bench_with_an_unknown_name_fails_with_a_message(capsys):
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "no benchmark named" in capsys.readouterr().err

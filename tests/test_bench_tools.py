@@ -1,0 +1,239 @@
+"""The benchmark tools on tiny workloads: they run each backend, measure, print and write JSON.
+
+No benchmark runs here. The vLLM backend runs only when its virtualenv exists (tools/setup_vllm_cpu.sh)
+and CONVEYOR_TEST_VLLM=1 is set: vLLM takes about a minute to start on this machine.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conveyor.tools import bench_common as bc
+from conveyor.tools import bench_compare, bench_latency, bench_serving, bench_throughput
+
+TINY = ["--num-prompts", "3", "--input-len", "6", "--output-len", "4", "--repeats", "2", "--warmup", "1"]
+
+
+def read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- pieces ----
+
+def test_percentile_interpolates_between_ranks():
+    assert bc.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert bc.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    assert bc.percentile([7.0], 99) == 7.0
+
+
+def test_random_prompts_repeat_for_a_seed_and_skip_special_ids():
+    a = bc.random_prompts(4, 10, 100, seed=3)
+    assert a == bc.random_prompts(4, 10, 100, seed=3)
+    assert a != bc.random_prompts(4, 10, 100, seed=4)
+    assert all(len(p) == 10 and all(16 <= t < 100 for t in p) for p in a)
+
+
+def test_salted_prompts_differ_between_runs_only_in_their_first_token():
+    base = [[20, 21, 22], [30, 31]]
+    one, two = bc.salted(base, 1000, 1), bc.salted(base, 1000, 2)
+    assert [p[1:] for p in one] == base == [p[1:] for p in two]
+    assert [p[0] for p in one] != [p[0] for p in two]
+
+
+def test_tree_memory_counts_child_processes():
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys, time; b = bytearray(64 << 20); print(1, flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()
+        alone, _ = bc.tree_memory(child.pid)
+        with_child, _ = bc.tree_memory(os.getpid())
+        assert alone > 64 * bc.MiB
+        assert with_child > alone
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_vllm_env_default_leaves_binding_to_vllm():
+    env = bc.vllm_env(tuned=False, kv_cache_gib=3)
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "3"}
+
+
+@pytest.mark.skipif(bc.tcmalloc_path() is None, reason="tcmalloc is not installed")
+def test_vllm_env_tuned_preloads_tcmalloc_and_binds_every_core():
+    env = bc.vllm_env(tuned=True)
+    assert "tcmalloc" in env["LD_PRELOAD"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == f"0-{os.cpu_count() - 1}"
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(bc.BenchError, match="backend must be one of"):
+        bc.runner_command("tgi", bc.DEFAULT_VLLM_VENV)
+    with pytest.raises(ValueError, match="backends must be"):
+        bench_compare.parse_backends("conveyor,tgi")
+
+
+def test_serving_targets_loopback_only():
+    assert bench_serving.loopback_address("http://127.0.0.1:8000") == ("127.0.0.1", 8000, "")
+    assert bench_serving.loopback_address("http://localhost:9/api/") == ("localhost", 9, "/api")
+    with pytest.raises(ValueError, match="loopback"):
+        bench_serving.loopback_address("http://10.0.0.1:8000")
+
+
+# ---- the tools, end to end ----
+
+def test_throughput_hf_writes_table_and_json(llama_dir, tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    bench_throughput.main(["--backend", "hf", "--model", llama_dir, "--dtype", "float32", *TINY, "--out", str(out)])
+    assert "out tok/s" in capsys.readouterr().out
+    result = read_json(out)["result"]
+    assert [r["output_tokens"] for r in result["runs"]] == [12, 12]
+    assert [r["input_tokens"] for r in result["runs"]] == [18, 18]
+    assert result["summary"]["output_tok_per_s"] > 0
+    assert result["peak_rss_mib"] > 50 and result["startup_s"] > 0
+
+
+def test_latency_conveyor_streams_every_token(llama_dir, tmp_path):
+    out = tmp_path / "latency.json"
+    bench_latency.main(["--backend", "conveyor", "--model", llama_dir, "--dtype", "float32", "--input-len", "5",
+                        "--output-len", "6", "--repeats", "3", "--warmup", "1", "--out", str(out)])
+    result = read_json(out)["result"]
+    assert [r["output_tokens"] for r in result["runs"]] == [6, 6, 6]
+    assert all(0 < r["ttft_s"] <= r["e2e_s"] for r in result["runs"])
+    assert result["summary"]["tpot_ms_p50"] > 0
+
+
+def test_throughput_conveyor_counts_every_output_token(llama_dir, tmp_path):
+    try:
+        from conveyor import LLM  # noqa: F401
+    except ImportError:
+        pytest.skip("conveyor.LLM is not there yet")
+    out = tmp_path / "tp.json"
+    bench_throughput.main(["--backend", "conveyor", "--model", llama_dir, "--dtype", "float32", *TINY,
+                           "--out", str(out)])
+    assert [r["output_tokens"] for r in read_json(out)["result"]["runs"]] == [12, 12]
+
+
+def test_compare_reports_ratios_and_skips_missing_vllm(llama_dir, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    bench_compare.main(["--backends", "hf,vllm", "--vllm-venv", str(tmp_path / "no-venv"), "--model", llama_dir,
+                        "--dtype", "float32", *TINY, "--latency-repeats", "2", "--latency-warmup", "0",
+                        "--out", str(out)])
+    report = read_json(out)
+    assert [row["backend"] for row in report["rows"]] == ["hf"]
+    assert report["ratios"][0]["output_tok_per_s"] == 1.0
+    assert report["rows"][0]["tpot_ms_p50"] > 0
+    assert "vllm: skipped" in report["notes"][0]
+    assert "ratio to hf" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (bc.vllm_available() and os.environ.get("CONVEYOR_TEST_VLLM") == "1"),
+                    reason="needs .venv-vllm (tools/setup_vllm_cpu.sh) and CONVEYOR_TEST_VLLM=1")
+def test_vllm_backend_runs_in_its_virtualenv(tmp_path):
+    from conveyor.tools.make_tiny_model import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "m", "llama", hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64))
+    out = tmp_path / "tp.json"  # vLLM's CPU attention needs head_dim 32, 64, ...: not the suite's tiny model
+    bench_throughput.main(["--backend", "vllm", "--model", model, *TINY, "--out", str(out)])
+    assert [r["output_tokens"] for r in read_json(out)["result"]["runs"]] == [12, 12]
+
+
+# ---- serving, against a fake OpenAI-compatible server ----
+
+class FakeServer(threading.Thread):
+    """Streams `max_tokens` chunks per completion (chunked transfer encoding, as uvicorn sends)."""
+
+    def __init__(self, status: int = 200):
+        super().__init__(daemon=True)
+        self.status, self.ready, self.requests = status, threading.Event(), []
+
+    def run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self.handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def handle(self, reader, writer) -> None:
+        request_line = (await reader.readline()).decode()
+        headers = {}
+        while (line := await reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", 0)))
+        if request_line.startswith("GET /v1/models"):
+            data = json.dumps({"data": [{"id": "tiny"}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        elif self.status != 200:
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom")
+        else:
+            payload = json.loads(body)
+            self.requests.append(payload)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            events = [{"choices": [{"index": 0, "text": "x"}]} for _ in range(payload["max_tokens"])]
+            events.append({"choices": [], "usage": {"completion_tokens": payload["max_tokens"]}})
+            for event in events:
+                chunk = b"data: " + json.dumps(event).encode() + b"\n\n"
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def fake_server():
+    servers = []
+
+    def start(status: int = 200) -> FakeServer:
+        server = FakeServer(status)
+        server.start()
+        server.ready.wait(5)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_serving_measures_streamed_completions(llama_dir, tmp_path, fake_server, capsys):
+    server = fake_server()
+    out = tmp_path / "serving.json"
+    start = time.perf_counter()
+    bench_serving.main(["--base-url", f"http://127.0.0.1:{server.port}", "--model-dir", llama_dir,
+                        "--num-prompts", "6", "--input-len", "5", "--output-len", "4", "--request-rate", "50",
+                        "--max-concurrency", "2", "--out", str(out)])
+    assert time.perf_counter() - start < 30
+    report = read_json(out)
+    summary = report["summary"]
+    assert summary["completed"] == 6 and summary["failed"] == 0 and summary["output_tokens"] == 24
+    assert 0 < summary["ttft_ms_p50"] <= summary["e2e_ms_p50"] and summary["itl_ms_p50"] > 0
+    assert all(len(r["itl_s"]) == 3 for r in report["requests"])
+    assert all(p["stream"] and p["ignore_eos"] and p["model"] == "tiny" and len(p["prompt"]) == 5
+               for p in server.requests)
+    printed = capsys.readouterr().out
+    assert "TTFT" in printed and "output tok/s" in printed
+
+
+def test_serving_counts_failed_requests_and_exits_nonzero(llama_dir, tmp_path, fake_server):
+    server = fake_server(status=500)
+    out = tmp_path / "serving.json"
+    with pytest.raises(SystemExit, match="no request completed"):
+        bench_serving.main(["--base-url", f"http://127.0.0.1:{server.port}", "--model-dir", llama_dir,
+                            "--num-prompts", "2", "--input-len", "3", "--output-len", "2", "--out", str(out)])
+    report = read_json(out)
+    assert report["summary"]["failed"] == 2
+    assert "HTTP 500" in report["errors"][0]

@@ -1,0 +1,115 @@
+"""Side by side: throughput and batch-1 latency of several backends on one workload, one backend
+after another (never at once), each in its own processes.
+
+    python -m conveyor.tools.bench_compare --backends conveyor,hf,vllm --model DIR \\
+        --num-prompts 64 --input-len 128 --output-len 128 --out bench_results/compare.json
+
+Backends: conveyor, hf (transformers generate), vllm (tuned: tcmalloc, OpenMP bound to every
+core) and vllm-default (vLLM's CPU defaults). A vLLM backend is skipped, with a note, when its
+virtualenv is missing (tools/setup_vllm_cpu.sh). Ratios are each backend's number divided by the
+reference backend's (conveyor when it ran).
+"""
+
+import argparse
+import sys
+
+from conveyor.tools import bench_common as bc
+from conveyor.tools.bench_latency import run_latency
+from conveyor.tools.bench_throughput import add_workload_args, run_throughput
+
+CHOICES = ("conveyor", "hf", "vllm", "vllm-default")
+COLUMNS = [("backend", "backend"), ("output_tok_per_s", "out tok/s"), ("requests_per_s", "req/s"),
+           ("ttft_ms_p50", "TTFT p50 ms"), ("tpot_ms_p50", "TPOT p50 ms"), ("startup_s", "startup s"),
+           ("peak_rss_mib", "peak RSS MiB"), ("peak_pss_mib", "peak PSS MiB")]
+RATIO_KEYS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50", "peak_pss_mib")
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CHOICES]
+    if unknown or not names:
+        raise ValueError(f"backends must be a comma-separated list of {', '.join(CHOICES)}, got {text!r}")
+    return names
+
+
+def backend_args(args: argparse.Namespace, name: str, **overrides) -> tuple[argparse.Namespace, str]:
+    """(args for one backend's run, the runner backend it uses)."""
+    vllm_config = "default" if name == "vllm-default" else args.vllm_config
+    return argparse.Namespace(**{**vars(args), "vllm_config": vllm_config, **overrides}), name.split("-")[0]
+
+
+def run_one(args: argparse.Namespace, name: str) -> dict:
+    row, detail = {"backend": name}, {}
+    if args.throughput:
+        tp_args, backend = backend_args(args, name)
+        detail["throughput"] = run_throughput(tp_args, backend)
+        summary = detail["throughput"]["summary"]
+        row.update({k: summary[k] for k in ("output_tok_per_s", "requests_per_s", "input_tok_per_s",
+                                            "elapsed_s", "startup_s", "peak_rss_mib", "peak_pss_mib")})
+    if args.latency:
+        lat_args, backend = backend_args(args, name, repeats=args.latency_repeats, warmup=args.latency_warmup)
+        detail["latency"] = run_latency(lat_args, backend)
+        summary = detail["latency"]["summary"]
+        row.update({k: summary[k] for k in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90", "e2e_s_p50")})
+        row.setdefault("startup_s", summary["startup_s"])
+        row.setdefault("peak_rss_mib", summary["peak_rss_mib"])
+    return {"row": row, "detail": detail}
+
+
+def ratio_rows(rows: list[dict], reference: dict) -> list[dict]:
+    out = []
+    for row in rows:
+        ratios = {"backend": row["backend"]}
+        for key in RATIO_KEYS:
+            mine, theirs = row.get(key), reference.get(key)
+            ratios[key] = mine / theirs if mine is not None and theirs else None
+        out.append(ratios)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="conveyor,hf,vllm", help=f"comma-separated: {', '.join(CHOICES)}")
+    bc.add_engine_args(parser)
+    add_workload_args(parser)
+    parser.add_argument("--latency-repeats", type=int, default=10, help="timed batch-1 requests")
+    parser.add_argument("--latency-warmup", type=int, default=2)
+    parser.add_argument("--no-throughput", dest="throughput", action="store_false")
+    parser.add_argument("--no-latency", dest="latency", action="store_false")
+    args = parser.parse_args(argv)
+    try:
+        names = parse_backends(args.backends)
+    except ValueError as e:
+        parser.error(str(e))
+
+    rows, details, notes = [], {}, []
+    for name in names:
+        if name.startswith("vllm") and not bc.vllm_available(args.vllm_venv):
+            notes.append(f"{name}: skipped, no vLLM virtualenv at {args.vllm_venv} (tools/setup_vllm_cpu.sh)")
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        try:
+            result = run_one(args, name)
+        except bc.BenchError as e:
+            notes.append(f"{name}: failed: {e}")
+            continue
+        rows.append(result["row"])
+        details[name] = result["detail"]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not rows:
+        sys.exit("error: no backend ran")
+
+    reference = next((row for row in rows if row["backend"] == "conveyor"), rows[0])
+    ratios = ratio_rows(rows, reference)
+    bc.print_table(rows, COLUMNS)
+    print(f"\nratio to {reference['backend']} (throughput: higher is faster; latency, memory: higher is more)")
+    bc.print_table(ratios, [("backend", "backend"), ("output_tok_per_s", "out tok/s ×"),
+                            ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"), ("peak_pss_mib", "PSS ×")])
+    bc.write_json(args.out, {"benchmark": "compare", "machine": bc.machine_info(), "args": vars(args),
+                             "reference": reference["backend"], "rows": rows, "ratios": ratios, "notes": notes,
+                             "details": details})
+
+
+if __name__ == "__main__":
+    main()

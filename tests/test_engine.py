@@ -129,3 +129,23 @@ async def test_outputs_stay_exact_under(engine_args, llama_dir, workload):
             assert stats["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
     finally:
         llm.shutdown()
+
+
+async def test_priority_policy_runs_urgent_requests_first(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256, max_num_seqs=1, scheduling_policy="priority")
+    finished_order = []
+
+    async def run(name, priority, max_tokens):
+        async for _ in llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy(max_tokens), request_id=name,
+                                    priority=priority):
+            pass
+        finished_order.append(name)
+
+    try:
+        first = asyncio.create_task(run("running", 5, 40))
+        await asyncio.sleep(0.5)  # it holds the only seat; the next two queue behind it
+        later = [asyncio.create_task(run("low", 9, 4)), asyncio.create_task(run("high", 0, 4))]
+        await asyncio.gather(first, *later)
+        assert finished_order == ["running", "high", "low"]
+    finally:
+        llm.shutdown()

@@ -61,7 +61,7 @@ async def test_repeated_prompt_hits_prefix_cache(engine, workload):
 
 async def test_cancelled_stream_frees_its_blocks(engine):
     async def consume():
-        async for _ in engine.generate({"prompt_token_ids": list(range(3, 200))}, greedy(400)):
+        async for _ in engine.generate({"prompt_token_ids": list(range(3, 200))}, greedy(1800)):
             pass
 
     task = asyncio.create_task(consume())

@@ -14,7 +14,7 @@ import pytest
 from conveyor import AsyncLLM, EngineDeadError, EngineStartupError, SamplingParams
 from procs import children_of, descendants_of, engine_pids, group_alive, wait_until
 
-LONG = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)  # outlives every wait below
 
 
 async def stream_all(llm, prompt, params=LONG):

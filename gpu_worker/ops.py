@@ -29,13 +29,16 @@ class TorchOps:
         return cls.rms_norm(residual, weight, eps), residual
 
     @staticmethod
-    def rotary_embedding(
-        positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Neox-style rotation of q [T, H, D] and k [T, KVH, D]; returns new tensors."""
+    def prepare_rotary(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
+        """Once per step: the cos/sin rows of this step's positions, shared by every layer."""
         half = cos_sin_cache.shape[1] // 2
-        cos_sin = cos_sin_cache[positions].unsqueeze(1)
-        cos, sin = cos_sin[..., :half].to(q.dtype), cos_sin[..., half:].to(q.dtype)
+        cos_sin = cos_sin_cache[positions].unsqueeze(1).to(dtype)
+        return cos_sin[..., :half], cos_sin[..., half:]
+
+    @staticmethod
+    def rotary_embedding(rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotation of q [T, H, D] and k [T, KVH, D]; returns new tensors."""
+        cos, sin = rope
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     @staticmethod

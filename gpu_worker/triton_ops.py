@@ -24,7 +24,12 @@ class TritonOps:
         return fused_add_rms_norm(x, residual, weight, eps)  # in place on both
 
     @staticmethod
-    def rotary_embedding(positions, q, k, cos_sin_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_rotary(positions, cos_sin_cache, dtype):
+        return positions, cos_sin_cache  # the kernel looks rows up itself
+
+    @staticmethod
+    def rotary_embedding(rope, q, k) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, cos_sin_cache = rope
         rotary_embedding(positions, q, k, cos_sin_cache, q.shape[-1], is_neox=True)
         return q, k
 

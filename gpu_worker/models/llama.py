@@ -63,14 +63,14 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype)
         self.sliding_window = sliding_window_of(config, layer_idx)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, cos_sin_cache) -> torch.Tensor:
+    def forward(self, x, kv_cache, meta: AttentionMetadata, rope) -> torch.Tensor:
         ops, d = self.ops, self.head_dim
         q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q, k, v = q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d), v.view(-1, self.num_kv_heads, d)
         if self.qk_norm:
             q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache)
+        q, k = ops.rotary_embedding(rope, q, k)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = ops.attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
@@ -100,14 +100,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions, x, residual, kv_cache, meta, cos_sin_cache):
+    def forward(self, x, residual, kv_cache, meta, rope):
         ops, norm1, norm2 = self.ops, self.input_layernorm, self.post_attention_layernorm
         if residual is None:
             residual = x
             x = ops.rms_norm(x, norm1.weight, norm1.eps)
         else:
             x, residual = ops.fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
-        x = self.self_attn(positions, x, kv_cache, meta, cos_sin_cache)
+        x = self.self_attn(x, kv_cache, meta, rope)
         x, residual = ops.fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
         return self.mlp(x), residual
 
@@ -124,8 +124,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta, cos_sin_cache) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.ops.prepare_rotary(positions, cos_sin_cache, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta, cos_sin_cache)
+            x, residual = layer(x, residual, kv_cache, meta, rope)
         x, _ = self.ops.fused_add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 

@@ -188,12 +188,13 @@ class PeakMemory(threading.Thread):
 
 
 def run_backend(workload: dict, *, vllm_venv: str | os.PathLike = DEFAULT_VLLM_VENV, vllm_tuned: bool = True,
-                timeout: float = 3600.0, verbose: bool = False) -> dict:
+                vllm_extra_env: dict[str, str] | None = None, timeout: float = 3600.0,
+                verbose: bool = False) -> dict:
     """Run one backend's runner process on `workload`; return its result plus peak tree memory."""
     command = runner_command(workload["backend"], vllm_venv)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if workload["backend"] == "vllm":
-        env.update(vllm_env(vllm_tuned, workload.get("kv_cache_gib")))
+        env.update(vllm_env(vllm_tuned, workload.get("kv_cache_gib")), **(vllm_extra_env or {}))
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:
         workload_path, result_path = pathlib.Path(tmp, "workload.json"), pathlib.Path(tmp, "result.json")
         log_path = pathlib.Path(tmp, "runner.log")
@@ -220,7 +221,7 @@ def run_backend(workload: dict, *, vllm_venv: str | os.PathLike = DEFAULT_VLLM_V
         result = json.loads(result_path.read_text())
     result.update(peak_rss_mib=memory.peak_rss / MiB, peak_pss_mib=memory.peak_pss / MiB,
                   command=" ".join(command),
-                  env={k: v for k, v in env.items() if k.startswith(("VLLM_", "LD_PRELOAD", "OMP_"))})
+                  env={k: v for k, v in env.items() if k.startswith(("VLLM_", "LD_PRELOAD", "OMP_", "KMP_", "GOMP_"))})
     return result
 
 
@@ -312,6 +313,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VLLM_VENV), help="virtualenv made by setup_vllm_cpu.sh")
     parser.add_argument("--vllm-config", choices=("tuned", "default"), default="tuned",
                         help="vLLM CPU environment: tuned (tcmalloc, OpenMP bound to cores) or its defaults")
+    parser.add_argument("--vllm-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the vLLM runner, over --vllm-config's (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one backend may run")
     parser.add_argument("--verbose", action="store_true", help="show the runner's own output")
     parser.add_argument("--out", help="write the results here as JSON")
@@ -323,5 +326,11 @@ def engine_args(args: argparse.Namespace) -> dict:
 
 
 def run_options(args: argparse.Namespace) -> dict:
-    return dict(vllm_venv=args.vllm_venv, vllm_tuned=args.vllm_config == "tuned", timeout=args.timeout,
-                verbose=args.verbose)
+    extra = {}
+    for item in args.vllm_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise BenchError(f"--vllm-env must be NAME=VALUE, got {item!r}")
+        extra[name] = value
+    return dict(vllm_venv=args.vllm_venv, vllm_tuned=args.vllm_config == "tuned", vllm_extra_env=extra,
+                timeout=args.timeout, verbose=args.verbose)

@@ -181,8 +181,8 @@ def run_latency(backend, workload: dict) -> dict:
     output_len = workload["output_len"]
     loop = asyncio.new_event_loop()  # one loop for every request: some engines bind to the first
     try:
-        for prompts in workload["warmup"]:
-            loop.run_until_complete(backend.stream(prompts, output_len))
+        for prompt in workload["warmup"]:
+            loop.run_until_complete(backend.stream(prompt, output_len))
         runs = []
         for prompt in workload["runs"]:
             times = loop.run_until_complete(backend.stream(prompt, output_len))

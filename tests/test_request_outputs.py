@@ -2,6 +2,7 @@
 stop strings, output kinds, seeds, and per-request errors."""
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -118,3 +119,17 @@ async def test_beam_search_equals_transformers(engine, llama_dir, width, length_
             row.pop()
         expected.append(row)
     assert [c.token_ids for c in out.outputs] == expected
+
+
+async def test_logits_processor_named_by_import_path_runs_in_the_worker(llama_dir, monkeypatch):
+    tests_dir = os.path.dirname(__file__)
+    monkeypatch.setenv("PYTHONPATH", tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=64)
+    try:
+        params = SamplingParams(max_tokens=6, ignore_eos=True, logits_processors=["user_logits_processors:only_token_42"])
+        out, _ = await final(llm, "Hello", params)
+        plain, _ = await final(llm, "Hello", SamplingParams(max_tokens=6, ignore_eos=True, temperature=0))
+        assert out.outputs[0].token_ids == [42] * 6
+        assert plain.outputs[0].token_ids != [42] * 6
+    finally:
+        llm.shutdown()

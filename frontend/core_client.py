@@ -75,7 +75,8 @@ class CoreClient:
     def _wait_ready(self, timeout: float) -> EngineReady:
         deadline = time.monotonic() + timeout
         while not self.output_socket.poll(POLL_MS):
-            if self.proc.poll() is not None:
+            # A core that fails to start sends its reason first: give that a moment to land.
+            if self.proc.poll() is not None and not self.output_socket.poll(500):
                 raise EngineStartupError(f"engine failed to start: {describe_exit('engine core', self.proc.returncode)}")
             if time.monotonic() > deadline:
                 raise EngineStartupError(f"engine did not start within {timeout:.0f} s")

@@ -68,10 +68,16 @@ def test_vllm_env_default_leaves_binding_to_vllm():
 
 
 @pytest.mark.skipif(bc.tcmalloc_path() is None, reason="tcmalloc is not installed")
-def test_vllm_env_tuned_preloads_tcmalloc_and_binds_every_core():
-    env = bc.vllm_env(tuned=True)
+def test_vllm_env_tuned_preloads_tcmalloc_and_binds_every_core_for_throughput():
+    env = bc.vllm_env(tuned=True, mode="throughput")
     assert "tcmalloc" in env["LD_PRELOAD"]
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == f"0-{os.cpu_count() - 1}"
+
+
+@pytest.mark.skipif(bc.tcmalloc_path() is None, reason="tcmalloc is not installed")
+def test_vllm_env_tuned_keeps_a_core_for_the_engine_core_at_batch_1():
+    env = bc.vllm_env(tuned=True, mode="latency")
+    assert "tcmalloc" in env["LD_PRELOAD"] and "VLLM_CPU_OMP_THREADS_BIND" not in env
 
 
 def test_unknown_backend_is_refused():

@@ -108,7 +108,7 @@ PARENT_SCRIPT = textwrap.dedent("""
     async def main():
         llm = AsyncLLM(sys.argv[1], dtype="float32", num_kv_blocks=64)
         print(llm.client.proc.pid, flush=True)
-        async for _ in llm.generate([5, 6, 7], SamplingParams(max_tokens=100000, ignore_eos=True)):
+        async for _ in llm.generate([5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True)):
             pass
 
     asyncio.run(main())

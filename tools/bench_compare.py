@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nratio to {reference['backend']} (throughput: higher is faster; latency, memory: higher is more)")
     bc.print_table(ratios, [("backend", "backend"), ("output_tok_per_s", "out tok/s ×"),
                             ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"), ("peak_pss_mib", "PSS ×")])
-    bc.write_json(args.out, {"benchmark": "compare", "machine": bc.machine_info(), "args": vars(args),
+    machine = bc.machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
+    bc.write_json(args.out, {"benchmark": "compare", "machine": machine, "args": vars(args),
                              "reference": reference["backend"], "rows": rows, "ratios": ratios, "notes": notes,
                              "details": details})
 

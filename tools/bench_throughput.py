@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     except bc.BenchError as e:
         sys.exit(f"error: {e}")
     bc.print_table([result["summary"]], COLUMNS)
-    bc.write_json(args.out, {"benchmark": "throughput", "machine": bc.machine_info(), "args": vars(args),
+    machine = bc.machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
+    bc.write_json(args.out, {"benchmark": "throughput", "machine": machine, "args": vars(args),
                              "result": result})
 
 

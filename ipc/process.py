@@ -68,11 +68,11 @@ def kill_process_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         return
     deadline = time.monotonic() + timeout
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.01)  # descendants, reparented when the leader died, still being reaped
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
         return True

@@ -3,6 +3,8 @@
 import os
 import time
 
+from conveyor.ipc.process import group_alive  # noqa: F401  (re-exported for the tests)
+
 
 def children_of(pid: int) -> list[int]:
     found = []
@@ -26,14 +28,6 @@ def descendants_of(pid: int) -> list[int]:
         result += kids
         frontier += kids
     return result
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:

@@ -33,7 +33,7 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.sockets import make_socket
+from conveyor.ipc.sockets import make_socket, remove_ipc_dir
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ class EngineCoreProc:
 
 
 def core_main() -> None:
-    payload: CorePayload = read_payload(CorePayload)
+    # A parent that dies without shutting us down cannot remove its ipc files: we do.
+    payload: CorePayload = read_payload(CorePayload, on_parent_death=lambda p: remove_ipc_dir(p.ipc_dir))
     logging.basicConfig(level=os.environ.get("CONVEYOR_LOG_LEVEL", "WARNING"))
     proc = None
     try:

@@ -35,12 +35,14 @@ def spawn(module: str, payload: msgspec.Struct, name: str, new_process_group: bo
     return proc
 
 
-def read_payload(type_: type) -> object:
-    """In a child: read the parent's payload, then watch the lifeline in a daemon thread."""
+def read_payload(type_: type, on_parent_death: Callable[[object], None] | None = None) -> object:
+    """In a child: read the parent's payload, then watch the lifeline in a daemon thread; when it
+    closes, run `on_parent_death(payload)` (cleanup the parent can no longer do) and exit."""
     stdin = sys.stdin.buffer
     size = int.from_bytes(_read_exactly(stdin, _HEADER), "little")
     payload = msgspec.msgpack.decode(_read_exactly(stdin, size), type=type_)
-    threading.Thread(target=_exit_when_parent_dies, args=(stdin,), daemon=True, name="lifeline").start()
+    cleanup = (lambda: on_parent_death(payload)) if on_parent_death else None
+    threading.Thread(target=_exit_when_parent_dies, args=(stdin, cleanup), daemon=True, name="lifeline").start()
     return payload
 
 
@@ -51,9 +53,14 @@ def _read_exactly(stream, n: int) -> bytes:
     return data
 
 
-def _exit_when_parent_dies(stdin) -> None:
+def _exit_when_parent_dies(stdin, cleanup: Callable[[], None] | None) -> None:
     while stdin.read(65536):
         pass
+    if cleanup is not None:
+        try:
+            cleanup()
+        except Exception:
+            pass
     os._exit(1)
 
 

@@ -107,7 +107,7 @@ PARENT_SCRIPT = textwrap.dedent("""
 
     async def main():
         llm = AsyncLLM(sys.argv[1], dtype="float32", num_kv_blocks=64)
-        print(llm.client.proc.pid, flush=True)
+        print(llm.client.proc.pid, llm.client.ipc_dir, flush=True)
         async for _ in llm.generate([5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True)):
             pass
 
@@ -118,13 +118,15 @@ PARENT_SCRIPT = textwrap.dedent("""
 def test_children_exit_when_parent_is_sigkilled(llama_dir):
     parent = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, llama_dir], stdout=subprocess.PIPE, text=True)
     try:
-        core = int(parent.stdout.readline())
+        core, ipc_dir = parent.stdout.readline().split()
+        core = int(core)
         assert wait_until(lambda: len(children_of(core)) == 1, timeout=30)
         family = [core] + descendants_of(core)
         time.sleep(0.5)
         parent.kill()
         parent.wait()
         assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in family), timeout=5)
+        assert not os.path.exists(ipc_dir), "the orphaned core should remove its ipc files"
     finally:
         parent.kill()
 

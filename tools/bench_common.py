@@ -348,3 +348,20 @@ def run_options(args: argparse.Namespace) -> dict:
         extra[name] = value
     return dict(vllm_venv=args.vllm_venv, vllm_tuned=args.vllm_config == "tuned", vllm_extra_env=extra,
                 timeout=args.timeout, verbose=args.verbose)
+
+
+def run_one(args, backend: str, workload, summarize) -> dict:
+    """Run `workload(args, backend)` in the backend's own process and summarise the result."""
+    result = run_backend(workload(args, backend), **run_options(args))
+    if backend == "vllm":
+        result["backend"] = f"vllm ({args.vllm_config})"
+    result["summary"] = summarize(result)
+    return result
+
+
+def report_one(args, benchmark: str, result: dict, columns) -> None:
+    """Print one result as a table and write it, with the machine's facts, to `args.out`."""
+    print_table([result["summary"]], columns)
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
+    write_json(args.out, {"benchmark": benchmark, "machine": machine, "args": vars(args), "result": result})

@@ -47,11 +47,7 @@ def summarize_latency(result: dict) -> dict:
 
 
 def run_latency(args: argparse.Namespace, backend: str) -> dict:
-    result = bc.run_backend(latency_workload(args, backend), **bc.run_options(args))
-    if backend == "vllm":
-        result["backend"] = f"vllm ({args.vllm_config})"
-    result["summary"] = summarize_latency(result)
-    return result
+    return bc.run_one(args, backend, latency_workload, summarize_latency)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,12 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run_latency(args, args.backend)
     except bc.BenchError as e:
         sys.exit(f"error: {e}")
-    bc.print_table([result["summary"]], COLUMNS)
-    machine = bc.machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
-    bc.write_json(args.out, {"benchmark": "latency", "machine": machine, "args": vars(args),
-                             "result": result})
-
+    bc.report_one(args, "latency", result, COLUMNS)
 
 if __name__ == "__main__":
     main()

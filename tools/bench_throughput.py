@@ -51,11 +51,7 @@ def summarize_throughput(result: dict) -> dict:
 
 
 def run_throughput(args: argparse.Namespace, backend: str) -> dict:
-    result = bc.run_backend(throughput_workload(args, backend), **bc.run_options(args))
-    if backend == "vllm":
-        result["backend"] = f"vllm ({args.vllm_config})"
-    result["summary"] = summarize_throughput(result)
-    return result
+    return bc.run_one(args, backend, throughput_workload, summarize_throughput)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,12 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run_throughput(args, args.backend)
     except bc.BenchError as e:
         sys.exit(f"error: {e}")
-    bc.print_table([result["summary"]], COLUMNS)
-    machine = bc.machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
-    bc.write_json(args.out, {"benchmark": "throughput", "machine": machine, "args": vars(args),
-                             "result": result})
-
+    bc.report_one(args, "throughput", result, COLUMNS)
 
 if __name__ == "__main__":
     main()

@@ -91,7 +91,7 @@ class EngineCore:
         if not step.num_scheduled_tokens:
             return []
         result = self.executor.execute(step)
-        outputs = self.scheduler.update_from_output(step, result)
+        outputs = self.scheduler.update_from_output(result)
         self.last_model_time = result.model_time
         self.last_step_time = time.perf_counter() - start
         self.num_steps += 1

@@ -219,7 +219,7 @@ class Scheduler:
         self.step_id += 1
         return output
 
-    def update_from_output(self, step: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, EngineCoreOutput]]:
+    def update_from_output(self, result: ModelRunnerOutput) -> list[tuple[Request, EngineCoreOutput]]:
         outputs = []
         for i, (request_id, token_ids) in enumerate(zip(result.request_ids, result.sampled_token_ids)):
             request = self.requests.get(request_id)

@@ -18,8 +18,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_query_len: int
     max_seq_len: int
-    num_decodes: int  # leading sequences with exactly one query token
-    num_decode_tokens: int
+    num_decodes: int  # leading sequences with exactly one query token (so also their token count)
     # Host copies, so the CPU path never syncs on a device tensor to plan its work.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
@@ -58,7 +57,7 @@ def torch_paged_attention(
         out[:nd] = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
         ).squeeze(2)
-    start = meta.num_decode_tokens
+    start = nd
     for b in range(nd, len(meta.query_lens_cpu)):
         q_len, s = meta.query_lens_cpu[b], meta.seq_lens_cpu[b]
         k = gather_kv(k_cache, meta.block_tables[b : b + 1], s)

@@ -185,7 +185,6 @@ class ModelRunner:
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
             num_decodes=num_decodes,
-            num_decode_tokens=num_decodes,
             query_lens_cpu=num_tokens,
             seq_lens_cpu=seq_lens.tolist(),
         )

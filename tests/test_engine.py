@@ -142,7 +142,7 @@ async def test_priority_policy_runs_urgent_requests_first(llama_dir):
         finished_order.append(name)
 
     try:
-        first = asyncio.create_task(run("running", 5, 40))
+        first = asyncio.create_task(run("running", 5, 1000))  # holds the seat for seconds
         await asyncio.sleep(0.5)  # it holds the only seat; the next two queue behind it
         later = [asyncio.create_task(run("low", 9, 4)), asyncio.create_task(run("high", 0, 4))]
         await asyncio.gather(first, *later)

@@ -4,7 +4,7 @@ The layout and the meaning of every field are the contract in docs/architecture.
 path (`kernels/attention.py`) implements the same contract for CUDA.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +22,27 @@ class AttentionMetadata:
     # Host copies, so the CPU path never syncs on a device tensor to plan its work.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # The CPU path's decode plan, built by the first layer that needs it and shared by the rest.
+    decode_plan: "DecodePlan | None" = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class DecodePlan:
+    """What every layer's decode attention shares within a step: which cache blocks to gather,
+    and the additive mask that hides the padding past each sequence's end."""
+
+    block_ids: torch.Tensor  # [num_decodes * num_blocks] the blocks to gather, sequence-major
+    num_blocks: int  # blocks gathered per sequence (those of the longest one)
+    mask: torch.Tensor  # [num_decodes, 1, 1, num_blocks * block_size] float32: 0 or -inf
+    positions: torch.Tensor  # [num_blocks * block_size] key positions, for sliding windows
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """[num_blocks, block_size, kv_heads, D] cache, [B, n] block table -> [B, kv_heads, num_tokens, D]."""
     block_size = cache.shape[1]
     num_blocks = -(-num_tokens // block_size)
-    kv = cache[block_tables[:, :num_blocks]]  # [B, n, block_size, kv_heads, D]
-    kv = kv.flatten(1, 2)[:, :num_tokens]
+    kv = cache.index_select(0, block_tables[:, :num_blocks].flatten())
+    kv = kv.view(block_tables.shape[0], num_blocks * block_size, *cache.shape[2:])[:, :num_tokens]
     return kv.transpose(1, 2)
 
 
@@ -41,22 +54,15 @@ def torch_paged_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """q [T, H, D] -> out [T, H, D]. Decodes run as one batched SDPA over their gathered
-    contexts; each prefill (few per step) runs as one SDPA with a causal offset mask."""
+    """q [T, H, D] -> out [T, H, D]. Decodes run together as two batched matmuls over their gathered
+    contexts; each prefill (few per step) runs as one SDPA, causal with its cached context before it.
+
+    Cache slots past a sequence's end are read and masked, so they must hold finite values (the
+    runner zeroes its cache once, and only ever writes finite keys and values)."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        seq_lens = meta.seq_lens[:nd]
-        s = max(meta.seq_lens_cpu[:nd])
-        k = gather_kv(k_cache, meta.block_tables[:nd], s)
-        v = gather_kv(v_cache, meta.block_tables[:nd], s)
-        pos = torch.arange(s, device=q.device)
-        mask = pos < seq_lens.unsqueeze(1)
-        if sliding_window is not None:
-            mask &= pos > (seq_lens.unsqueeze(1) - 1 - sliding_window)
-        out[:nd] = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-        ).squeeze(2)
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
     start = nd
     for b in range(nd, len(meta.query_lens_cpu)):
         q_len, s = meta.query_lens_cpu[b], meta.seq_lens_cpu[b]
@@ -75,3 +81,41 @@ def torch_paged_attention(
         out[start : start + q_len] = o.squeeze(0).transpose(0, 1)
         start += q_len
     return out
+
+
+def _decode_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> DecodePlan:
+    if meta.decode_plan is None:
+        nd = meta.num_decodes
+        num_blocks = -(-max(meta.seq_lens_cpu[:nd]) // block_size)
+        positions = torch.arange(num_blocks * block_size, device=device)
+        past_end = positions >= meta.seq_lens[:nd].unsqueeze(1)
+        mask = torch.zeros(past_end.shape, device=device).masked_fill_(past_end, float("-inf"))
+        block_ids = meta.block_tables[:nd, :num_blocks].flatten()
+        meta.decode_plan = DecodePlan(block_ids, num_blocks, mask[:, None, None, :], positions)
+    return meta.decode_plan
+
+
+def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                      sliding_window: int | None) -> torch.Tensor:
+    """q [B, H, D], one query token per sequence -> [B, H, D].
+
+    Per sequence and KV head, the group of query heads that share it is one small matrix, so the
+    whole batch is two batched matmuls: [B*KVH, G, D] @ [B*KVH, D, S] and [B*KVH, G, S] @ [B*KVH, S, D]."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    plan = _decode_plan(meta, block_size, q.device)
+    s = plan.num_blocks * block_size
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B*KVH, S, D], contiguous for bmm
+        kv = cache.index_select(0, plan.block_ids).view(num_seqs, s, num_kv_heads, head_dim)
+        return kv.transpose(1, 2).reshape(num_seqs * num_kv_heads, s, head_dim)
+
+    k, v = gather(k_cache), gather(v_cache)
+    scores = torch.bmm((q * scale).view(num_seqs * num_kv_heads, group, head_dim), k.transpose(1, 2))
+    scores = scores.view(num_seqs, num_kv_heads, group, s).float() + plan.mask
+    if sliding_window is not None:
+        first = meta.seq_lens[:num_seqs].unsqueeze(1) - sliding_window  # first visible position
+        scores.masked_fill_((plan.positions < first)[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(q.dtype).view(num_seqs * num_kv_heads, group, s)
+    return torch.bmm(probs, v).view(num_seqs, num_heads, head_dim)

@@ -42,4 +42,5 @@ def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.devi
     if missing:
         names = sorted(m.split("#")[0] for m in missing)
         raise ValueError(f"checkpoint in {model_dir} is missing tensors for: {', '.join(names[:8])}")
+    ops.process_weights(model)
     return model.eval()

@@ -16,6 +16,17 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
+    def process_weights(model: torch.nn.Module) -> None:
+        """After loading: on a CPU, prepack bf16/fp16 linear weights for oneDNN (the same numbers
+        as F.linear, faster). float32 stays on F.linear, which transformers matches bit for bit."""
+        dtype = next(model.parameters()).dtype
+        if dtype == torch.float32 or next(model.parameters()).device.type != "cpu":
+            return
+        for module in model.modules():
+            if hasattr(module, "pack"):
+                module.pack()
+
+    @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # transformers' order: normalise in float32, cast back, then scale (bit-equal to it)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)

@@ -43,7 +43,39 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-class ColumnParallelLinear(nn.Module):
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight reordered into oneDNN's blocked layout (CPU), or None where this CPU has no
+    oneDNN kernel for its dtype. A packed matmul skips the per-call reorder F.linear does."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    except RuntimeError:
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class LinearBase(nn.Module):
+    """A weight used as y = x W^T, either as is (F.linear) or prepacked for oneDNN (`pack`)."""
+
+    weight: nn.Parameter
+    packed = False
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed:
+            return packed_linear(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
+
+    def pack(self) -> bool:
+        """Replaces the weight with its packed form, once all weights are loaded."""
+        packed = pack_linear_weight(self.weight)
+        if packed is not None:
+            self.weight, self.packed = nn.Parameter(packed, requires_grad=False), True
+        return self.packed
+
+
+class ColumnParallelLinear(LinearBase):
     """y = x W^T + b with W split along its output rows; `output_sizes` names the stacked parts
     (e.g. q, k, v), each sharded separately so every rank gets its slice of each."""
 
@@ -54,7 +86,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(sum(self.output_sizes), dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, part: int, name: str) -> None:
         size = self.output_sizes[part]
@@ -64,7 +96,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(shard)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = x W^T + b with W split along its input columns; partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype):
@@ -74,7 +106,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, part: int, name: str) -> None:
@@ -111,8 +143,18 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the full vocabulary; each rank computes its vocabulary slice, then they are gathered."""
 
+    packed_weight: torch.Tensor | None = None
+
+    def pack(self) -> bool:
+        """Packs a copy: the weight itself may be the (tied) embedding table, which needs its rows."""
+        self.packed_weight = pack_linear_weight(self.weight)
+        return self.packed_weight is not None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        if self.packed_weight is not None:
+            logits = packed_linear(hidden, self.packed_weight)
+        else:
+            logits = F.linear(hidden, self.weight)
         if _tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(_tp_size)]
             dist.all_gather(parts, logits)

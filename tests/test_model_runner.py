@@ -8,6 +8,7 @@ import torch
 from conveyor.config import EngineConfig
 from conveyor.frontend.sampling_params import SamplingParams
 from conveyor.gpu_worker.model_runner import ModelRunner
+from conveyor.gpu_worker.ops import TorchOps
 from conveyor.ipc.messages import CachedRequestData, NewRequestData, SchedulerOutput
 
 from reference import MAX_TOKENS, hf_greedy, make_prompts
@@ -49,8 +50,8 @@ def run_greedy(runner: ModelRunner, prompts, max_tokens=MAX_TOKENS, chunk: int |
     return [(reqs[str(i)]["out"], reqs[str(i)]["lps"]) for i in range(len(prompts))]
 
 
-def make_runner(model_dir: str, block_size: int = 16, **kwargs) -> ModelRunner:
-    config = EngineConfig(model=model_dir, dtype="float32", block_size=block_size, num_kv_blocks=2048, **kwargs)
+def make_runner(model_dir: str, block_size: int = 16, dtype: str = "float32", **kwargs) -> ModelRunner:
+    config = EngineConfig(model=model_dir, dtype=dtype, block_size=block_size, num_kv_blocks=2048, **kwargs)
     runner = ModelRunner(config, torch.device("cpu"))
     runner.init_kv_cache(config.num_kv_blocks)
     return runner
@@ -153,3 +154,15 @@ def test_triton_backend_matches_transformers_under_the_interpreter(arch, tiny_mo
     assert runner.ops.name == "triton"
     got = run_greedy(runner, prompts[:3], max_tokens=4, chunk=7)
     assert [tokens for tokens, _ in got] == [tokens[:4] for tokens, _ in expected[:3]]
+
+
+def test_bf16_linears_are_prepacked_and_give_the_same_logprobs_as_f_linear(tiny_models, references, monkeypatch):
+    prompts, _ = references["llama"]
+    packed = make_runner(tiny_models["llama"], dtype="bfloat16")
+    qkv = packed.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.packed and qkv.weight.layout == torch._mkldnn
+    assert packed.model.lm_head.packed_weight is not None
+    monkeypatch.setattr(TorchOps, "process_weights", staticmethod(lambda model: None))
+    plain = make_runner(tiny_models["llama"], dtype="bfloat16")
+    assert not plain.model.model.layers[0].self_attn.qkv_proj.packed
+    assert run_greedy(packed, prompts, logprobs=0) == run_greedy(plain, prompts, logprobs=0)

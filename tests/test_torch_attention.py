@@ -1,0 +1,58 @@
+"""The CPU (torch) paged attention against the same reference the Triton kernel is held to."""
+
+import pytest
+import torch
+
+from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attention
+from conveyor.kernels.attention import paged_attention_ref
+
+from test_kernel_attention import CONFIGS, TOL, make_batch
+
+
+def run_torch_path(q, k_cache, v_cache, meta, kwargs, sliding_window):
+    # The runner's cache never holds NaN (zeroed once, finite writes): slots past a sequence's end
+    # are read and masked, so they get finite garbage here instead of make_batch's poison.
+    garbage = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(1)).to(k_cache.dtype) * 100
+    k_cache, v_cache = k_cache.nan_to_num() + k_cache.isnan() * garbage, v_cache.nan_to_num() + v_cache.isnan() * garbage
+    q_lens = (meta["query_start_loc"][1:] - meta["query_start_loc"][:-1]).tolist()
+    attn_meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64),
+        query_start_loc=meta["query_start_loc"],
+        seq_lens=meta["seq_lens"],
+        block_tables=meta["block_tables"],
+        max_query_len=kwargs["max_query_len"],
+        max_seq_len=kwargs["max_seq_len"],
+        num_decodes=kwargs["num_decodes"],
+        query_lens_cpu=q_lens,
+        seq_lens_cpu=meta["seq_lens"].tolist(),
+    )
+    got = torch_paged_attention(q, k_cache, v_cache, attn_meta, kwargs["scale"], sliding_window)
+    expected = paged_attention_ref(q, k_cache, v_cache, torch.empty_like(q), **meta, **kwargs,
+                                   sliding_window=sliding_window)
+    return got, expected, attn_meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "h{}-kv{}-d{}-bs{}-win{}".format(*c))
+def test_mixed_batch_matches_reference(config, dtype):
+    num_heads, num_kv_heads, head_dim, block_size, window = config
+    q_lens, contexts = [1, 1, 1, 1, 19, 7], [70, 0, 33, 5, 0, 45]  # decodes of unequal lengths first
+    q, k_cache, v_cache, meta, kwargs = make_batch(
+        q_lens, contexts, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype,
+    )
+    got, expected, _ = run_torch_path(q, k_cache, v_cache, meta, kwargs, window)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_decode_plan_is_built_once_and_shared_by_every_layer():
+    q, k_cache, v_cache, meta, kwargs = make_batch(
+        [1, 1], [40, 3], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+    )
+    _, _, attn_meta = run_torch_path(q, k_cache, v_cache, meta, kwargs, None)
+    plan = attn_meta.decode_plan
+    assert plan.num_blocks == 3  # 41 tokens in blocks of 16
+    assert plan.mask.shape == (2, 1, 1, 48)
+    assert torch.isinf(plan.mask[1, 0, 0, 4:]).all() and (plan.mask[1, 0, 0, :4] == 0).all()
+    torch_paged_attention(q, k_cache.nan_to_num(), v_cache.nan_to_num(), attn_meta, kwargs["scale"])
+    assert attn_meta.decode_plan is plan

@@ -1,9 +1,12 @@
-"""The CPU (torch) paged attention against the same reference the Triton kernel is held to."""
+"""The CPU paged attention (C decode kernel, or its torch fallback) against the same reference the
+Triton kernel is held to."""
 
 import pytest
 import torch
 
+from conveyor.gpu_worker import attention
 from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attention
+from conveyor.kernels import cpu as cpu_kernels
 from conveyor.kernels.attention import paged_attention_ref
 
 from test_kernel_attention import CONFIGS, TOL, make_batch
@@ -32,9 +35,22 @@ def run_torch_path(q, k_cache, v_cache, meta, kwargs, sliding_window):
     return got, expected, attn_meta
 
 
+@pytest.fixture(params=["c-kernel", "torch-fallback"])
+def decode_path(request, monkeypatch):
+    if request.param == "c-kernel":
+        assert cpu_kernels.load() is not None, "the C kernels must build here (is a C compiler installed?)"
+    else:
+        monkeypatch.setattr(attention.cpu_kernels, "load", lambda: None)
+    calls = []
+    fallback = attention._decode_attention
+    monkeypatch.setattr(attention, "_decode_attention", lambda *args: calls.append(1) or fallback(*args))
+    yield request.param
+    assert bool(calls) == (request.param == "torch-fallback"), "the decode batch took the other path"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "h{}-kv{}-d{}-bs{}-win{}".format(*c))
-def test_mixed_batch_matches_reference(config, dtype):
+def test_mixed_batch_matches_reference(config, dtype, decode_path):
     num_heads, num_kv_heads, head_dim, block_size, window = config
     q_lens, contexts = [1, 1, 1, 1, 19, 7], [70, 0, 33, 5, 0, 45]  # decodes of unequal lengths first
     q, k_cache, v_cache, meta, kwargs = make_batch(
@@ -45,7 +61,8 @@ def test_mixed_batch_matches_reference(config, dtype):
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_decode_plan_is_built_once_and_shared_by_every_layer():
+def test_decode_plan_is_built_once_and_shared_by_every_layer(monkeypatch):
+    monkeypatch.setattr(attention.cpu_kernels, "load", lambda: None)
     q, k_cache, v_cache, meta, kwargs = make_batch(
         [1, 1], [40, 3], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
     )
@@ -56,3 +73,23 @@ def test_decode_plan_is_built_once_and_shared_by_every_layer():
     assert torch.isinf(plan.mask[1, 0, 0, 4:]).all() and (plan.mask[1, 0, 0, :4] == 0).all()
     torch_paged_attention(q, k_cache.nan_to_num(), v_cache.nan_to_num(), attn_meta, kwargs["scale"])
     assert attn_meta.decode_plan is plan
+
+
+def test_c_kernel_leaves_rows_of_empty_sequences_untouched():
+    q, k_cache, v_cache, meta, kwargs = make_batch(
+        [1, 1], [30, 2], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+    )
+    out = torch.full_like(q, 7.0)
+    seq_lens = torch.tensor([31, 0], dtype=torch.int32)
+    cpu_kernels.load().decode_attention(q, k_cache, v_cache, out, meta["block_tables"], seq_lens,
+                                        kwargs["scale"], None)
+    assert (out[1] == 7.0).all() and not out[0].isnan().any()
+
+
+def test_c_kernel_rejects_a_strided_query():
+    q, k_cache, v_cache, meta, kwargs = make_batch(
+        [1, 1], [3, 2], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+    )
+    with pytest.raises(ValueError, match="q must be a contiguous CPU tensor"):
+        cpu_kernels.load().decode_attention(q[:, ::2], k_cache, v_cache, torch.empty_like(q[:, ::2]),
+                                            meta["block_tables"], meta["seq_lens"], kwargs["scale"], None)

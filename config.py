@@ -23,7 +23,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     scheduling_policy: str = "fcfs"  # fcfs | priority
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # hot ops: auto (C kernels on CPU, Triton on CUDA) | torch | triton
     worker_threads: int | None = None  # torch threads per worker; default: cores / tensor_parallel_size
 
     def __post_init__(self) -> None:

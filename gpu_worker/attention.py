@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from conveyor.kernels import cpu as cpu_kernels
-
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -55,22 +53,21 @@ def torch_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    decode_kernel=None,
 ) -> torch.Tensor:
-    """q [T, H, D] -> out [T, H, D]. Decodes run together in the C kernel of `kernels/cpu` (or, where
-    it cannot be built, as two batched matmuls over their gathered contexts); each prefill (few per
-    step) runs as one SDPA, causal with its cached context before it.
+    """q [T, H, D] -> out [T, H, D]. Decodes run together: in `decode_kernel` where one is given
+    (the C kernel of `kernels/cpu`), else as two batched matmuls over their gathered contexts.
+    Each prefill (few per step) runs as one SDPA, causal with its cached context before it.
 
-    Cache slots past a sequence's end are read and masked, so they must hold finite values (the
-    runner zeroes its cache once, and only ever writes finite keys and values)."""
+    The matmul path reads cache slots past a sequence's end and masks them, so they must hold
+    finite values (the runner zeroes its cache once, and only ever writes finite keys and values)."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
-        kernels = cpu_kernels.load() if q.device.type == "cpu" else None
-        if kernels is not None and kernels.supports(q.dtype):
-            kernels.decode_attention(q[:nd].contiguous(), k_cache, v_cache, out[:nd], meta.block_tables[:nd],
-                                     meta.seq_lens[:nd], scale, sliding_window)
-        else:
-            out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
+    if nd and decode_kernel is not None:
+        decode_kernel(q[:nd].contiguous(), k_cache, v_cache, out[:nd], meta.block_tables[:nd],
+                      meta.seq_lens[:nd], scale, sliding_window)
+    elif nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
     start = nd
     for b in range(nd, len(meta.query_lens_cpu)):
         q_len, s = meta.query_lens_cpu[b], meta.seq_lens_cpu[b]

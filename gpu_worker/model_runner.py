@@ -46,7 +46,7 @@ class ModelRunner:
         self.device = device or torch.device(config.resolved_device())
         self.hf_config = AutoConfig.from_pretrained(config.model)
         self.dtype = resolve_dtype(config, self.hf_config)
-        self.ops = select_ops(self.device, config.attention_backend)
+        self.ops = select_ops(self.device, self.dtype, config.attention_backend)
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops)
         self.block_size = config.block_size
         self.sampler = Sampler(self.hf_config.vocab_size)

@@ -1,4 +1,5 @@
-"""The hot ops a model calls, chosen once per model runner: torch on CPU, Triton kernels on CUDA.
+"""The hot ops a model calls, chosen once per model runner: the C kernels of `kernels/cpu` on a CPU
+(plain torch where they cannot be built, or on request), Triton kernels on CUDA.
 
 Every op takes token-major tensors ([T, ...]); `attention` follows the paged-cache contract of
 docs/architecture.md. This is the only place that decides which implementation runs.
@@ -76,11 +77,54 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return rotated if rot == x.shape[-1] else torch.cat((rotated, x[..., rot:]), dim=-1)
 
 
-def select_ops(device: torch.device, backend: str = "auto"):
-    """`auto`: Triton on CUDA, torch elsewhere. `triton` on a CPU is allowed only under the
-    interpreter (TRITON_INTERPRET=1), which tests use to prove the wiring end to end."""
+class CpuOps(TorchOps):
+    """TorchOps with the C kernels of `kernels/cpu` for float32 and bfloat16: decode attention
+    straight from the paged cache, and the element-wise ops in one pass each (in place where the
+    Triton ops are too)."""
+
+    name = "cpu"
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def fused_add_rms_norm(self, x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernels.fused_add_rms_norm(x, residual, weight, eps)
+
+    @staticmethod
+    def prepare_rotary(positions, cos_sin_cache, dtype):
+        return positions, cos_sin_cache  # the kernel looks rows up itself
+
+    def rotary_embedding(self, rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, cos_sin_cache = rope
+        self.kernels.rotary_neox(positions, q, k, cos_sin_cache)
+        return q, k
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.silu_and_mul(x)
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                  sliding_window: int | None) -> torch.Tensor:
+        return torch_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window,
+                                     decode_kernel=self.kernels.decode_attention)
+
+
+def select_ops(device: torch.device, dtype: torch.dtype, backend: str = "auto"):
+    """`auto`: Triton on CUDA; on a CPU the C kernels, or torch where they cannot be built or do not
+    cover the dtype. `torch` forces plain torch ops (the reference path). `triton` on a CPU is
+    allowed only under the interpreter (TRITON_INTERPRET=1), which tests use to prove the wiring."""
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            backend = "triton"
+        else:
+            from conveyor.kernels import cpu
+
+            kernels = cpu.load()
+            if kernels is not None and kernels.supports(dtype):
+                return CpuOps(kernels)
+            backend = "torch"
     if backend == "torch":
         return TorchOps
     if backend == "triton":

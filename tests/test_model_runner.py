@@ -71,7 +71,19 @@ def references(tiny_models):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_greedy_matches_transformers(arch, tiny_models, references):
     prompts, expected = references[arch]
-    got = run_greedy(make_runner(tiny_models[arch]), prompts)
+    runner = make_runner(tiny_models[arch])
+    assert runner.ops.name == "cpu"  # the C kernels
+    got = run_greedy(runner, prompts)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_plain_torch_ops_match_transformers(arch, tiny_models, references):
+    """The fallback where the C kernels cannot be built (q/k norm, sliding window included)."""
+    prompts, expected = references[arch]
+    runner = make_runner(tiny_models[arch], attention_backend="torch")
+    assert runner.ops.name == "torch"
+    got = run_greedy(runner, prompts, chunk=7)
     assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
 
 

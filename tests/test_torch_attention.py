@@ -4,7 +4,6 @@ Triton kernel is held to."""
 import pytest
 import torch
 
-from conveyor.gpu_worker import attention
 from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attention
 from conveyor.kernels import cpu as cpu_kernels
 from conveyor.kernels.attention import paged_attention_ref
@@ -12,7 +11,7 @@ from conveyor.kernels.attention import paged_attention_ref
 from test_kernel_attention import CONFIGS, TOL, make_batch
 
 
-def run_torch_path(q, k_cache, v_cache, meta, kwargs, sliding_window):
+def run_torch_path(q, k_cache, v_cache, meta, kwargs, sliding_window, decode_kernel=None):
     # The runner's cache never holds NaN (zeroed once, finite writes): slots past a sequence's end
     # are read and masked, so they get finite garbage here instead of make_batch's poison.
     garbage = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(1)).to(k_cache.dtype) * 100
@@ -29,40 +28,35 @@ def run_torch_path(q, k_cache, v_cache, meta, kwargs, sliding_window):
         query_lens_cpu=q_lens,
         seq_lens_cpu=meta["seq_lens"].tolist(),
     )
-    got = torch_paged_attention(q, k_cache, v_cache, attn_meta, kwargs["scale"], sliding_window)
+    got = torch_paged_attention(q, k_cache, v_cache, attn_meta, kwargs["scale"], sliding_window, decode_kernel)
     expected = paged_attention_ref(q, k_cache, v_cache, torch.empty_like(q), **meta, **kwargs,
                                    sliding_window=sliding_window)
     return got, expected, attn_meta
 
 
 @pytest.fixture(params=["c-kernel", "torch-fallback"])
-def decode_path(request, monkeypatch):
-    if request.param == "c-kernel":
-        assert cpu_kernels.load() is not None, "the C kernels must build here (is a C compiler installed?)"
-    else:
-        monkeypatch.setattr(attention.cpu_kernels, "load", lambda: None)
-    calls = []
-    fallback = attention._decode_attention
-    monkeypatch.setattr(attention, "_decode_attention", lambda *args: calls.append(1) or fallback(*args))
-    yield request.param
-    assert bool(calls) == (request.param == "torch-fallback"), "the decode batch took the other path"
+def decode_kernel(request):
+    if request.param == "torch-fallback":
+        return None
+    kernels = cpu_kernels.load()
+    assert kernels is not None, "the C kernels must build here (is a C compiler installed?)"
+    return kernels.decode_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "h{}-kv{}-d{}-bs{}-win{}".format(*c))
-def test_mixed_batch_matches_reference(config, dtype, decode_path):
+def test_mixed_batch_matches_reference(config, dtype, decode_kernel):
     num_heads, num_kv_heads, head_dim, block_size, window = config
     q_lens, contexts = [1, 1, 1, 1, 19, 7], [70, 0, 33, 5, 0, 45]  # decodes of unequal lengths first
     q, k_cache, v_cache, meta, kwargs = make_batch(
         q_lens, contexts, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         block_size=block_size, dtype=dtype,
     )
-    got, expected, _ = run_torch_path(q, k_cache, v_cache, meta, kwargs, window)
+    got, expected, _ = run_torch_path(q, k_cache, v_cache, meta, kwargs, window, decode_kernel)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_decode_plan_is_built_once_and_shared_by_every_layer(monkeypatch):
-    monkeypatch.setattr(attention.cpu_kernels, "load", lambda: None)
+def test_decode_plan_is_built_once_and_shared_by_every_layer():
     q, k_cache, v_cache, meta, kwargs = make_batch(
         [1, 1], [40, 3], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
     )

@@ -1,4 +1,5 @@
-"""CPU kernels in C (this folder's *.c), compiled on first use and called through ctypes.
+"""CPU kernels in C (this folder's *.c): paged decode attention and the element-wise ops,
+compiled on first use and called through ctypes.
 
 They are built once per source, compiler and CPU with the system C compiler (`CC`, default `cc`),
 tuned for the host (-O3 -march=native) and threaded with OpenMP; the library is cached under
@@ -22,7 +23,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(__file__), "attention.c")
+HERE = os.path.dirname(__file__)
+SOURCES = [os.path.join(HERE, name) for name in ("attention.c", "elementwise.c")]
+HEADERS = [os.path.join(HERE, "common.h")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-fPIC", "-shared", "-std=c11", "-fopenmp"]
 
@@ -48,9 +51,11 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: list[str]) -> str:
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS).encode(), _cpu_signature().encode()]))
+    parts = []
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            parts.append(f.read())
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(compiler + FLAGS).encode(), _cpu_signature().encode()]))
     path = os.path.join(cache_dir(), f"conveyor_cpu_{key.hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
@@ -59,7 +64,7 @@ def _build(compiler: list[str]) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        subprocess.run([*compiler, *FLAGS, SOURCE, "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([*compiler, *FLAGS, *SOURCES, "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(tmp, path)
     finally:
@@ -68,38 +73,52 @@ def _build(compiler: list[str]) -> str:
     return path
 
 
+def _check_cpu_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+
+
 class CpuKernels:
+    """The compiled library's entry points, for float32 and bfloat16 tensors (`supports`)."""
+
     def __init__(self, path: str):
         self.path = path
         lib = ctypes.CDLL(path)
-        ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        self._decode_attention = {}
-        for dtype, name in ((torch.float32, "decode_attention_f32"), (torch.bfloat16, "decode_attention_bf16")):
-            fn = getattr(lib, name)
-            fn.argtypes = [ptr] * 6 + [i32] * 6 + [f32, i32, i32]
-            fn.restype = i32
-            self._decode_attention[dtype] = fn
+        ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+        signatures = {  # name: (argument types, return type)
+            "decode_attention": ([ptr] * 6 + [i32] * 6 + [f32, i32, i32], i32),
+            "rms_norm": ([ptr, i64, ptr, ptr, i64, i32, f32, i32], None),
+            "fused_add_rms_norm": ([ptr, ptr, ptr, i64, i32, f32, i32], None),
+            "silu_and_mul": ([ptr, ptr, i64, i32, i32], None),
+            "rotary_neox": ([ptr, ptr, i64, i32, ptr, i64, i32, i32, i32, ptr, i64, i32], None),
+        }
+        self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        for name, (argtypes, restype) in signatures.items():
+            for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+                fn = getattr(lib, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, restype
+                self._fns[name, dtype] = fn
 
-    def supports(self, dtype: torch.dtype) -> bool:
-        return dtype in self._decode_attention
+    @staticmethod
+    def supports(dtype: torch.dtype) -> bool:
+        return dtype in (torch.float32, torch.bfloat16)
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                          sliding_window: int | None) -> torch.Tensor:
         """out[b] = softmax(q[b] . K_b^T * scale) V_b for one query token per sequence b, reading
-        K_b and V_b through its block table. All tensors contiguous CPU tensors of the layouts in
-        attention.c; rows of out whose sequence is empty are left as they were."""
+        K_b and V_b through its block table (layouts in attention.c). Rows of out whose sequence
+        is empty are left as they were."""
         num_seqs, num_heads, head_dim = q.shape
         _, block_size, num_kv_heads, _ = k_cache.shape
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out),
-                        ("block_tables", block_tables), ("seq_lens", seq_lens)):
-            if not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError(f"{name} must be a contiguous CPU tensor")
+        _check_cpu_contiguous(q=q, k_cache=k_cache, v_cache=v_cache, out=out, block_tables=block_tables,
+                              seq_lens=seq_lens)
         if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
             raise ValueError("block_tables and seq_lens must be int32")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
-        status = self._decode_attention[q.dtype](
+        status = self._fns["decode_attention", q.dtype](
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), block_tables.data_ptr(),
             seq_lens.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
             block_tables.shape[1], scale, sliding_window or 0, torch.get_num_threads(),
@@ -107,6 +126,48 @@ class CpuKernels:
         if status != 0:
             raise MemoryError("decode attention could not allocate its scratch buffers")
         return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [..., D], rows of D contiguous (rows may be strided) -> a new contiguous tensor."""
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = torch.empty(rows.shape, dtype=x.dtype)
+        self._fns["rms_norm", x.dtype](rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(),
+                                       rows.shape[0], rows.shape[1], eps, torch.get_num_threads())
+        return out.view(x.shape)
+
+    def fused_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """In place: residual += x, then x = rms_norm(residual). Returns (x, residual)."""
+        _check_cpu_contiguous(x=x, residual=residual)
+        self._fns["fused_add_rms_norm", x.dtype](x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
+                                                 x.numel() // x.shape[-1], x.shape[-1], eps,
+                                                 torch.get_num_threads())
+        return x, residual
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, 2*D] -> silu(x[:, :D]) * x[:, D:]."""
+        _check_cpu_contiguous(x=x)
+        out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype)
+        self._fns["silu_and_mul", x.dtype](x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                                           out.shape[-1], torch.get_num_threads())
+        return out
+
+    def rotary_neox(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    cos_sin_cache: torch.Tensor) -> None:
+        """Rotates q [T, H, D] and k [T, KVH, D] in place (tokens may be strided, heads must be
+        packed); cos_sin_cache [max_position, rot_dim] float32 rotates the first rot_dim dims."""
+        for name, t in (("q", q), ("k", k)):
+            if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+                raise ValueError(f"{name} must have packed heads (strides [*, {t.shape[2]}, 1])")
+        _check_cpu_contiguous(positions=positions, cos_sin_cache=cos_sin_cache)
+        if positions.dtype != torch.int64 or cos_sin_cache.dtype != torch.float32:
+            raise ValueError("positions must be int64 and cos_sin_cache float32")
+        self._fns["rotary_neox", q.dtype](
+            positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
+            q.shape[2], cos_sin_cache.shape[1], cos_sin_cache.data_ptr(), q.shape[0], torch.get_num_threads(),
+        )
 
 
 def load() -> CpuKernels | None:

@@ -8,33 +8,9 @@
  * Accumulation is in float32. Returns 0, or -1 if a scratch allocation failed.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-
-/* Element access for both cache dtypes; `is_bf16` is a constant in each entry point below, so the
- * compiler specialises (and vectorises) one copy of the kernel per dtype. */
-static inline float load(const void *p, int64_t i, int is_bf16) {
-    if (!is_bf16) return ((const float *)p)[i];
-    uint32_t bits = (uint32_t)((const bf16 *)p)[i] << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
-static inline void store(void *p, int64_t i, float x, int is_bf16) {
-    if (!is_bf16) {
-        ((float *)p)[i] = x;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) bits |= 0x400000u; /* NaN stays a quiet NaN */
-    else bits += 0x7fffu + ((bits >> 16) & 1u);                  /* round to nearest even */
-    ((bf16 *)p)[i] = (bf16)(bits >> 16);
-}
+#include "common.h"
 
 /* Offset of context token t in a cache: block sizes are powers of two, so shifts, not divisions. */
 static inline int64_t token_base(const int32_t *table, int t, int block_size, int64_t token_stride) {
@@ -79,9 +55,11 @@ static inline void attend(const void *q, const void *k_cache, const void *v_cach
     float inv_sum[num_heads]; /* softmax per query head; 1/sum is applied at the end */
     for (int hq = 0; hq < num_heads; hq++) {
         float *sh = scores + (int64_t)hq * n, top = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : top)
         for (int i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            sh[i] = expf(sh[i] - top);
+            sh[i] = exp_approx(sh[i] - top);
             sum += sh[i];
         }
         inv_sum[hq] = 1.0f / sum;

@@ -1,0 +1,101 @@
+/* The model's element-wise ops on the CPU, each one pass over memory instead of torch's several:
+ * RMSNorm (alone and fused with the residual add), SiLU-and-mul, and neox rotary embedding.
+ *
+ * Rounding follows the torch ops they replace (transformers' order): for bf16, RMSNorm rounds the
+ * normalised row before scaling by the weight, and SiLU rounds before the multiply. Math is float32.
+ * Rows are shared out over OpenMP threads when there are enough of them.
+ */
+#include <math.h>
+
+#include "common.h"
+
+/* Each op is written for one row; the entry points at the end run rows on OpenMP threads, with
+ * the dtype a literal in each so the compiler specialises and vectorises the row per dtype. */
+
+/* out[r] = weight * round(x[r] / rms(x[r])); x rows `x_stride` elements apart, out contiguous. */
+static inline void rms_norm_row(const void *x, int64_t x_stride, const void *weight, void *out, int64_t r,
+                                int dim, float eps, int is_bf16) {
+    const int64_t in = r * x_stride, o = r * dim;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int d = 0; d < dim; d++) {
+        const float v = load(x, in + d, is_bf16);
+        sum += v * v;
+    }
+    const float inv = 1.0f / sqrtf(sum / dim + eps);
+    for (int d = 0; d < dim; d++)
+        store(out, o + d, round_as(load(x, in + d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
+}
+
+/* residual[r] += x[r]; x[r] = rms_norm(residual[r]): both contiguous, updated in place. */
+static inline void fused_add_rms_norm_row(void *x, void *residual, const void *weight, int64_t r, int dim,
+                                          float eps, int is_bf16) {
+    const int64_t o = r * dim;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int d = 0; d < dim; d++) {
+        const float v = round_as(load(x, o + d, is_bf16) + load(residual, o + d, is_bf16), is_bf16);
+        store(residual, o + d, v, is_bf16);
+        sum += v * v;
+    }
+    const float inv = 1.0f / sqrtf(sum / dim + eps);
+    for (int d = 0; d < dim; d++)
+        store(x, o + d, round_as(load(residual, o + d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
+}
+
+/* out[r] = silu(x[r, :dim]) * x[r, dim:]; x [rows, 2*dim] and out [rows, dim] contiguous. */
+static inline void silu_and_mul_row(const void *x, void *out, int64_t r, int dim, int is_bf16) {
+    const int64_t gate = r * 2 * dim, up = gate + dim, o = r * dim;
+    for (int64_t d = 0; d < dim; d++) {
+        const float g = load(x, gate + d, is_bf16);
+        const float silu = round_as(g / (1.0f + exp_approx(-g)), is_bf16);
+        store(out, o + d, silu * load(x, up + d, is_bf16), is_bf16);
+    }
+}
+
+/* Neox-style rotation, in place, of the first rot_dim dims of each head of token t of q and k:
+ * x1, x2 = halves; x1' = x1 cos - x2 sin; x2' = x2 cos + x1 sin. Heads are head_dim apart within a
+ * token, tokens q_stride (k_stride) apart. cos_sin_cache [max_position, rot_dim] float32. */
+static inline void rotary_neox_token(const int64_t *positions, void *q, int64_t q_stride, int num_q_heads,
+                                     void *k, int64_t k_stride, int num_k_heads, int head_dim, int rot_dim,
+                                     const float *cos_sin_cache, int64_t t, int is_bf16) {
+    const int half = rot_dim / 2;
+    const float *cos = cos_sin_cache + positions[t] * rot_dim, *sin = cos + half;
+    for (int h = 0; h < num_q_heads + num_k_heads; h++) {
+        void *base = h < num_q_heads ? q : k;
+        const int64_t start = h < num_q_heads ? t * q_stride + (int64_t)h * head_dim
+                                              : t * k_stride + (int64_t)(h - num_q_heads) * head_dim;
+        for (int d = 0; d < half; d++) {
+            const float x1 = load(base, start + d, is_bf16), x2 = load(base, start + half + d, is_bf16);
+            store(base, start + d, x1 * cos[d] - x2 * sin[d], is_bf16);
+            store(base, start + half + d, x2 * cos[d] + x1 * sin[d], is_bf16);
+        }
+    }
+}
+
+/* Needs `rows` and `num_threads` in scope (a pragma cannot take macro arguments). */
+#define FOR_EACH_ROW(r) \
+    _Pragma("omp parallel for num_threads(threads_for(rows, num_threads))") for (int64_t r = 0; r < rows; r++)
+
+#define ENTRY_POINTS(SUFFIX, IS_BF16)                                                                          \
+    void rms_norm_##SUFFIX(const void *x, int64_t x_stride, const void *weight, void *out, int64_t rows,     \
+                           int dim, float eps, int num_threads) {                                             \
+        FOR_EACH_ROW(r) rms_norm_row(x, x_stride, weight, out, r, dim, eps, IS_BF16);                  \
+    }                                                                                                          \
+    void fused_add_rms_norm_##SUFFIX(void *x, void *residual, const void *weight, int64_t rows, int dim,     \
+                                     float eps, int num_threads) {                                            \
+        FOR_EACH_ROW(r) fused_add_rms_norm_row(x, residual, weight, r, dim, eps, IS_BF16);             \
+    }                                                                                                          \
+    void silu_and_mul_##SUFFIX(const void *x, void *out, int64_t rows, int dim, int num_threads) {           \
+        FOR_EACH_ROW(r) silu_and_mul_row(x, out, r, dim, IS_BF16);                                     \
+    }                                                                                                          \
+    void rotary_neox_##SUFFIX(const int64_t *positions, void *q, int64_t q_stride, int num_q_heads, void *k, \
+                              int64_t k_stride, int num_k_heads, int head_dim, int rot_dim,                  \
+                              const float *cos_sin_cache, int64_t rows, int num_threads) {                    \
+        FOR_EACH_ROW(t)                                                                                        \
+        rotary_neox_token(positions, q, q_stride, num_q_heads, k, k_stride, num_k_heads, head_dim, rot_dim,  \
+                          cos_sin_cache, t, IS_BF16);                                                          \
+    }
+
+ENTRY_POINTS(f32, 0)
+ENTRY_POINTS(bf16, 1)

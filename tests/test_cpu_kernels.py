@@ -1,0 +1,101 @@
+"""The C element-wise kernels of kernels/cpu against the torch ops they replace, and op selection."""
+
+import pytest
+import torch
+
+from conveyor.gpu_worker.models.rotary import build_cos_sin_cache
+from conveyor.gpu_worker.ops import CpuOps, TorchOps, select_ops
+from conveyor.kernels import cpu as cpu_kernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+ids = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+# bf16: the C kernels sum in another order, which can move a rounding by one bf16 step.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}
+
+
+@pytest.fixture(scope="module")
+def ops() -> CpuOps:
+    kernels = cpu_kernels.load()
+    assert kernels is not None, "the C kernels must build here (is a C compiler installed?)"
+    return CpuOps(kernels)
+
+
+def randn(*shape, dtype, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("rows", [1, 3, 67])  # one row runs on the caller's thread; 67 on the pool
+def test_rms_norm_matches_torch(ops, dtype, rows):
+    x, weight = randn(rows, 576, dtype=dtype), randn(576, dtype=dtype, seed=1)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), TorchOps.rms_norm(x, weight, 1e-5), **TOL[dtype])
+
+
+def test_rms_norm_of_strided_heads_matches_torch(ops):
+    # Qwen3's per-head q norm: q is a [T, H, D] view into the fused qkv output
+    qkv = randn(5, 4 * 64 + 2 * 2 * 64, dtype=torch.float32)
+    q = qkv[:, : 4 * 64].view(5, 4, 64)
+    weight = randn(64, dtype=torch.float32, seed=1)
+    got = ops.rms_norm(q, weight, 1e-6)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, TorchOps.rms_norm(q, weight, 1e-6), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_fused_add_rms_norm_updates_both_in_place(ops, dtype):
+    x, residual, weight = randn(33, 96, dtype=dtype), randn(33, 96, dtype=dtype, seed=1), randn(96, dtype=dtype, seed=2)
+    expected_x, expected_residual = TorchOps.fused_add_rms_norm(x.clone(), residual.clone(), weight, 1e-6)
+    got_x, got_residual = ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert got_x is x and got_residual is residual
+    torch.testing.assert_close(residual, expected_residual, atol=0, rtol=0)  # one rounding: exact
+    torch.testing.assert_close(x, expected_x, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_silu_and_mul_matches_torch(ops, dtype):
+    x = randn(17, 2 * 1536, dtype=dtype) * 4
+    torch.testing.assert_close(ops.silu_and_mul(x), TorchOps.silu_and_mul(x), **TOL[dtype])
+
+
+class RopeConfig:
+    max_position_embeddings = 512
+    rope_theta = 10000.0
+    rope_scaling = None
+
+    def __init__(self, partial: float):
+        self.partial_rotary_factor = partial
+        self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_rotary_rotates_strided_q_and_k_in_place_like_torch(ops, dtype, partial):
+    cache = build_cos_sin_cache(RopeConfig(partial), head_dim=64)
+    qkv = randn(9, (6 + 2 + 2) * 64, dtype=dtype)
+    q, k = qkv[:, : 6 * 64].view(9, 6, 64), qkv[:, 6 * 64 : 8 * 64].view(9, 2, 64)
+    positions = torch.tensor([0, 1, 2, 100, 101, 7, 300, 301, 511])
+    expected = TorchOps.rotary_embedding(TorchOps.prepare_rotary(positions, cache, torch.float32),
+                                         q.float(), k.float())
+    untouched = qkv[:, 8 * 64 :].clone()
+    got_q, got_k = ops.rotary_embedding(ops.prepare_rotary(positions, cache, dtype), q, k)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(got_q.float(), expected[0], **TOL[dtype])
+    torch.testing.assert_close(got_k.float(), expected[1], **TOL[dtype])
+    assert torch.equal(qkv[:, 8 * 64 :], untouched)  # v is not touched
+
+
+def test_kernels_reject_tensors_they_cannot_address(ops):
+    with pytest.raises(ValueError, match="x must be a contiguous CPU tensor"):
+        ops.fused_add_rms_norm(randn(4, 64, dtype=torch.float32).t(), randn(64, 4, dtype=torch.float32),
+                               randn(4, dtype=torch.float32), 1e-6)
+    q = randn(3, 4, 128, dtype=torch.float32)[:, :, :64]  # heads not packed
+    with pytest.raises(ValueError, match="q must have packed heads"):
+        ops.rotary_embedding((torch.arange(3), torch.zeros(8, 64)), q, q)
+
+
+def test_select_ops_picks_the_c_kernels_on_a_cpu_where_they_cover_the_dtype():
+    cpu = torch.device("cpu")
+    assert isinstance(select_ops(cpu, torch.bfloat16), CpuOps)
+    assert isinstance(select_ops(cpu, torch.float32), CpuOps)
+    assert select_ops(cpu, torch.float16) is TorchOps  # no fp16 C kernels
+    assert select_ops(cpu, torch.bfloat16, "torch") is TorchOps

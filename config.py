@@ -65,3 +65,15 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
 def _check(ok: bool, field: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if config.max_model_len is None:
+        if limit is None:
+            raise ValueError("max_model_len must be given: the model config has no max_position_embeddings")
+        return limit
+    if limit is not None and config.max_model_len > limit:
+        raise ValueError(f"max_model_len must be <= the model's max_position_embeddings ({limit}), "
+                         f"got {config.max_model_len}")
+    return config.max_model_len

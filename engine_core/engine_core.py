@@ -2,11 +2,19 @@
 
 Socket reads and msgpack decoding run on an input thread, encoding and socket writes on an output
 thread, so the loop itself only schedules. It blocks (never spins) while there is no work.
+
+One core serves any number of frontends (clients). The frontend that spawned the core is client 0
+and is known from the start; others (API servers of `conveyor serve --api-server-count`, or
+frontends on other hosts of a `--headless` core) announce themselves with Hello, get EngineReady
+back, and then only ever receive the outputs of their own requests. Links to clients carry
+heartbeats both ways: a client silent for PEER_TIMEOUT_S is forgotten and its requests aborted.
 """
 
 import logging
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -27,13 +35,15 @@ from conveyor.ipc.messages import (
     EngineCoreRequest,
     EngineDead,
     EngineReady,
+    Goodbye,
+    Heartbeat,
     Hello,
     UtilityCall,
     UtilityResult,
 )
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.sockets import make_socket, remove_ipc_dir
+from conveyor.ipc.sockets import HEARTBEAT_S, PEER_TIMEOUT_S, make_socket, new_ipc_dir, remove_ipc_dir
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +70,9 @@ class EngineCore:
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.scheduler.max_model_len - len(message.prompt_token_ids)
-        error = None
-        if not message.prompt_token_ids:
+        if message.request_id in self.scheduler.requests:  # frontends pick ids independently
+            error = f"request_id {message.request_id!r} is already in use"
+        elif not message.prompt_token_ids:
             error = "prompt must contain at least one token"
         elif max_tokens < 1:
             error = self.scheduler.check_fits(len(message.prompt_token_ids), 1)
@@ -84,6 +95,11 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> list[Request]:
         return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def abort_client(self, client_index: int) -> list[Request]:
+        """Every request of a frontend that left or went silent."""
+        ids = [r.request_id for r in self.scheduler.requests.values() if r.client_index == client_index]
+        return self.abort(ids)
 
     def step(self) -> list[tuple[Request, EngineCoreOutput]]:
         start = time.perf_counter()
@@ -120,6 +136,9 @@ class EngineCore:
         self.executor.shutdown()
 
 
+_FORGET = object()  # output-thread marker: close the client's socket
+
+
 class EngineCoreProc:
     """EngineCore behind sockets: the process's busy loop and its two I/O threads."""
 
@@ -129,17 +148,34 @@ class EngineCoreProc:
         self.inputs: queue.Queue = queue.Queue()
         self.outputs: queue.Queue = queue.Queue()
         self.output_sockets: dict[int, zmq.Socket] = {}
+        # client index -> when it was last heard from (None: the spawning frontend, whose death the
+        # stdin lifeline reports instead)
+        self.clients: dict[int, float | None] = {}
+        self.ready: EngineReady | None = None
+        self.stopping = threading.Event()
         self.output_thread = threading.Thread(target=self._output_loop, daemon=True, name="core-output")
         self.output_thread.start()
-        self.outputs.put((0, Hello(0, payload.output_address)))
+        if payload.output_address is not None:
+            self.clients[0] = None
+            self.outputs.put((0, Hello(0, payload.output_address)))
+        # Listen at once: frontends that connect while the model loads get heartbeats meanwhile.
+        # (Bound here, so a taken port fails the constructor; from now on only the thread uses it.)
+        try:
+            input_socket = make_socket(self.ctx, zmq.PULL, payload.input_address, bind=True)
+        except zmq.ZMQError as exc:
+            self._die(exc)
+            raise RuntimeError(f"engine core cannot listen at {payload.input_address}: {exc}") from exc
+        self.input_thread = threading.Thread(target=self._input_loop, args=(input_socket,), daemon=True,
+                                             name="core-input")
+        self.input_thread.start()
         try:
             self.core = EngineCore(payload.config, payload.ipc_dir, payload.max_model_len)
         except BaseException as exc:
             self._die(exc)
             raise
-        self.outputs.put((0, EngineReady(payload.max_model_len, self.core.executor.num_blocks)))
-        self.clients = {0}
-        threading.Thread(target=self._input_loop, daemon=True, name="core-input").start()
+        self.ready = EngineReady(payload.max_model_len, self.core.executor.num_blocks)
+        for client in self.clients:
+            self.outputs.put((client, self.ready))
 
     def run(self) -> None:
         try:
@@ -163,26 +199,49 @@ class EngineCoreProc:
             except queue.Empty:
                 if block:
                     self.core.executor.check_alive()
+                    self._forget_silent_clients()
                     continue
+                self._forget_silent_clients()
                 return
             self._handle(message)
 
     def _handle(self, message) -> None:
+        client = message.client_index
+        if self.clients.get(client) is not None:  # any message, Heartbeat included, shows it alive
+            self.clients[client] = time.monotonic()
         if isinstance(message, EngineCoreRequest):
+            if client not in self.clients:  # forgotten after a silence: nobody would get its outputs
+                logger.warning("dropped request %s of unknown frontend %d", message.request_id, client)
+                return
             error = self.core.add_request(message)
             if error is not None:
-                self._send(message.client_index, [error])
+                self._send(client, [error])
         elif isinstance(message, Abort):
             self.core.abort(message.request_ids)
         elif isinstance(message, Hello):
-            self.clients.add(message.client_index)
-            self.outputs.put((message.client_index, message))
+            self.clients[client] = time.monotonic()
+            self.outputs.put((client, self.ready))
+        elif isinstance(message, Goodbye):
+            self._forget(client, "left")
         elif isinstance(message, UtilityCall):
             try:
                 result = UtilityResult(message.call_id, getattr(self.core, f"call_{message.method}")(*message.args))
             except Exception as exc:  # a bad call fails alone
                 result = UtilityResult(message.call_id, error=f"{type(exc).__name__}: {exc}")
-            self.outputs.put((message.client_index, result))
+            self.outputs.put((client, result))
+
+    def _forget_silent_clients(self) -> None:
+        now = time.monotonic()
+        for client, seen in list(self.clients.items()):
+            if seen is not None and now - seen > PEER_TIMEOUT_S:
+                self._forget(client, f"was silent for {PEER_TIMEOUT_S:g} s")
+
+    def _forget(self, client: int, why: str) -> None:
+        if self.clients.pop(client, False) is False:
+            return
+        aborted = self.core.abort_client(client)
+        logger.warning("frontend %d %s: aborted its %d requests", client, why, len(aborted))
+        self.outputs.put((client, _FORGET))
 
     def _emit(self, outputs) -> None:
         by_client: dict[int, list[EngineCoreOutput]] = {}
@@ -201,31 +260,87 @@ class EngineCoreProc:
         else:
             reason = "".join(traceback.format_exception_only(exc)).strip()
             logger.error("engine core failed:\n%s", traceback.format_exc())
-        for client in list(self.output_sockets) or [0]:
-            self.outputs.put((client, EngineDead(reason)))
+        self.outputs.put((None, EngineDead(reason)))  # to every client
         self.outputs.put(None)
         self.output_thread.join(timeout=2.0)
+        self.stopping.set()  # the input thread closes its own socket (sockets are not thread-safe)
+        if hasattr(self, "input_thread"):
+            self.input_thread.join(timeout=2.0)
         # Closing a socket does not flush it; terminating the context does (up to the linger).
         self.ctx.destroy(linger=1000)
 
     # ---- I/O threads ----
 
-    def _input_loop(self) -> None:
+    def _input_loop(self, sock: zmq.Socket) -> None:
         decoder = Decoder(EngineCoreInput)
-        sock = make_socket(self.ctx, zmq.PULL, self.payload.input_address, bind=True)
-        while True:
-            self.inputs.put(decoder.decode(sock.recv_multipart(copy=False)))
+        while not self.stopping.is_set():
+            if not sock.poll(IDLE_CHECK_S * 1000):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            try:
+                message = decoder.decode(frames)
+            except (msgspec.DecodeError, ValueError) as exc:  # a peer of another version, or garbage on the port
+                logger.warning("dropped a malformed message: %s", exc)
+                continue
+            if isinstance(message, Hello):  # connect now: heartbeats flow even while the model loads
+                self.outputs.put((message.client_index, message))
+            self.inputs.put(message)
+        sock.close(linger=0)
 
     def _output_loop(self) -> None:
         encoder = Encoder()
-        while (item := self.outputs.get()) is not None:
-            client, message = item
-            if isinstance(message, Hello):
-                self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, message.output_address, bind=False)
-                continue
-            sock = self.output_sockets.get(client)
-            if sock is not None:
-                sock.send_multipart(encoder.encode(message), copy=False)
+        last_sent: dict[int, float] = {}
+        while True:
+            try:
+                item = self.outputs.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                client, message = item
+                if isinstance(message, Hello):
+                    if client not in self.output_sockets:
+                        self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, message.output_address,
+                                                                  bind=False)
+                elif message is _FORGET:
+                    sock = self.output_sockets.pop(client, None)
+                    if sock is not None:
+                        sock.close(linger=0)
+                else:
+                    targets = list(self.output_sockets) if client is None else [client]
+                    for target in targets:
+                        sock = self.output_sockets.get(target)
+                        if sock is not None:
+                            sock.send_multipart(encoder.encode(message), copy=False)
+                            last_sent[target] = time.monotonic()
+            now = time.monotonic()
+            for client, sock in self.output_sockets.items():
+                if now - last_sent.get(client, 0.0) >= HEARTBEAT_S:
+                    sock.send_multipart(encoder.encode(Heartbeat(client)), copy=False)
+                    last_sent[client] = now
+
+
+def run_headless(config: EngineConfig, address: str, max_model_len: int) -> int:
+    """`conveyor serve --headless`: this process is the engine core (its workers are its children),
+    serving frontends that connect to `address` from any host, until SIGINT or SIGTERM."""
+    ipc_dir = new_ipc_dir()  # for the workers' sockets
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    proc = None
+    try:
+        proc = EngineCoreProc(CorePayload(config, address, None, ipc_dir, max_model_len))
+        logger.info("engine core ready: frontends connect to %s", address)
+        proc.run()
+    except (SystemExit, KeyboardInterrupt):
+        return 0
+    except Exception as exc:
+        logger.error("engine core failed: %s", exc)
+        return 1
+    finally:
+        if proc is not None:
+            proc.core.shutdown()
+        remove_ipc_dir(ipc_dir)
+    return 0
 
 
 def core_main() -> None:

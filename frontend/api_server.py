@@ -582,10 +582,13 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run_server(args: Any) -> int:
+def run_server(args: Any, engine_address: str | None = None, sockets: list | None = None) -> int:
     """Serve until SIGINT/SIGTERM: stop accepting, let in-flight requests finish within
     `args.shutdown_timeout` seconds, abort the rest, shut the engine down. Returns the exit status:
-    non-zero when the engine died."""
+    non-zero when the engine died.
+
+    `engine_address`: use the engine core running there instead of starting one. `sockets`: accept
+    on these listening sockets (shared with other API servers) instead of binding --host/--port."""
     from conveyor.frontend.async_llm import AsyncLLM
     from conveyor.frontend.cli import engine_args
 
@@ -602,7 +605,7 @@ def run_server(args: Any) -> int:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = AsyncLLM(args.model, **engine_args(args))
+        engine = AsyncLLM(args.model, engine_address=engine_address, **engine_args(args))
         app.state.serving.engine = engine
         watcher = asyncio.create_task(watch(engine))
         try:
@@ -617,7 +620,7 @@ def run_server(args: Any) -> int:
                             log_level=getattr(args, "log_level", "info"), access_log=False)
     server = _Server(config)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         engine = app.state.serving.engine
         if engine is not None:

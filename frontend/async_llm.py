@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from conveyor.config import EngineConfig
+from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.frontend.beam_search import beam_search
 from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
@@ -39,18 +39,6 @@ logger = logging.getLogger(__name__)
 TOKENIZE_OFF_LOOP_CHARS = 256  # longer prompts are tokenized on a thread, off the event loop
 
 PromptType = str | dict[str, Any] | list[int]
-
-
-def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None)
-    if config.max_model_len is None:
-        if limit is None:
-            raise ValueError("max_model_len must be given: the model config has no max_position_embeddings")
-        return limit
-    if limit is not None and config.max_model_len > limit:
-        raise ValueError(f"max_model_len must be <= the model's max_position_embeddings ({limit}), "
-                         f"got {config.max_model_len}")
-    return config.max_model_len
 
 
 def eos_token_ids(model: str, tokenizer) -> list[int]:
@@ -78,15 +66,21 @@ def freeze_startup_garbage() -> None:
 
 
 class AsyncLLM:
-    def __init__(self, model: str, tokenizer: str | None = None, **engine_args: Any):
+    """`engine_address` (tcp://HOST:PORT or ipc://PATH) connects to an engine core that is already
+    running there (`conveyor serve --headless`, or the launcher of `--api-server-count`) instead of
+    starting one; the engine arguments are then the core's, and only the tokenizer loads here."""
+
+    def __init__(self, model: str, tokenizer: str | None = None, engine_address: str | None = None,
+                 **engine_args: Any):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
         self.hf_config = AutoConfig.from_pretrained(model)
-        self.max_model_len = resolve_max_model_len(self.config, self.hf_config)
+        self.max_model_len = resolve_max_model_len(self.config, self.hf_config) if engine_address is None else 0
         self.output_processor = OutputProcessor(None)
         # One thread: tokenizing holds the GIL, and every extra contender delays the event loop.
         self.input_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-input")
         # Start the engine first: the tokenizer loads here while the workers load the model.
-        self.client = CoreClient(self.config, self.max_model_len, self._on_outputs, self.output_processor.fail_all)
+        self.client = CoreClient(self.config, self.max_model_len or None, self._on_outputs,
+                                 self.output_processor.fail_all, engine_address)
         self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor)
         atexit.register(self._finalizer)
         try:
@@ -94,6 +88,7 @@ class AsyncLLM:
             self.eos_token_ids = eos_token_ids(model, self.tokenizer)
             self.output_processor.tokenizer = self.tokenizer
             self.client.wait_ready()
+            self.max_model_len = self.client.max_model_len  # the core's word, when it is shared
         except BaseException:
             self.shutdown()
             raise

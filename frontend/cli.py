@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", help="the model name clients send (default: MODEL as given)")
     s.add_argument("--api-key", default=os.environ.get("CONVEYOR_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CONVEYOR_API_KEY)")
+    m = serve.add_argument_group("multi-process")
+    m.add_argument("--api-server-count", type=int, default=1, metavar="K",
+                   help="API-server processes sharing one engine core and the HTTP port (default 1)")
+    m.add_argument("--headless", action="store_true",
+                   help="run only the engine core and its workers, listening for API servers on "
+                        "tcp://HOST:ENGINE_PORT (--host is then the interface to listen on)")
+    m.add_argument("--engine-port", type=int, default=5570, help="the --headless core's port (default 5570)")
+    m.add_argument("--engine-address", metavar="HOST:PORT",
+                   help="run API servers for the --headless core there (its engine arguments apply; "
+                        "MODEL still names the tokenizer to load)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted")
 
@@ -173,6 +183,26 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(generate(args))
         except KeyboardInterrupt:
             return 130
+    if args.headless and (args.engine_address or args.api_server_count != 1):
+        print("conveyor serve: --headless runs no API server: drop --engine-address/--api-server-count",
+              file=sys.stderr)
+        return 2
+    if args.api_server_count < 1:
+        print("conveyor serve: --api-server-count must be >= 1", file=sys.stderr)
+        return 2
+    from conveyor.frontend import launcher
+
+    if args.headless:
+        return launcher.run_headless(args)
+    if args.engine_address is not None:
+        address = args.engine_address if "://" in args.engine_address else f"tcp://{args.engine_address}"
+        if args.api_server_count > 1:
+            return launcher.run_api_servers(args, address)
+        from conveyor.frontend.api_server import run_server
+
+        return run_server(args, engine_address=address)
+    if args.api_server_count > 1:
+        return launcher.run_api_servers(args)
     from conveyor.frontend.api_server import run_server
 
     return run_server(args)

@@ -1,8 +1,14 @@
-"""The frontend's link to the engine-core process: starts it, sends requests, and runs the output
-thread that receives, decodes and processes every output off the caller's event loop."""
+"""The frontend's link to the engine-core process: starts it (or connects to a running one), sends
+requests, and runs the output thread that receives, decodes and processes every output off the
+caller's event loop.
+
+A core this client spawned is watched through its process handle; a core it connected to (another
+API server's, or a headless one on another host) through heartbeats: silence for PEER_TIMEOUT_S
+means it is dead."""
 
 import itertools
 import logging
+import secrets
 import subprocess
 import threading
 import time
@@ -21,12 +27,24 @@ from conveyor.ipc.messages import (
     EngineCoreRequest,
     EngineDead,
     EngineReady,
+    Goodbye,
+    Heartbeat,
+    Hello,
     UtilityCall,
     UtilityResult,
 )
 from conveyor.ipc.process import describe_exit, kill_process_group, spawn, terminate
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.sockets import ipc_address, make_socket, new_ipc_dir, remove_ipc_dir
+from conveyor.ipc.sockets import (
+    HEARTBEAT_S,
+    PEER_TIMEOUT_S,
+    bound_address,
+    ipc_address,
+    make_socket,
+    new_ipc_dir,
+    output_address_toward,
+    remove_ipc_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +52,14 @@ POLL_MS = 100  # how often a quiet output thread checks that the core is alive
 
 
 class CoreClient:
-    def __init__(self, config: EngineConfig, max_model_len: int,
+    """`engine_address` None: spawn a private core (this client is its client 0). Otherwise connect
+    to the core listening there (tcp://HOST:PORT or ipc://PATH) as a new client."""
+
+    def __init__(self, config: EngineConfig, max_model_len: int | None,
                  on_outputs: Callable[[EngineCoreOutputs], None],
-                 on_dead: Callable[[EngineDeadError], None]):
+                 on_dead: Callable[[EngineDeadError], None], engine_address: str | None = None):
         self.on_outputs, self.on_dead = on_outputs, on_dead
+        self.engine_address = engine_address
         self.ipc_dir = new_ipc_dir()
         self.ctx = zmq.Context(1)
         self.encoder = Encoder()
@@ -49,23 +71,33 @@ class CoreClient:
         self.closing = False
         self.proc: subprocess.Popen | None = None
         self.output_thread: threading.Thread | None = None
+        self.last_sent = self.last_received = time.monotonic()
         try:
-            self.output_socket = make_socket(self.ctx, zmq.PULL, ipc_address(self.ipc_dir, "out"), bind=True)
-            input_address = ipc_address(self.ipc_dir, "in")
-            payload = CorePayload(config, input_address, self.output_socket.getsockopt_string(zmq.LAST_ENDPOINT),
-                                  self.ipc_dir, max_model_len)
-            self.proc = spawn("conveyor.engine_core.engine_core", payload, "engine-core", new_process_group=True)
-            self.input_socket = make_socket(self.ctx, zmq.PUSH, input_address, bind=False)
+            if engine_address is None:
+                self.client_index = 0
+                self.output_socket = make_socket(self.ctx, zmq.PULL, ipc_address(self.ipc_dir, "out"), bind=True)
+                input_address = ipc_address(self.ipc_dir, "in")
+                payload = CorePayload(config, input_address, bound_address(self.output_socket), self.ipc_dir,
+                                      max_model_len)
+                self.proc = spawn("conveyor.engine_core.engine_core", payload, "engine-core", new_process_group=True)
+                self.input_socket = make_socket(self.ctx, zmq.PUSH, input_address, bind=False)
+            else:
+                self.client_index = secrets.randbits(62) + 1  # frontends pick theirs independently
+                address = output_address_toward(engine_address, self.ipc_dir)
+                self.output_socket = make_socket(self.ctx, zmq.PULL, address, bind=True)
+                self.input_socket = make_socket(self.ctx, zmq.PUSH, engine_address, bind=False)
+                self._send(Hello(self.client_index, bound_address(self.output_socket)))
         except BaseException:
             self.shutdown()
             raise
         self.num_kv_blocks = 0
-        self.output_thread: threading.Thread | None = None
+        self.max_model_len = max_model_len
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         """Block until the core and its workers are up; raise the cause if they fail to start."""
         try:
-            self.num_kv_blocks = self._wait_ready(timeout).num_kv_blocks
+            ready = self._wait_ready(timeout)
+            self.num_kv_blocks, self.max_model_len = ready.num_kv_blocks, ready.max_model_len
         except BaseException:
             self.shutdown()
             raise
@@ -74,18 +106,25 @@ class CoreClient:
 
     def _wait_ready(self, timeout: float) -> EngineReady:
         deadline = time.monotonic() + timeout
-        while not self.output_socket.poll(POLL_MS):
+        while True:  # heartbeats say the core lives while it loads; EngineReady ends the wait
+            if self.output_socket.poll(POLL_MS):
+                message = self.decoder.decode(self.output_socket.recv_multipart(copy=False))
+                self.last_received = time.monotonic()
+                if isinstance(message, EngineReady):
+                    return message
+                if isinstance(message, EngineDead):
+                    raise EngineStartupError(f"engine failed to start: {message.reason}")
+                if not isinstance(message, Heartbeat):
+                    raise EngineStartupError(f"unexpected first message from the engine core: {type(message).__name__}")
+                continue
             # A core that fails to start sends its reason first: give that a moment to land.
-            if self.proc.poll() is not None and not self.output_socket.poll(500):
+            if self.proc is not None and self.proc.poll() is not None and not self.output_socket.poll(500):
                 raise EngineStartupError(f"engine failed to start: {describe_exit('engine core', self.proc.returncode)}")
+            if self.proc is None and time.monotonic() - self.last_received > PEER_TIMEOUT_S:
+                raise EngineStartupError(f"no engine core answered at {self.engine_address} "
+                                         f"within {PEER_TIMEOUT_S:g} s")
             if time.monotonic() > deadline:
                 raise EngineStartupError(f"engine did not start within {timeout:.0f} s")
-        message = self.decoder.decode(self.output_socket.recv_multipart(copy=False))
-        if isinstance(message, EngineDead):
-            raise EngineStartupError(f"engine failed to start: {message.reason}")
-        if not isinstance(message, EngineReady):
-            raise EngineStartupError(f"unexpected first message from the engine core: {type(message).__name__}")
-        return message
 
     # ---- sending ----
 
@@ -95,13 +134,15 @@ class CoreClient:
         frames = self.encoder.encode(message)
         with self.send_lock:
             self.input_socket.send_multipart(frames, copy=False)
+            self.last_sent = time.monotonic()
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        request.client_index = self.client_index
         self._send(request)
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids and self.dead is None and not self.closing:
-            self._send(Abort(request_ids))
+            self._send(Abort(request_ids, self.client_index))
 
     def call(self, method: str, *args) -> Future:
         """Run `EngineCore.call_<method>` in the core; the future resolves with its result."""
@@ -109,7 +150,7 @@ class CoreClient:
         call_id = next(self.call_ids)
         self.calls[call_id] = future
         try:
-            self._send(UtilityCall(call_id, method, list(args)))
+            self._send(UtilityCall(call_id, method, list(args), self.client_index))
         except BaseException as exc:
             self.calls.pop(call_id, None)
             future.set_exception(exc)
@@ -119,14 +160,12 @@ class CoreClient:
 
     def _output_loop(self) -> None:
         try:
-            while not self.closing:
+            while not self.closing and self.dead is None:
                 if not self.output_socket.poll(POLL_MS):
-                    # A dying core sends its reason first: give that a moment to land.
-                    if self.proc.poll() is not None and not self.output_socket.poll(300):
-                        self._die(describe_exit("engine core", self.proc.returncode))
-                        return
+                    self._check_core()
                     continue
                 message = self.decoder.decode(self.output_socket.recv_multipart(copy=False))
+                self.last_received = time.monotonic()
                 if isinstance(message, EngineCoreOutputs):
                     self.on_outputs(message)
                 elif isinstance(message, UtilityResult):
@@ -134,10 +173,26 @@ class CoreClient:
                 elif isinstance(message, EngineDead):
                     self._die(message.reason)
                     return
+                if time.monotonic() - self.last_sent > HEARTBEAT_S and self.proc is None:
+                    self._send(Heartbeat(self.client_index))
+        except EngineDeadError:
+            return
         except Exception as exc:  # a bug here must not leave callers hanging
             if not self.closing:
                 logger.exception("output thread failed")
                 self._die(f"frontend output thread failed: {exc!r}")
+
+    def _check_core(self) -> None:
+        """On a quiet link: is the core still there? (And tell a core we connected to that we are.)"""
+        if self.proc is not None:
+            # A dying core sends its reason first: give that a moment to land.
+            if self.proc.poll() is not None and not self.output_socket.poll(300):
+                self._die(describe_exit("engine core", self.proc.returncode))
+            return
+        if time.monotonic() - self.last_received > PEER_TIMEOUT_S:
+            self._die(f"no heartbeat from the engine core at {self.engine_address} for {PEER_TIMEOUT_S:g} s")
+        elif time.monotonic() - self.last_sent > HEARTBEAT_S:
+            self._send(Heartbeat(self.client_index))
 
     def _resolve(self, result: UtilityResult) -> None:
         future = self.calls.pop(result.call_id, None)
@@ -163,6 +218,11 @@ class CoreClient:
     def shutdown(self) -> None:
         if self.closing:
             return
+        if self.proc is None and self.dead is None and hasattr(self, "input_socket"):
+            try:  # a shared core: abort what we still run there, now rather than at our timeout
+                self._send(Goodbye(self.client_index))
+            except zmq.ZMQError:
+                pass
         self.closing = True
         if self.proc is not None:
             terminate(self.proc, timeout=3.0)
@@ -170,5 +230,6 @@ class CoreClient:
         thread = self.output_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2.0)
-        self.ctx.destroy(linger=0)
+        # A shared core must still get our Goodbye: linger briefly for it.
+        self.ctx.destroy(linger=0 if self.proc is not None else 500)
         remove_ipc_dir(self.ipc_dir)

@@ -1,14 +1,22 @@
 """Prometheus metrics of one API server, in a registry of its own (several apps may share a process).
 
-Per-request figures are recorded when an engine request ends; the engine's gauges (running and
-waiting requests, KV-cache usage, prefix-cache hit rate) are read from `AsyncLLM.get_stats()` when
-/metrics is scraped.
+Per-request figures are recorded when an engine request ends. The engine's own figures (running
+and waiting requests, KV-cache usage, preemptions, prefix-cache queries and hits) are read from
+`AsyncLLM.get_stats()` when /metrics is scraped and exported as they are: they are the same
+whichever API server is asked.
+
+Under `conveyor serve --api-server-count K` the supervisor sets PROMETHEUS_MULTIPROC_DIR for its
+API servers: prometheus_client then keeps each process's request metrics in files there, and a
+scrape of any server sums all of them (prometheus_client's multiprocess mode).
 """
 
 import asyncio
 import logging
+import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from conveyor.frontend.outputs import RequestOutput
 
@@ -32,9 +40,6 @@ class ServerMetrics:
         def counter(name, doc, extra=()):
             return Counter(name, doc, labels + list(extra), registry=self.registry)
 
-        def gauge(name, doc):
-            return Gauge(name, doc, labels, registry=self.registry).labels(model_name)
-
         def histogram(name, doc, buckets):
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
 
@@ -42,10 +47,6 @@ class ServerMetrics:
                                 ["finished_reason"])
         self.prompt_tokens = counter("conveyor_prompt_tokens", "Prompt tokens processed.").labels(model_name)
         self.generation_tokens = counter("conveyor_generation_tokens", "Tokens generated.").labels(model_name)
-        self.prefix_queries = counter("conveyor_prefix_cache_queries",
-                                      "Prompt tokens looked up in the prefix cache.").labels(model_name)
-        self.prefix_hits = counter("conveyor_prefix_cache_hits",
-                                   "Prompt tokens found in the prefix cache.").labels(model_name)
         self.ttft = histogram("conveyor_time_to_first_token_seconds", "Arrival to first token.",
                               LATENCY_BUCKETS)
         self.tpot = histogram("conveyor_time_per_output_token_seconds",
@@ -53,13 +54,8 @@ class ServerMetrics:
         self.e2e = histogram("conveyor_e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
         self.queue = histogram("conveyor_request_queue_time_seconds", "Arrival to first scheduled.",
                                LATENCY_BUCKETS)
-        self.running = gauge("conveyor_num_requests_running", "Requests in the running batch.")
-        self.waiting = gauge("conveyor_num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_usage = gauge("conveyor_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
-        self.prefix_hit_rate = gauge("conveyor_prefix_cache_hit_rate",
-                                     "Prefix-cache hits / queries since the server started (0-1).")
-        self.preemptions = gauge("conveyor_num_preemptions", "Preemptions since the engine started.")
-        self._hits = self._queries = 0
+        self.engine_stats: dict = {}
+        self.registry.register(EngineStatsCollector(self))
 
     def observe_finished(self, output: RequestOutput) -> None:
         """One engine request ended normally; `output` is its last (finished) output."""
@@ -86,21 +82,46 @@ class ServerMetrics:
         if engine is None or engine.is_dead:
             return
         try:
-            stats = await asyncio.wait_for(engine.get_stats(), STATS_TIMEOUT_S)
+            self.engine_stats = await asyncio.wait_for(engine.get_stats(), STATS_TIMEOUT_S)
         except Exception as e:  # a slow or dying engine must not fail the scrape
             logger.warning("engine stats unavailable: %s", e)
-            return
-        self.running.set(stats.get("num_running", 0))
-        self.waiting.set(stats.get("num_waiting", 0))
-        self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
-        self.preemptions.set(stats.get("num_preemptions", 0))
-        # The engine reports totals since start; counters advance by what is new.
-        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
-        self.prefix_queries.inc(max(0, queries - self._queries))
-        self.prefix_hits.inc(max(0, hits - self._hits))
-        self._queries, self._hits = queries, hits
-        if queries:
-            self.prefix_hit_rate.set(hits / queries)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()  # every API server's request metrics, summed
+        MultiProcessCollector(registry, directory)
+        registry.register(EngineStatsCollector(self))
+        return generate_latest(registry)
+
+
+class EngineStatsCollector:
+    """The engine's figures, from the stats of the last scrape."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        stats, name = self.metrics.engine_stats, self.metrics.model_name
+
+        def family(kind, metric, doc, value):
+            f = kind(metric, doc, labels=["model_name"])
+            f.add_metric([name], value)
+            return f
+
+        yield family(GaugeMetricFamily, "conveyor_num_requests_running", "Requests in the running batch.",
+                     stats.get("num_running", 0))
+        yield family(GaugeMetricFamily, "conveyor_num_requests_waiting", "Requests waiting to be scheduled.",
+                     stats.get("num_waiting", 0))
+        yield family(GaugeMetricFamily, "conveyor_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                     stats.get("kv_cache_usage", 0.0))
+        yield family(GaugeMetricFamily, "conveyor_num_preemptions", "Preemptions since the engine started.",
+                     stats.get("num_preemptions", 0))
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+        yield family(CounterMetricFamily, "conveyor_prefix_cache_queries",
+                     "Prompt tokens looked up in the prefix cache.", queries)
+        yield family(CounterMetricFamily, "conveyor_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                     hits)
+        yield family(GaugeMetricFamily, "conveyor_prefix_cache_hit_rate",
+                     "Prefix-cache hits / queries since the engine started (0-1).", hits / queries if queries else 0.0)

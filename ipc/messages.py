@@ -47,10 +47,24 @@ class Abort(Message, tag="abort"):
 
 
 class Hello(Message, tag="hello"):
-    """A frontend announces itself and where the core should send its outputs."""
+    """A frontend announces itself and where the core should send its outputs; the core answers
+    with EngineReady once it can take requests."""
 
     client_index: int
     output_address: str
+
+
+class Heartbeat(Message, tag="beat"):
+    """Sent both ways when a link has been quiet for HEARTBEAT_S, so each side notices the other's
+    death without a process handle (a core on another host, or frontends in other processes)."""
+
+    client_index: int = 0
+
+
+class Goodbye(Message, tag="bye"):
+    """A frontend leaves: the core aborts whatever it still runs for it and forgets it."""
+
+    client_index: int = 0
 
 
 class UtilityCall(Message, tag="call"):
@@ -62,7 +76,7 @@ class UtilityCall(Message, tag="call"):
     client_index: int = 0
 
 
-EngineCoreInput = EngineCoreRequest | Abort | Hello | UtilityCall
+EngineCoreInput = EngineCoreRequest | Abort | Hello | UtilityCall | Heartbeat | Goodbye
 
 
 # ---- core -> frontend ---------------------------------------------------------------------------
@@ -117,7 +131,7 @@ class EngineReady(Message, tag="engine_ready"):
     num_kv_blocks: int
 
 
-EngineCoreOutputMessage = EngineCoreOutputs | UtilityResult | EngineDead | EngineReady
+EngineCoreOutputMessage = EngineCoreOutputs | UtilityResult | EngineDead | EngineReady | Heartbeat
 
 
 # ---- core -> workers ----------------------------------------------------------------------------
@@ -197,9 +211,17 @@ WorkerOutput = ModelRunnerOutput | WorkerReady | WorkerResult | WorkerError
 class CorePayload(msgspec.Struct):
     config: EngineConfig
     input_address: str  # the core binds it; every frontend connects
-    output_address: str  # frontend 0's output socket
+    output_address: str | None  # the spawning frontend's output socket (client 0); None: headless
     ipc_dir: str
     max_model_len: int
+
+
+class ApiServerPayload(msgspec.Struct):
+    """One API-server process of `conveyor serve --api-server-count K`."""
+
+    args: dict  # the `conveyor serve` arguments, as parsed
+    engine_address: str  # the shared core's input socket
+    listen_fd: int  # the HTTP listening socket, shared by every API server
 
 
 class WorkerPayload(msgspec.Struct):

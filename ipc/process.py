@@ -20,14 +20,15 @@ _HEADER = 8
 
 
 def spawn(module: str, payload: msgspec.Struct, name: str, new_process_group: bool = False,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
+          env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start `python -m module` and hand it `payload`. With `new_process_group` the child leads a
-    group of its own, and everything it starts can be killed together."""
+    group of its own, and everything it starts can be killed together. `pass_fds` stay open in it."""
     data = msgspec.msgpack.encode(payload)
     proc = subprocess.Popen(
         [sys.executable, "-m", module],
         stdin=subprocess.PIPE,
         start_new_session=new_process_group,
+        pass_fds=pass_fds,
         env={**os.environ, **(env or {}), "CONVEYOR_PROCESS_NAME": name},
     )
     proc.stdin.write(len(data).to_bytes(_HEADER, "little") + data)

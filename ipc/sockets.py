@@ -2,10 +2,17 @@
 
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 
 import zmq
+
+# Links without a process handle on the far side (a core on another host, frontends in other
+# processes) carry a Heartbeat whenever they have been quiet this long...
+HEARTBEAT_S = 0.5
+# ...and the far side counts as dead after this much silence.
+PEER_TIMEOUT_S = float(os.environ.get("CONVEYOR_PEER_TIMEOUT_S", "10"))
 
 
 def new_ipc_dir() -> str:
@@ -41,3 +48,18 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, bind: bool, identity:
 
 def bound_address(sock: zmq.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def output_address_toward(engine_address: str, directory: str) -> str:
+    """Where a frontend should bind its output socket so that the core at `engine_address` can
+    connect to it: ipc in `directory` for a local core, else tcp on the interface that routes to
+    the core's host (any free port)."""
+    if engine_address.startswith("ipc://"):
+        return ipc_address(directory, "out")
+    if not engine_address.startswith("tcp://"):
+        raise ValueError(f"engine_address must be tcp://HOST:PORT or ipc://PATH, got {engine_address!r}")
+    host = engine_address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # no packet is sent: this only asks the kernel for the route
+        local = probe.getsockname()[0]
+    return f"tcp://{local}:0"

@@ -55,6 +55,12 @@ def test_generate_streams_text_and_exits_zero_leaving_no_process(llama_dir):
     assert seen and wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in seen), timeout=10)
 
 
+def start_serve(*args: str) -> subprocess.Popen:
+    """`conveyor serve ARGS...` in a session of its own, its stderr piped (see read_port)."""
+    return subprocess.Popen(CONVEYOR + ["serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
 def read_port(proc: subprocess.Popen, timeout: float) -> int:
     """The port uvicorn reports it bound (the command asked for port 0); stderr keeps draining."""
     lines: queue.Queue = queue.Queue()
@@ -71,9 +77,8 @@ def read_port(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def test_serve_finishes_in_flight_stream_on_sigterm_and_leaves_no_process(llama_dir):
-    proc = subprocess.Popen(CONVEYOR + ["serve", llama_dir, "--port", "0", "--served-model-name", "tiny",
-                                        "--shutdown-timeout", "30", "--log-level", "info"] + ENGINE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_serve(llama_dir, "--port", "0", "--served-model-name", "tiny", "--shutdown-timeout", "30",
+                       "--log-level", "info", *ENGINE)
     try:
         port = read_port(proc, timeout=180)
         children = descendants_of(proc.pid)

@@ -1,0 +1,126 @@
+"""Multi-process serving: `conveyor serve --api-server-count K` and `conveyor serve --headless`.
+
+With K API servers, this process is only a supervisor. It binds the HTTP port once, starts the
+engine core (listening on a private ipc:// address), and starts K API-server processes that each
+connect to the core as a frontend of their own and accept connections from the shared listening
+socket (the kernel spreads them). Tokenizing, detokenizing and HTTP thus scale over K processes
+while one core batches everything.
+
+SIGINT/SIGTERM: each API server stops accepting and lets its requests finish within
+--shutdown-timeout, then the core stops. If any child dies on its own, the rest are stopped too
+and the exit status is non-zero.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conveyor.config import EngineConfig, resolve_max_model_len
+from conveyor.ipc.messages import ApiServerPayload, CorePayload
+from conveyor.ipc.process import describe_exit, kill_process_group, read_payload, run_child, spawn, terminate
+from conveyor.ipc.sockets import ipc_address, new_ipc_dir, remove_ipc_dir
+
+logger = logging.getLogger(__name__)
+
+SUPERVISE_S = 0.2  # how often the supervisor checks its children
+
+
+def engine_config(args: argparse.Namespace):
+    from transformers import AutoConfig
+
+    from conveyor.frontend.cli import engine_args
+
+    config = EngineConfig(model=args.model, **engine_args(args))
+    return config, resolve_max_model_len(config, AutoConfig.from_pretrained(args.model))
+
+
+def run_headless(args: argparse.Namespace) -> int:
+    """The engine core and its workers only, listening at tcp://HOST:ENGINE_PORT for frontends
+    (`conveyor serve --engine-address HOST:ENGINE_PORT`, or `AsyncLLM(engine_address=...)`)."""
+    from conveyor.engine_core.engine_core import run_headless as run_core
+
+    config, max_model_len = engine_config(args)
+    return run_core(config, f"tcp://{args.host}:{args.engine_port}", max_model_len)
+
+
+def run_api_servers(args: argparse.Namespace, engine_address: str | None = None) -> int:
+    """K API servers on one port; with `engine_address`, for the core running there, else for a
+    core of their own that this process starts."""
+    stopping = False
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    ipc_dir = new_ipc_dir()
+    listener = socket.create_server((args.host, args.port))
+    children: dict[str, subprocess.Popen] = {}
+    if engine_address is None:
+        config, max_model_len = engine_config(args)
+        engine_address = ipc_address(ipc_dir, "core-in")
+        children["engine core"] = spawn("conveyor.engine_core.engine_core",
+                                        CorePayload(config, engine_address, None, ipc_dir, max_model_len),
+                                        "engine-core", new_process_group=True)
+    server_args = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
+    metrics_dir = os.path.join(ipc_dir, "metrics")  # /metrics of any server sums them all
+    os.mkdir(metrics_dir)
+    servers = [
+        spawn("conveyor.frontend.launcher", ApiServerPayload(server_args, engine_address, listener.fileno()),
+              f"api-server-{i}", pass_fds=(listener.fileno(),), env={"PROMETHEUS_MULTIPROC_DIR": metrics_dir})
+        for i in range(args.api_server_count)
+    ]
+    children.update((f"API server {i}", proc) for i, proc in enumerate(servers))
+    host, port = listener.getsockname()[:2]
+    listener.close()  # the servers hold it now
+    logger.info("%d API servers running on http://%s:%d, sharing the engine core at %s", len(servers), host,
+                port, engine_address)
+    crashed = []
+    while not stopping and not crashed:
+        time.sleep(SUPERVISE_S)
+        crashed = [(name, proc) for name, proc in children.items() if proc.poll() is not None]
+    for name, proc in crashed:
+        logger.error("%s; stopping the others", describe_exit(name, proc.returncode))
+    for proc in servers:  # graceful: they drain their requests, then exit
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + args.shutdown_timeout + 10.0
+    for proc in servers:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    core = children.get("engine core")
+    if core is not None:
+        terminate(core, timeout=5.0)
+        kill_process_group(core)
+    remove_ipc_dir(ipc_dir)
+    failed = crashed or any(proc.returncode != 0 for proc in servers)
+    return 1 if failed else 0
+
+
+def api_server_main() -> None:
+    """One API server of the supervisor above: serve on the inherited socket until SIGTERM."""
+    payload: ApiServerPayload = read_payload(ApiServerPayload)
+    args = argparse.Namespace(**payload.args)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] "
+                                                               "%(name)s: %(message)s")
+    from conveyor.frontend.api_server import run_server
+
+    listener = socket.socket(fileno=payload.listen_fd)
+    status = run_server(args, engine_address=payload.engine_address, sockets=[listener])
+    # os._exit: a normal exit would finalize the interpreter under the lifeline thread's stdin read.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    run_child(api_server_main)

@@ -17,15 +17,17 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def process_weights(model: torch.nn.Module) -> None:
+    def process_weights(model: torch.nn.Module, gemv=None, gemv_max_rows: int = 0) -> None:
         """After loading: on a CPU, prepack bf16/fp16 linear weights for oneDNN (the same numbers
-        as F.linear, faster). float32 stays on F.linear, which transformers matches bit for bit."""
+        as F.linear, faster). float32 stays on F.linear, which transformers matches bit for bit.
+        With a `gemv`, batches of up to `gemv_max_rows` tokens use it on the plain weights, which
+        are then kept as well (twice the linear weights' memory)."""
         dtype = next(model.parameters()).dtype
         if dtype == torch.float32 or next(model.parameters()).device.type != "cpu":
             return
         for module in model.modules():
             if hasattr(module, "pack"):
-                module.pack()
+                module.pack(gemv, gemv_max_rows)
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,6 +88,10 @@ class CpuOps(TorchOps):
 
     def __init__(self, kernels):
         self.kernels = kernels
+
+    def process_weights(self, model: torch.nn.Module) -> None:
+        gemv = self.kernels.gemv if next(model.parameters()).dtype == torch.bfloat16 else None
+        TorchOps.process_weights(model, gemv, self.kernels.gemv_max_rows if gemv else 0)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.rms_norm(x, weight, eps)

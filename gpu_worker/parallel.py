@@ -57,20 +57,29 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class LinearBase(nn.Module):
-    """A weight used as y = x W^T, either as is (F.linear) or prepacked for oneDNN (`pack`)."""
+    """A weight used as y = x W^T: as is (F.linear), or prepacked for oneDNN (`pack`), in which
+    case a few rows of x may go to a GEMV kernel that reads the plain weight kept beside it."""
 
     weight: nn.Parameter
     packed = False
+    plain_weight: torch.Tensor | None = None
+    gemv = None  # (x, weight, bias) -> y for x of at most gemv_max_rows rows
+    gemv_max_rows = 0
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] <= self.gemv_max_rows:
+            return self.gemv(x, self.plain_weight, bias)
         if self.packed:
             return packed_linear(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
-    def pack(self) -> bool:
-        """Replaces the weight with its packed form, once all weights are loaded."""
+    def pack(self, gemv=None, gemv_max_rows: int = 0) -> bool:
+        """Once all weights are loaded: replace the weight with its packed form, keeping the plain
+        one too when a `gemv` (for batches of up to `gemv_max_rows` tokens) is given."""
         packed = pack_linear_weight(self.weight)
         if packed is not None:
+            if gemv is not None:
+                self.plain_weight, self.gemv, self.gemv_max_rows = self.weight.data, gemv, gemv_max_rows
             self.weight, self.packed = nn.Parameter(packed, requires_grad=False), True
         return self.packed
 
@@ -144,14 +153,21 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the full vocabulary; each rank computes its vocabulary slice, then they are gathered."""
 
     packed_weight: torch.Tensor | None = None
+    gemv = None
+    gemv_max_rows = 0
 
-    def pack(self) -> bool:
-        """Packs a copy: the weight itself may be the (tied) embedding table, which needs its rows."""
+    def pack(self, gemv=None, gemv_max_rows: int = 0) -> bool:
+        """Packs a copy: the weight itself may be the (tied) embedding table, which needs its rows
+        (and which the GEMV of small batches reads)."""
         self.packed_weight = pack_linear_weight(self.weight)
+        if self.packed_weight is not None and gemv is not None:
+            self.gemv, self.gemv_max_rows = gemv, gemv_max_rows
         return self.packed_weight is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
+        if hidden.shape[0] <= self.gemv_max_rows:
+            logits = self.gemv(hidden, self.weight)
+        elif self.packed_weight is not None:
             logits = packed_linear(hidden, self.packed_weight)
         else:
             logits = F.linear(hidden, self.weight)

@@ -99,3 +99,18 @@ def test_select_ops_picks_the_c_kernels_on_a_cpu_where_they_cover_the_dtype():
     assert isinstance(select_ops(cpu, torch.float32), CpuOps)
     assert select_ops(cpu, torch.float16) is TorchOps  # no fp16 C kernels
     assert select_ops(cpu, torch.bfloat16, "torch") is TorchOps
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("k", [576, 100])  # 100: not a multiple of the 32-wide dot product
+def test_gemv_matches_f_linear(ops, rows, k):
+    x, w, b = randn(rows, k, dtype=torch.bfloat16), randn(200, k, dtype=torch.bfloat16, seed=1), randn(200, dtype=torch.bfloat16, seed=2)
+    expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(ops.kernels.gemv(x, w, b).float(), expected, atol=0.05, rtol=1e-2)
+    torch.testing.assert_close(ops.kernels.gemv(x, w).float(), expected - b.float(), atol=0.05, rtol=1e-2)
+
+
+def test_gemv_refuses_more_rows_than_it_serves(ops):
+    too_many = ops.kernels.gemv_max_rows + 1
+    with pytest.raises(ValueError, match="at most"):
+        ops.kernels.gemv(randn(too_many, 64, dtype=torch.bfloat16), randn(8, 64, dtype=torch.bfloat16))

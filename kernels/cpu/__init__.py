@@ -24,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 HERE = os.path.dirname(__file__)
-SOURCES = [os.path.join(HERE, name) for name in ("attention.c", "elementwise.c")]
+SOURCES = [os.path.join(HERE, name) for name in ("attention.c", "elementwise.c", "gemv.c")]
 HEADERS = [os.path.join(HERE, "common.h")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-fPIC", "-shared", "-std=c11", "-fopenmp"]
@@ -99,6 +99,9 @@ class CpuKernels:
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, restype
                 self._fns[name, dtype] = fn
+        self._gemv = lib.gemv_bf16
+        self._gemv.argtypes, self._gemv.restype = [ptr, ptr, ptr, ptr, i32, i32, i32, i32], i32
+        self.gemv_max_rows = lib.gemv_max_rows()
 
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
@@ -126,6 +129,19 @@ class CpuKernels:
         if status != 0:
             raise MemoryError("decode attention could not allocate its scratch buffers")
         return out
+
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] @ weight [N, K]^T (+ bias) for bf16 and M <= gemv_max_rows: a linear layer of a
+        small batch, read at memory speed."""
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[0] > self.gemv_max_rows:
+            raise ValueError(f"gemv takes bf16 and at most {self.gemv_max_rows} rows, got {x.dtype} "
+                             f"{tuple(x.shape)} and {weight.dtype}")
+        x = x.contiguous()
+        _check_cpu_contiguous(weight=weight)
+        y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+        self._gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                   x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
+        return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [..., D], rows of D contiguous (rows may be strided) -> a new contiguous tensor."""

@@ -59,7 +59,7 @@ class Executor:
     def _broadcast(self, message) -> None:
         frames = self.encoder.encode(message)
         for sock in self.inputs:
-            sock.send_multipart(frames, copy=False)
+            sock.send_multipart(frames)
 
     def _receive(self, expected: type, timeout: float | None = None):
         deadline = None if timeout is None else time.monotonic() + timeout

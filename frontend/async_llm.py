@@ -28,7 +28,6 @@ from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.frontend.beam_search import beam_search
 from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
-from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
 from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams

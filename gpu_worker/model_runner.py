@@ -12,7 +12,6 @@ from conveyor.config import EngineConfig
 from conveyor.gpu_worker.attention import AttentionMetadata
 from conveyor.gpu_worker.model_loader import load_model
 from conveyor.gpu_worker.ops import select_ops
-from conveyor.gpu_worker.parallel import tp_size
 from conveyor.gpu_worker.sampler import Sampler, SamplingState, compute_logprobs, make_sampling_state
 from conveyor.ipc.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
 

@@ -9,7 +9,6 @@ import traceback
 import torch
 import zmq
 
-from conveyor.config import EngineConfig
 from conveyor.ipc.messages import (
     SchedulerOutput,
     Shutdown,

@@ -28,6 +28,8 @@ class Encoder:
 
     def _enc_hook(self, obj: Any) -> Any:
         if type(obj).__module__ == "torch" and type(obj).__name__ in ("Tensor", "Parameter"):
+            import torch  # only processes that send tensors pay for importing torch
+
             array = obj.detach().cpu().contiguous()
             dtype = str(array.dtype).removeprefix("torch.")
             self._frames.append(array.view(torch.uint8).numpy().data if array.numel() else b"")
@@ -55,5 +57,7 @@ class Decoder:
 
         dtype, shape, index = msgspec.msgpack.decode(data)
         buffer = self._frames[index]
-        raw = np.frombuffer(buffer, dtype=np.uint8) if len(buffer) else np.empty(0, np.uint8)
+        if not len(buffer):
+            return torch.empty(shape, dtype=getattr(torch, dtype))
+        raw = np.frombuffer(buffer, dtype=np.uint8)
         return torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).reshape(shape)

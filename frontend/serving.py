@@ -1,0 +1,349 @@
+"""The OpenAI API's logic, apart from HTTP: requests become engine requests, engine outputs become
+OpenAI bodies and server-sent events, and every error takes OpenAI's error shape.
+`api_server.py` puts this behind FastAPI routes."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from conveyor.frontend.errors import EngineDeadError
+from conveyor.frontend.metrics import ServerMetrics
+from conveyor.frontend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from conveyor.frontend.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                        ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
+                                        ChatResponseMessage, ChatStreamChoice, CompletionChoice,
+                                        CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                        DeltaMessage, ErrorInfo, ErrorResponse, PromptTokensDetails, TopLogprob,
+                                        Usage, random_id, to_sampling_params)
+from conveyor.frontend.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 499: "client_disconnected", 500: "internal_error",
+               503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "error"),
+                                         param=param, code=code))
+
+
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+@dataclass(slots=True)
+class Piece:
+    """A delta of one choice; `index` counts across prompts and samples (prompt_index * n + sample)."""
+    index: int
+    prompt_index: int
+    completion: CompletionOutput
+    output: RequestOutput
+
+
+@dataclass(slots=True)
+class ChoiceText:
+    text: str = ""
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, c: CompletionOutput) -> None:
+        self.text += c.text
+        self.logprobs += c.logprobs or ()
+        if c.finish_reason is not None:
+            self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
+
+
+class UsageCounter:
+    def __init__(self):
+        self.prompt: dict[int, int] = {}
+        self.cached: dict[int, int] = {}
+        self.completion = 0
+
+    def add(self, piece: Piece) -> None:
+        p = piece.prompt_index
+        self.prompt[p] = len(piece.output.prompt_token_ids)
+        self.cached[p] = max(self.cached.get(p, 0), piece.output.num_cached_tokens)
+        self.completion += len(piece.completion.token_ids)
+
+    def usage(self) -> Usage:
+        prompt = sum(self.prompt.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=self.completion, total_tokens=prompt + self.completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached.values())))
+
+
+def sse(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+def sse_error(e: Exception) -> str:
+    if isinstance(e, APIError):
+        body = error_body(e.status, e.message, e.param, e.code)
+    elif isinstance(e, EngineDeadError):
+        body = error_body(503, str(e), code="engine_dead")
+    elif isinstance(e, ValueError):
+        body = error_body(400, str(e))
+    else:
+        logger.exception("stream failed")
+        body = error_body(500, f"internal error: {e!r}")
+    return sse(body)
+
+
+async def merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
+    """Interleave several engine streams; leaving early cancels (and so aborts) all of them."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
+    done = object()
+
+    async def pump(stream: AsyncIterator[Piece]) -> None:
+        try:
+            async with aclosing(stream):
+                async for piece in stream:
+                    await queue.put(piece)
+        except Exception as e:
+            await queue.put(e)
+            return
+        await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into engine requests and engine outputs into OpenAI bodies."""
+
+    def __init__(self, engine, model_name: str, metrics: ServerMetrics):
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self._token_text: dict[int, str] = {}
+
+    # -- engine requests --
+
+    async def generate(self, prompts: list, params: SamplingParams, priority: int,
+                       request_id: str) -> AsyncIterator[Piece]:
+        """Every choice's deltas, of every prompt (the engine runs the n samples of each)."""
+        streams = [self._engine_stream(prompt, params, f"{request_id}-{p}", priority, p, p * params.n)
+                   for p, prompt in enumerate(prompts)]
+        pieces = streams[0] if len(streams) == 1 else merge(streams)
+        async with aclosing(pieces):
+            async for piece in pieces:
+                yield piece
+
+    async def _engine_stream(self, prompt, params: SamplingParams, request_id: str, priority: int,
+                             prompt_index: int, base: int) -> AsyncIterator[Piece]:
+        tokens: dict[int, int] = {}
+        unfinished: set[int] = set()
+        last: RequestOutput | None = None
+        try:
+            async for out in self.engine.generate(prompt, params, request_id, priority):
+                last = out
+                if out.error_code is not None:
+                    raise APIError(out.error_code, out.error_message or "request failed")
+                for c in out.outputs:
+                    tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
+                    if c.finish_reason is None:
+                        unfinished.add(c.index)
+                    else:
+                        unfinished.discard(c.index)
+                        self.metrics.observe_completion(c.finish_reason, tokens[c.index], out)
+                    yield Piece(base + c.index, prompt_index, c, out)
+            if last is not None:
+                self.metrics.observe_finished(last)
+        finally:
+            for index in unfinished:  # left early: generate() aborted them in the engine
+                self.metrics.observe_completion("abort", tokens[index], last)
+
+    async def _collect(self, prompts, params, priority, request_id):
+        choices: dict[int, ChoiceText] = {}
+        outputs: dict[int, RequestOutput] = {}
+        usage = UsageCounter()
+        async with aclosing(self.generate(prompts, params, priority, request_id)) as pieces:
+            async for piece in pieces:
+                usage.add(piece)
+                choices.setdefault(piece.index, ChoiceText()).add(piece.completion)
+                outputs[piece.index] = piece.output
+        return sorted(choices.items()), outputs, usage.usage()
+
+    # -- prompts --
+
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False,
+                          kwargs: dict[str, Any] | None = None) -> tuple[str, list[int]]:
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: use /v1/completions")
+        conversation = [m.for_template() for m in messages]
+        extra = dict(kwargs or {})
+        if continue_final_message:
+            extra["continue_final_message"] = True
+
+        def render() -> tuple[str, list[int]]:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt, **extra)
+            return text, tokenizer.encode(text, add_special_tokens=False)
+
+        try:
+            return await asyncio.to_thread(render)
+        except Exception as e:
+            raise ValueError(f"cannot apply the chat template: {e}") from None
+
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> dict:
+        text, ids = await self.render_chat(body.messages, body.add_generation_prompt and not
+                                           body.continue_final_message, body.continue_final_message,
+                                           body.chat_template_kwargs)
+        return {"prompt": text, "prompt_token_ids": ids}
+
+    def prompt_text(self, output: RequestOutput) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        return self.engine.tokenizer.decode(output.prompt_token_ids)
+
+    # -- logprobs --
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.engine.tokenizer.decode([token_id])
+        return text
+
+    def completion_logprobs(self, positions: list[PositionLogprobs], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for position in positions:
+            chosen, entry = next(iter(position.items()))
+            text = self.token_text(chosen)
+            out.text_offset.append(offset)
+            offset += len(text)
+            out.tokens.append(text)
+            out.token_logprobs.append(max(entry.logprob, MIN_LOGPROB))
+            out.top_logprobs.append({self.token_text(t): max(lp.logprob, MIN_LOGPROB) for t, lp in position.items()})
+        return out
+
+    def chat_logprobs(self, positions: list[PositionLogprobs], top_n: int) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode())}
+
+        content = []
+        for position in positions:
+            chosen, entry = next(iter(position.items()))
+            best = sorted((lp.rank, t, lp.logprob) for t, lp in position.items()
+                          if lp.rank is not None and lp.rank <= top_n)
+            content.append(ChatLogprobToken(**top(chosen, entry.logprob),
+                                            top_logprobs=[TopLogprob(**top(t, lp)) for _, t, lp in best]))
+        return ChatLogprobs(content=content)
+
+    # -- completions --
+
+    async def completion(self, body: CompletionRequest) -> CompletionResponse:
+        params, prompts = to_sampling_params(body), body.prompts()
+        request_id = random_id("cmpl")
+        choices, outputs, usage = await self._collect(prompts, params, body.priority, request_id)
+        return CompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
+            CompletionChoice(
+                index=i, text=(self.prompt_text(outputs[i]) if body.echo else "") + c.text,
+                logprobs=None if params.logprobs is None else self.completion_logprobs(c.logprobs, 0),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for i, c in choices])
+
+    async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
+        params, prompts = to_sampling_params(body), body.prompts()
+        request_id = random_id("cmpl")
+        usage, offsets = UsageCounter(), {}
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            return sse(CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
+
+        async with aclosing(self.generate(prompts, params, body.priority, request_id)) as pieces:
+            piece = await anext(pieces)  # errors until the first output get an HTTP status
+            try:
+                while piece is not None:
+                    usage.add(piece)
+                    c = piece.completion
+                    text = c.text
+                    if piece.index not in offsets:
+                        offsets[piece.index] = 0
+                        if body.echo:
+                            text = self.prompt_text(piece.output) + text
+                    if text or c.finish_reason is not None or c.logprobs:
+                        logprobs = None
+                        if params.logprobs is not None:
+                            logprobs = self.completion_logprobs(c.logprobs or [], offsets[piece.index])
+                            offsets[piece.index] = (logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                                                    if logprobs.tokens else offsets[piece.index])
+                        yield chunk([CompletionChoice(index=piece.index, text=text, logprobs=logprobs,
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                    piece = await anext(pieces, None)
+                if body.include_usage:
+                    yield chunk([], usage.usage())
+            except Exception as e:
+                yield sse_error(e)
+        yield "data: [DONE]\n\n"
+
+    # -- chat completions --
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
+        params = to_sampling_params(body)
+        prompt = await self._chat_prompt(body)
+        request_id = random_id("chatcmpl")
+        choices, _, usage = await self._collect([prompt], params, body.priority, request_id)
+        return ChatCompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
+            ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
+                       logprobs=None if params.logprobs is None else self.chat_logprobs(c.logprobs, params.logprobs),
+                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for i, c in choices])
+
+    async def chat_events(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+        params = to_sampling_params(body)
+        prompt = await self._chat_prompt(body)
+        request_id = random_id("chatcmpl")
+        usage = UsageCounter()
+
+        def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage))
+
+        async with aclosing(self.generate([prompt], params, body.priority, request_id)) as pieces:
+            piece = await anext(pieces)  # errors until the first output get an HTTP status
+            try:
+                for index in range(body.n):
+                    yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+                while piece is not None:
+                    usage.add(piece)
+                    c = piece.completion
+                    if c.text or c.finish_reason is not None or c.logprobs:
+                        logprobs = None
+                        if params.logprobs is not None:
+                            logprobs = self.chat_logprobs(c.logprobs or [], params.logprobs)
+                        yield chunk([ChatStreamChoice(index=piece.index, delta=DeltaMessage(content=c.text),
+                                                      logprobs=logprobs, finish_reason=c.finish_reason,
+                                                      stop_reason=c.stop_reason)])
+                    piece = await anext(pieces, None)
+                if body.include_usage:
+                    yield chunk([], usage.usage())
+            except Exception as e:
+                yield sse_error(e)
+        yield "data: [DONE]\n\n"

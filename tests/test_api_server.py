@@ -236,7 +236,16 @@ def test_over_long_prompt_is_400(live):
 
 # ---- clients that leave ----
 
+def aborted_count(live) -> float:
+    """The server's count of requests that ended because their client left."""
+    for line in live.http.get("/metrics").text.splitlines():
+        if line.startswith("conveyor_request_success_total{") and 'finished_reason="abort"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 async def test_client_leaving_mid_stream_aborts_the_request(live):
+    aborted = aborted_count(live)
     body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": MAX_MODEL_LEN - 16, "stream": True,
             "ignore_eos": True}
     async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
@@ -247,15 +256,23 @@ async def test_client_leaving_mid_stream_aborts_the_request(live):
             assert (await live.engine.get_stats())["num_running"] == 1
     stats = await wait_idle(live.engine)
     assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+    assert aborted_count(live) == aborted + 1  # ended by the abort, not by running out of tokens
 
 
 async def test_client_leaving_before_a_whole_response_aborts_the_request(live):
+    aborted = aborted_count(live)
     body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
-        with pytest.raises(httpx.ReadTimeout):
-            await http.post("/v1/completions", json=body, timeout=0.5)
+        post = asyncio.create_task(http.post("/v1/completions", json=body, timeout=60))
+        while (await live.engine.get_stats())["num_running"] == 0:
+            await asyncio.sleep(0.005)
+        assert not post.done()
+        post.cancel()  # the client hangs up while its request runs
+        with pytest.raises(asyncio.CancelledError):
+            await post
     stats = await wait_idle(live.engine)
     assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+    assert aborted_count(live) == aborted + 1
 
 
 # ---- a dead engine (a stand-in: no processes) ----

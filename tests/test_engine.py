@@ -60,12 +60,14 @@ async def test_repeated_prompt_hits_prefix_cache(engine, workload):
 
 
 async def test_cancelled_stream_frees_its_blocks(engine):
+    started = asyncio.Event()
+
     async def consume():
         async for _ in engine.generate({"prompt_token_ids": list(range(3, 200))}, greedy(1800)):
-            pass
+            started.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(1.0)
+    await started.wait()  # running: 1800 tokens outlast what follows
     assert (await engine.get_stats())["num_running"] == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -135,15 +137,17 @@ async def test_priority_policy_runs_urgent_requests_first(llama_dir):
     llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256, max_num_seqs=1, scheduling_policy="priority")
     finished_order = []
 
+    running = asyncio.Event()
+
     async def run(name, priority, max_tokens):
         async for _ in llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy(max_tokens), request_id=name,
                                     priority=priority):
-            pass
+            running.set()
         finished_order.append(name)
 
     try:
-        first = asyncio.create_task(run("running", 5, 1000))  # holds the seat for seconds
-        await asyncio.sleep(0.5)  # it holds the only seat; the next two queue behind it
+        first = asyncio.create_task(run("running", 5, 2000))  # holds the seat for a good while
+        await running.wait()  # it holds the only seat; the next two queue behind it
         later = [asyncio.create_task(run("low", 9, 4)), asyncio.create_task(run("high", 0, 4))]
         await asyncio.gather(first, *later)
         assert finished_order == ["running", "high", "low"]

@@ -17,15 +17,17 @@ from procs import children_of, descendants_of, engine_pids, group_alive, wait_un
 LONG = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)  # outlives every wait below
 
 
-async def stream_all(llm, prompt, params=LONG):
+async def stream_all(llm, prompt, params=LONG, started: asyncio.Event | None = None):
     async for out in llm.generate({"prompt_token_ids": prompt}, params):
-        pass
+        if started is not None:
+            started.set()
     return out
 
 
 async def assert_pending_calls_die_fast(llm, kill):
-    tasks = [asyncio.create_task(stream_all(llm, list(range(3, 20 + i)))) for i in range(4)]
-    await asyncio.sleep(1.0)
+    started = [asyncio.Event() for _ in range(4)]
+    tasks = [asyncio.create_task(stream_all(llm, list(range(3, 20 + i)), started=started[i])) for i in range(4)]
+    await asyncio.gather(*(event.wait() for event in started))  # all four are streaming
     assert not any(t.done() for t in tasks)
     kill()
     killed_at = time.monotonic()
@@ -106,10 +108,10 @@ PARENT_SCRIPT = textwrap.dedent("""
     from conveyor import AsyncLLM, SamplingParams
 
     async def main():
-        llm = AsyncLLM(sys.argv[1], dtype="float32", num_kv_blocks=64)
+        llm = AsyncLLM(sys.argv[1], dtype="float32", num_kv_blocks=256)
         print(llm.client.proc.pid, llm.client.ipc_dir, flush=True)
-        async for _ in llm.generate([5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True)):
-            pass
+        async for _ in llm.generate([5, 6, 7], SamplingParams(max_tokens=2000, ignore_eos=True)):
+            print("streaming", flush=True)
 
     asyncio.run(main())
 """)
@@ -122,7 +124,7 @@ def test_children_exit_when_parent_is_sigkilled(llama_dir):
         core = int(core)
         assert wait_until(lambda: len(children_of(core)) == 1, timeout=30)
         family = [core] + descendants_of(core)
-        time.sleep(0.5)
+        assert parent.stdout.readline().strip() == "streaming"  # mid-generation
         parent.kill()
         parent.wait()
         assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in family), timeout=5)

@@ -12,6 +12,10 @@
 
 #include "common.h"
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 /* Offset of context token t in a cache: block sizes are powers of two, so shifts, not divisions. */
 static inline int64_t token_base(const int32_t *table, int t, int block_size, int64_t token_stride) {
     const int shift = __builtin_ctz((unsigned)block_size);
@@ -39,6 +43,23 @@ static inline void attend(const void *q, const void *k_cache, const void *v_cach
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
     for (int i = 0; i < num_heads * head_dim; i++) qf[i] = load(q, q_offset + i, is_bf16) * scale;
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if (is_bf16 && head_dim % 32 == 0) { /* q . k straight from the bf16 cache, 32 products an instruction */
+        const bf16 *qb = (const bf16 *)q + q_offset;
+        for (int t = first; t < len; t++) {
+            const bf16 *k_row = (const bf16 *)k_cache + token_base(table, t, block_size, token_stride);
+            if (t + PREFETCH_DISTANCE < len) prefetch_row(k_cache, table, t + PREFETCH_DISTANCE, block_size, token_stride, 1);
+            for (int hq = 0; hq < num_heads; hq++) {
+                const bf16 *qh = qb + (int64_t)hq * head_dim, *kh = k_row + (int64_t)(hq / group) * head_dim;
+                __m512 acc_qk = _mm512_setzero_ps();
+                for (int d = 0; d < head_dim; d += 32)
+                    acc_qk = _mm512_dpbf16_ps(acc_qk, (__m512bh)_mm512_loadu_si512(qh + d),
+                                              (__m512bh)_mm512_loadu_si512(kh + d));
+                scores[(int64_t)hq * n + (t - first)] = _mm512_reduce_add_ps(acc_qk) * scale;
+            }
+        }
+    } else
+#endif
     for (int t = first; t < len; t++) { /* scores = q . k */
         const int64_t base = token_base(table, t, block_size, token_stride);
         if (t + PREFETCH_DISTANCE < len) prefetch_row(k_cache, table, t + PREFETCH_DISTANCE, block_size, token_stride, is_bf16);

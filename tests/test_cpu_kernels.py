@@ -1,5 +1,10 @@
 """The C element-wise kernels of kernels/cpu against the torch ops they replace, and op selection."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -114,3 +119,15 @@ def test_gemv_refuses_more_rows_than_it_serves(ops):
     too_many = ops.kernels.gemv_max_rows + 1
     with pytest.raises(ValueError, match="at most"):
         ops.kernels.gemv(randn(too_many, 64, dtype=torch.bfloat16), randn(8, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 targets")
+def test_kernels_built_without_avx512_agree_too(tmp_path):
+    """The portable paths (no AVX512-BF16: other CPUs, CI machines) against the same references."""
+    env = {**os.environ, "CONVEYOR_CPU_ARCH": "x86-64-v2", "CONVEYOR_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not without_avx512",
+                             os.path.join(os.path.dirname(__file__), "test_cpu_kernels.py"),
+                             os.path.join(os.path.dirname(__file__), "test_torch_attention.py")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert os.listdir(tmp_path / "cpu_kernels")  # built afresh for that target

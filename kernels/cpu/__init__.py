@@ -1,8 +1,9 @@
-"""CPU kernels in C (this folder's *.c): paged decode attention and the element-wise ops,
+"""CPU kernels in C (this folder's *.c): paged decode attention, the element-wise ops and a bf16 GEMV,
 compiled on first use and called through ctypes.
 
 They are built once per source, compiler and CPU with the system C compiler (`CC`, default `cc`),
-tuned for the host (-O3 -march=native) and threaded with OpenMP; the library is cached under
+tuned for the host (-O3 -march=$CONVEYOR_CPU_ARCH, default native) and threaded with OpenMP;
+AVX512-BF16 paths are taken where the target has it, portable C elsewhere. The library is cached under
 $CONVEYOR_CACHE_DIR (default ~/.cache/conveyor). Loaded after torch, the library's OpenMP calls
 resolve to the libgomp torch already loaded, so both share one thread pool.
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 HERE = os.path.dirname(__file__)
 SOURCES = [os.path.join(HERE, name) for name in ("attention.c", "elementwise.c", "gemv.c")]
 HEADERS = [os.path.join(HERE, "common.h")]
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+FLAGS = ["-O3", f"-march={os.environ.get('CONVEYOR_CPU_ARCH', 'native')}", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-fPIC", "-shared", "-std=c11", "-fopenmp"]
 
 _lock = threading.Lock()

@@ -153,6 +153,7 @@ class EngineCoreProc:
         self.clients: dict[int, float | None] = {}
         self.ready: EngineReady | None = None
         self.stopping = threading.Event()
+        self.input_thread: threading.Thread | None = None
         self.output_thread = threading.Thread(target=self._output_loop, daemon=True, name="core-output")
         self.output_thread.start()
         if payload.output_address is not None:
@@ -264,7 +265,7 @@ class EngineCoreProc:
         self.outputs.put(None)
         self.output_thread.join(timeout=2.0)
         self.stopping.set()  # the input thread closes its own socket (sockets are not thread-safe)
-        if hasattr(self, "input_thread"):
+        if self.input_thread is not None:
             self.input_thread.join(timeout=2.0)
         # Closing a socket does not flush it; terminating the context does (up to the linger).
         self.ctx.destroy(linger=1000)

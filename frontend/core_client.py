@@ -173,8 +173,7 @@ class CoreClient:
                 elif isinstance(message, EngineDead):
                     self._die(message.reason)
                     return
-                if time.monotonic() - self.last_sent > HEARTBEAT_S and self.proc is None:
-                    self._send(Heartbeat(self.client_index))
+                self._beat_if_quiet()  # a steady stream of outputs never leaves the poll idle
         except EngineDeadError:
             return
         except Exception as exc:  # a bug here must not leave callers hanging
@@ -183,7 +182,7 @@ class CoreClient:
                 self._die(f"frontend output thread failed: {exc!r}")
 
     def _check_core(self) -> None:
-        """On a quiet link: is the core still there? (And tell a core we connected to that we are.)"""
+        """On a quiet link: is the core still there?"""
         if self.proc is not None:
             # A dying core sends its reason first: give that a moment to land.
             if self.proc.poll() is not None and not self.output_socket.poll(300):
@@ -191,7 +190,12 @@ class CoreClient:
             return
         if time.monotonic() - self.last_received > PEER_TIMEOUT_S:
             self._die(f"no heartbeat from the engine core at {self.engine_address} for {PEER_TIMEOUT_S:g} s")
-        elif time.monotonic() - self.last_sent > HEARTBEAT_S:
+        else:
+            self._beat_if_quiet()
+
+    def _beat_if_quiet(self) -> None:
+        """Tell a core we connected to that we live (a core we spawned has our lifeline instead)."""
+        if self.proc is None and time.monotonic() - self.last_sent > HEARTBEAT_S:
             self._send(Heartbeat(self.client_index))
 
     def _resolve(self, result: UtilityResult) -> None:

@@ -41,7 +41,6 @@ static inline void attend(const void *q, const void *k_cache, const void *v_cach
                           float *acc, float *row, float *scores, int is_bf16) {
     const int n = len - first, group = num_heads / num_kv_heads;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
-    for (int i = 0; i < num_heads * head_dim; i++) qf[i] = load(q, q_offset + i, is_bf16) * scale;
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
     if (is_bf16 && head_dim % 32 == 0) { /* q . k straight from the bf16 cache, 32 products an instruction */
@@ -60,16 +59,20 @@ static inline void attend(const void *q, const void *k_cache, const void *v_cach
         }
     } else
 #endif
-    for (int t = first; t < len; t++) { /* scores = q . k */
-        const int64_t base = token_base(table, t, block_size, token_stride);
-        if (t + PREFETCH_DISTANCE < len) prefetch_row(k_cache, table, t + PREFETCH_DISTANCE, block_size, token_stride, is_bf16);
-        for (int i = 0; i < token_stride; i++) row[i] = load(k_cache, base + i, is_bf16);
-        for (int hq = 0; hq < num_heads; hq++) {
-            const float *qh = qf + (int64_t)hq * head_dim, *kh = row + (int64_t)(hq / group) * head_dim;
-            float s = 0.0f;
+    { /* scores = q . k in float32 */
+        for (int i = 0; i < num_heads * head_dim; i++) qf[i] = load(q, q_offset + i, is_bf16) * scale;
+        for (int t = first; t < len; t++) {
+            const int64_t base = token_base(table, t, block_size, token_stride);
+            if (t + PREFETCH_DISTANCE < len)
+                prefetch_row(k_cache, table, t + PREFETCH_DISTANCE, block_size, token_stride, is_bf16);
+            for (int i = 0; i < token_stride; i++) row[i] = load(k_cache, base + i, is_bf16);
+            for (int hq = 0; hq < num_heads; hq++) {
+                const float *qh = qf + (int64_t)hq * head_dim, *kh = row + (int64_t)(hq / group) * head_dim;
+                float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-            for (int d = 0; d < head_dim; d++) s += qh[d] * kh[d];
-            scores[(int64_t)hq * n + (t - first)] = s;
+                for (int d = 0; d < head_dim; d++) s += qh[d] * kh[d];
+                scores[(int64_t)hq * n + (t - first)] = s;
+            }
         }
     }
 
@@ -133,9 +136,15 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
                 capacity = 0;
                 continue;
             }
-            attend(q, k_cache, v_cache, out, block_tables + (int64_t)b * max_blocks, len, first,
-                   (int64_t)b * num_heads * head_dim, num_heads, num_kv_heads, head_dim, block_size, scale,
-                   qf, acc, row, scores, is_bf16);
+            /* the dtype as a literal, so each call specialises (the OpenMP body is outlined) */
+            const int32_t *table = block_tables + (int64_t)b * max_blocks;
+            const int64_t q_offset = (int64_t)b * num_heads * head_dim;
+            if (is_bf16)
+                attend(q, k_cache, v_cache, out, table, len, first, q_offset, num_heads, num_kv_heads, head_dim,
+                       block_size, scale, qf, acc, row, scores, 1);
+            else
+                attend(q, k_cache, v_cache, out, table, len, first, q_offset, num_heads, num_kv_heads, head_dim,
+                       block_size, scale, qf, acc, row, scores, 0);
         }
         free(qf);
         free(acc);
@@ -145,20 +154,15 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
     return failed ? -1 : 0;
 }
 
-int decode_attention_f32(const float *q, const float *k_cache, const float *v_cache, float *out,
-                         const int32_t *block_tables, const int32_t *seq_lens, int num_seqs, int num_heads,
-                         int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
-                         int sliding_window, int num_threads) {
-    return decode_attention(q, k_cache, v_cache, out, block_tables, seq_lens, num_seqs, num_heads,
-                            num_kv_heads, head_dim, block_size, max_blocks, scale, sliding_window,
-                            num_threads, 0);
-}
+#define ENTRY_POINT(SUFFIX, T, IS_BF16)                                                                   \
+    int decode_attention_##SUFFIX(const T *q, const T *k_cache, const T *v_cache, T *out,                 \
+                                  const int32_t *block_tables, const int32_t *seq_lens, int num_seqs,     \
+                                  int num_heads, int num_kv_heads, int head_dim, int block_size,          \
+                                  int max_blocks, float scale, int sliding_window, int num_threads) {     \
+        return decode_attention(q, k_cache, v_cache, out, block_tables, seq_lens, num_seqs, num_heads,    \
+                                num_kv_heads, head_dim, block_size, max_blocks, scale, sliding_window,    \
+                                num_threads, IS_BF16);                                                    \
+    }
 
-int decode_attention_bf16(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,
-                          const int32_t *block_tables, const int32_t *seq_lens, int num_seqs, int num_heads,
-                          int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
-                          int sliding_window, int num_threads) {
-    return decode_attention(q, k_cache, v_cache, out, block_tables, seq_lens, num_seqs, num_heads,
-                            num_kv_heads, head_dim, block_size, max_blocks, scale, sliding_window,
-                            num_threads, 1);
-}
+ENTRY_POINT(f32, float, 0)
+ENTRY_POINT(bf16, bf16, 1)

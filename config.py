@@ -18,6 +18,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True  # schedule step N+1 while the workers run step N
     kv_cache_memory: int | None = None  # bytes per rank; default: 2 GiB on CPU, 85% of free memory on GPU
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
     scheduling_policy: str = "fcfs"  # fcfs | priority

@@ -1,4 +1,5 @@
-"""The engine-core process: a busy loop of schedule -> run on workers -> update -> emit outputs.
+"""The engine-core process: a busy loop of schedule -> run on workers -> update -> emit outputs,
+with the next step scheduled while the workers run the current one (async scheduling).
 
 Socket reads and msgpack decoding run on an input thread, encoding and socket writes on an output
 thread, so the loop itself only schedules. It blocks (never spins) while there is no work.
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 import msgspec
 import zmq
@@ -58,6 +60,9 @@ class EngineCore:
         self.executor = Executor(config, ipc_dir)
         self.executor.collective_call("init_kv_cache", self.executor.num_blocks)
         self.scheduler = Scheduler(config, self.executor.num_blocks, max_model_len)
+        self.pipeline_depth = 2 if config.async_scheduling else 1
+        self.in_flight: deque[float] = deque()  # when each step the workers hold was scheduled
+        self.last_step_end = 0.0
         self.last_step_time = 0.0
         self.last_model_time = 0.0
         self.num_steps = 0
@@ -101,15 +106,33 @@ class EngineCore:
         ids = [r.request_id for r in self.scheduler.requests.values() if r.client_index == client_index]
         return self.abort(ids)
 
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
+
     def step(self) -> list[tuple[Request, EngineCoreOutput]]:
-        start = time.perf_counter()
-        step = self.scheduler.schedule()
-        if not step.num_scheduled_tokens:
+        """Submit the next step if one can run, then collect the oldest step in flight once the
+        pipeline is full (or nothing new was submitted); returns the collected step's outputs.
+
+        With async scheduling the pipeline holds two steps: the workers run one while the core
+        applies the previous result, emits its outputs and schedules the next.
+        """
+        if len(self.in_flight) < self.pipeline_depth:
+            start = time.perf_counter()
+            if (step := self.scheduler.schedule()) is not None:
+                self.executor.submit(step)
+                self.in_flight.append(start)
+                if len(self.in_flight) < self.pipeline_depth:
+                    return []
+        if not self.in_flight:
             return []
-        result = self.executor.execute(step)
+        result = self.executor.collect()
         outputs = self.scheduler.update_from_output(result)
+        end = time.perf_counter()
+        # A step's time runs from its scheduling, or from the end of the previous step if that
+        # was later, to the end of applying its result: the steps' times add up to the busy time.
+        self.last_step_time = end - max(self.in_flight.popleft(), self.last_step_end)
+        self.last_step_end = end
         self.last_model_time = result.model_time
-        self.last_step_time = time.perf_counter() - start
         self.num_steps += 1
         self.total_step_time += self.last_step_time
         self.total_model_time += self.last_model_time
@@ -181,7 +204,7 @@ class EngineCoreProc:
     def run(self) -> None:
         try:
             while True:
-                self._process_inputs(block=not self.core.scheduler.has_unfinished())
+                self._process_inputs(block=not self.core.has_work())
                 outputs = self.core.step()
                 if outputs:
                     self._emit(outputs)

@@ -52,8 +52,12 @@ class Executor:
         self._broadcast(WorkerCall(method, list(args)))
         return [self._receive(WorkerResult, timeout).result for _ in self.workers]
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+    def submit(self, step: SchedulerOutput) -> None:
+        """Queue a step on every worker; they run steps in the order submitted."""
         self._broadcast(step)
+
+    def collect(self) -> ModelRunnerOutput:
+        """The result of the oldest step submitted and not yet collected."""
         return self._receive(ModelRunnerOutput)
 
     def _broadcast(self, message) -> None:

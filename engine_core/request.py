@@ -36,6 +36,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # tokens that steps in flight will sample, not yet known to the core (async scheduling)
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache, set when first scheduled
     block_hashes: list[int] = field(default_factory=list)  # hashes of this request's full blocks
     num_preemptions: int = 0

@@ -4,6 +4,12 @@ One token budget per step (`max_num_batched_tokens`) is spent first on running r
 (decodes and unfinished prefill chunks), then on waiting ones, FCFS or by priority. Long prompts
 are chunked so decodes keep flowing. When blocks run out, the lowest-priority running request is
 preempted (freed, recomputed later).
+
+Steps may be scheduled while earlier ones are still in flight (async scheduling): a request whose
+step will sample holds a placeholder for the token until the result comes back, and its next step
+computes that token's position, which the workers fill in from their own sampling. A result is
+applied only to the request it was scheduled for: one finished, aborted or preempted meanwhile
+drops its token (after a stop that is the one extra token async scheduling costs).
 """
 
 import heapq
@@ -76,6 +82,8 @@ class Scheduler:
         self.known_to_workers: set[str] = set()
         self.dropped_ids: list[str] = []  # finished or preempted since the last step: workers forget them
         self.step_id = 0
+        # step id -> the requests it samples for, with their preemption count when scheduled
+        self.in_flight: dict[int, dict[str, tuple[Request, int]]] = {}
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up, since start
         self.prefix_cache_hits = 0
@@ -124,7 +132,8 @@ class Scheduler:
 
     # ---- one step ----
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput | None:
+        """The next step, or None when nothing can run now."""
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
@@ -133,6 +142,8 @@ class Scheduler:
         for request in list(self.running):
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if self._reaches_limit(request):
+                continue  # its last token is being sampled: it finishes when the result comes back
             n = self._num_tokens_to_compute(request, budget)
             if n == 0:
                 continue
@@ -172,10 +183,17 @@ class Scheduler:
             new_blocks[request.request_id] = blocks
             budget -= n
 
+        if not scheduled:
+            return None  # requests dropped meanwhile reach the workers with the next step
         return self._make_output(scheduled, new_blocks)
 
+    def _reaches_limit(self, request: Request) -> bool:
+        pending = request.num_output_placeholders
+        return pending > 0 and (request.num_output_tokens + pending >= request.max_tokens
+                                or request.num_tokens + pending >= self.max_model_len)
+
     def _num_tokens_to_compute(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+        remaining = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
         if remaining > budget and not self.config.enable_chunked_prefill:
             return 0
         return min(remaining, budget)
@@ -190,6 +208,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # the tokens in flight are dropped and sampled again
         request.num_preemptions += 1
         self.num_preemptions += 1
         if request.request_id in self.known_to_workers:
@@ -199,6 +218,7 @@ class Scheduler:
 
     def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
         new, cached = [], []
+        samples: dict[str, tuple[Request, int]] = {}
         for request_id, n in scheduled.items():
             request = self.requests[request_id]
             if request_id in self.known_to_workers:
@@ -214,6 +234,10 @@ class Scheduler:
                     request.output_token_ids,
                 ))
             request.num_computed_tokens += n
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1  # the step reaches its end: it samples
+                samples[request_id] = (request, request.num_preemptions)
+        self.in_flight[self.step_id] = samples
         output = SchedulerOutput(self.step_id, new, cached, scheduled, self.dropped_ids)
         self.dropped_ids = []
         self.step_id += 1
@@ -221,10 +245,12 @@ class Scheduler:
 
     def update_from_output(self, result: ModelRunnerOutput) -> list[tuple[Request, EngineCoreOutput]]:
         outputs = []
+        samples = self.in_flight.pop(result.step_id)
         for i, (request_id, token_ids) in enumerate(zip(result.request_ids, result.sampled_token_ids)):
-            request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            request, num_preemptions = samples[request_id]
+            if request.status != RequestStatus.RUNNING or request.num_preemptions != num_preemptions:
+                continue  # finished, aborted or preempted since the step was scheduled
+            request.num_output_placeholders -= 1
             request.append_output_token_ids(token_ids)
             status = self._check_stop(request)
             output = EngineCoreOutput(

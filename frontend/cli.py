@@ -24,8 +24,8 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1
               "mib": 1 << 20, "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 ENGINE_ARGS = ("tokenizer", "dtype", "tensor_parallel_size", "max_model_len", "block_size", "max_num_seqs",
-               "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "kv_cache_memory",
-               "num_kv_blocks", "scheduling_policy", "device", "seed")
+               "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling",
+               "kv_cache_memory", "num_kv_blocks", "scheduling_policy", "device", "seed")
 
 
 def parse_size(text: str) -> int:
@@ -56,6 +56,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="do not reuse the KV cache of repeated prompt prefixes")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="do not split long prompts across steps")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="schedule each step only after the previous one finished (no overlap with the model)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")

@@ -57,7 +57,8 @@ def torch_paged_attention(
 ) -> torch.Tensor:
     """q [T, H, D] -> out [T, H, D]. Decodes run together: in `decode_kernel` where one is given
     (the C kernel of `kernels/cpu`), else as two batched matmuls over their gathered contexts.
-    Each prefill (few per step) runs as one SDPA, causal with its cached context before it.
+    Prefills run as SDPA calls, causal with their cached context before them: one call per run of
+    consecutive prefills with equal query and context lengths (the runner orders them so).
 
     The matmul path reads cache slots past a sequence's end and masks them, so they must hold
     finite values (the runner zeroes its cache once, and only ever writes finite keys and values)."""
@@ -68,12 +69,17 @@ def torch_paged_attention(
                       meta.seq_lens[:nd], scale, sliding_window)
     elif nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
-    start = nd
-    for b in range(nd, len(meta.query_lens_cpu)):
+    start, b, num_seqs = nd, nd, len(meta.query_lens_cpu)
+    while b < num_seqs:
+        # A run of prefills with equal query and context lengths shares its mask: one SDPA call.
         q_len, s = meta.query_lens_cpu[b], meta.seq_lens_cpu[b]
-        k = gather_kv(k_cache, meta.block_tables[b : b + 1], s)
-        v = gather_kv(v_cache, meta.block_tables[b : b + 1], s)
-        qb = q[start : start + q_len].transpose(0, 1).unsqueeze(0)
+        end = b + 1
+        while end < num_seqs and meta.query_lens_cpu[end] == q_len and meta.seq_lens_cpu[end] == s:
+            end += 1
+        n = end - b
+        k = gather_kv(k_cache, meta.block_tables[b:end], s)
+        v = gather_kv(v_cache, meta.block_tables[b:end], s)
+        qb = q[start : start + n * q_len].view(n, q_len, *q.shape[1:]).transpose(1, 2)
         if q_len == s and sliding_window is None:
             o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -83,8 +89,9 @@ def torch_paged_attention(
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
             o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start : start + q_len] = o.squeeze(0).transpose(0, 1)
-        start += q_len
+        out[start : start + n * q_len] = o.transpose(1, 2).flatten(0, 1)
+        start += n * q_len
+        b = end
     return out
 
 

@@ -108,8 +108,8 @@ class ModelRunner:
         self.update_states(step)
         if not step.num_scheduled_tokens:
             return ModelRunnerOutput(step.step_id, [], [])
-        # Decodes first: the attention path batches them.
-        order = sorted(step.num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+        # Decodes first, then prefills by length: the attention path batches equal neighbours.
+        order = sorted(step.num_scheduled_tokens.items(), key=lambda item: (item[1] != 1, item[1]))
         states = [self.requests[request_id] for request_id, _ in order]
         num_tokens = [n for _, n in order]
         input_ids, positions, meta, logits_indices, sampling_states = self.prepare_inputs(states, num_tokens)

@@ -56,6 +56,21 @@ def test_mixed_batch_matches_reference(config, dtype, decode_kernel):
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "h{}-kv{}-d{}-bs{}-win{}".format(*c))
+def test_runs_of_equal_prefills_match_reference(config, dtype):
+    """Equal neighbours share one SDPA call: fresh prompts (causal), chunks after a cached context
+    (masked), between single prefills of other lengths."""
+    num_heads, num_kv_heads, head_dim, block_size, window = config
+    q_lens, contexts = [1, 12, 12, 12, 5, 5, 9, 5], [20, 0, 0, 0, 30, 30, 0, 30]
+    q, k_cache, v_cache, meta, kwargs = make_batch(
+        q_lens, contexts, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype,
+    )
+    got, expected, _ = run_torch_path(q, k_cache, v_cache, meta, kwargs, window)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
 def test_decode_plan_is_built_once_and_shared_by_every_layer():
     q, k_cache, v_cache, meta, kwargs = make_batch(
         [1, 1], [40, 3], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,

@@ -60,6 +60,10 @@ class TorchOps:
         return F.silu(gate) * up
 
     @staticmethod
+    def argmax(logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
+    @staticmethod
     def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
         # The CPU runner never pads, so every slot is a real one.
@@ -110,6 +114,14 @@ class CpuOps(TorchOps):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.silu_and_mul(x)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        self.kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous():
+            return self.kernels.argmax(logits)
+        return logits.argmax(dim=-1)
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                   sliding_window: int | None) -> torch.Tensor:

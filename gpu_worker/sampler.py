@@ -61,8 +61,10 @@ def make_sampling_state(params: SamplingParams, prompt_token_ids: list[int],
 
 
 class Sampler:
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`argmax`: of each row of a contiguous [S, V] float32 tensor (the ops' own, if faster)."""
         self.vocab_size = vocab_size
+        self.argmax = argmax or _argmax
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
         """`logits` [S, V] float32, row i belonging to states[i]; modified in place."""
@@ -84,13 +86,13 @@ class Sampler:
         if process:
             apply_logits_processing(logits, states)
 
-        tokens = logits.argmax(dim=-1) if len(random_rows) < len(states) else None
+        tokens = self.argmax(logits) if len(random_rows) < len(states) else None
         if random_rows:
             idx = None if len(random_rows) == len(states) else _index(random_rows, logits.device)
             sub = logits if idx is None else logits[idx]
             rparams = [params[i] for i in random_rows]
             sub = apply_sampling_filters(sub, *_filter_tensors(rparams, sub.device))
-            sampled = _sample(sub, [states[i] for i in random_rows])
+            sampled = _sample(sub, [states[i] for i in random_rows], self.argmax)
             if idx is None:
                 tokens = sampled
             else:
@@ -326,7 +328,7 @@ def _top_k_top_p_sort(logits: torch.Tensor, k: torch.Tensor | None,
     return logits.scatter_(1, order, sorted_logits)
 
 
-def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+def _sample(logits: torch.Tensor, states: list[SamplingState], argmax=None) -> torch.Tensor:
     """Exponential race: argmax(probs / q), q = -log(u) ~ Exp(1) (rand + log is several times
     faster than exponential_ on CPU). Seeded rows draw u from their own generator."""
     probs = torch.softmax(logits, dim=-1)
@@ -342,10 +344,14 @@ def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
             u[_index(unseeded, probs.device)] = torch.rand(len(unseeded), probs.shape[1],
                                                            device=probs.device)
     # u in [0, 1): q > 0 everywhere, and u = 0 gives q = inf, a token that cannot win
-    return probs.div_(u.log_().neg_()).argmax(dim=-1)
+    return (argmax or _argmax)(probs.div_(u.log_().neg_()))
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
 
 def _needs_processing(p: SamplingParams) -> bool:
     return bool(p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias

@@ -19,6 +19,10 @@ class TritonOps:
         pass  # cuBLAS takes the weights as they are
 
     @staticmethod
+    def argmax(logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
+    @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # per-head norms (q/k) arrive as [T, H, D]
         return rms_norm(rows, weight, eps).view(x.shape)

@@ -57,8 +57,9 @@ def test_fused_add_rms_norm_updates_both_in_place(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-def test_silu_and_mul_matches_torch(ops, dtype):
-    x = randn(17, 2 * 1536, dtype=dtype) * 4
+@pytest.mark.parametrize("dim", [1536, 100])  # 100: a tail past the last 16-wide vector
+def test_silu_and_mul_matches_torch(ops, dtype, dim):
+    x = randn(17, 2 * dim, dtype=dtype) * 4
     torch.testing.assert_close(ops.silu_and_mul(x), TorchOps.silu_and_mul(x), **TOL[dtype])
 
 
@@ -89,6 +90,32 @@ def test_rotary_rotates_strided_q_and_k_in_place_like_torch(ops, dtype, partial)
     assert torch.equal(qkv[:, 8 * 64 :], untouched)  # v is not touched
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("rows", [1, 37])
+def test_store_kv_writes_strided_rows_to_their_slots_like_index_copy(ops, dtype, rows):
+    qkv = randn(rows, (4 + 2 + 2) * 16, dtype=dtype)  # k and v are strided views, as the model's are
+    k, v = qkv[:, 64:96].view(rows, 2, 16), qkv[:, 96:].view(rows, 2, 16)
+    slots = torch.randperm(8 * 8, generator=torch.Generator().manual_seed(3))[:rows]
+    slots[0] = -1  # padding: written nowhere
+    k_cache, v_cache = randn(8, 8, 2, 16, dtype=dtype, seed=4), randn(8, 8, 2, 16, dtype=dtype, seed=5)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    ops.store_kv(k, v, k_cache, v_cache, slots)
+    real = slots >= 0
+    TorchOps.store_kv(k[real], v[real], k_expected, v_expected, slots[real])
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+def test_argmax_takes_the_first_of_equal_maxima_like_torch(ops):
+    x = randn(5, 1000, dtype=torch.float32)
+    x[1, 300] = x[1, 700] = 50.0  # a tie across chunks
+    x[2, 10] = x[2, 11] = 50.0  # a tie within one
+    x[3, -1] = 50.0  # the last column
+    x[4] = float("-inf")
+    assert torch.equal(ops.argmax(x), x.argmax(dim=-1))
+    assert ops.argmax(x)[1:].tolist() == [300, 10, 999, 0]
+    assert torch.equal(ops.argmax(x[:, ::2]), x[:, ::2].argmax(dim=-1))  # strided: torch's own
+
+
 def test_kernels_reject_tensors_they_cannot_address(ops):
     with pytest.raises(ValueError, match="x must be a contiguous CPU tensor"):
         ops.fused_add_rms_norm(randn(4, 64, dtype=torch.float32).t(), randn(64, 4, dtype=torch.float32),
@@ -96,6 +123,11 @@ def test_kernels_reject_tensors_they_cannot_address(ops):
     q = randn(3, 4, 128, dtype=torch.float32)[:, :, :64]  # heads not packed
     with pytest.raises(ValueError, match="q must have packed heads"):
         ops.rotary_embedding((torch.arange(3), torch.zeros(8, 64)), q, q)
+    cache = torch.zeros(4, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"k must be \(2, 16\) rows"):
+        ops.store_kv(torch.zeros(3, 1, 16), torch.zeros(3, 2, 16), cache, cache, torch.arange(3))
+    with pytest.raises(ValueError, match="slot_mapping must be int64"):
+        ops.store_kv(torch.zeros(3, 2, 16), torch.zeros(3, 2, 16), cache, cache, torch.arange(3).int())
 
 
 def test_select_ops_picks_the_c_kernels_on_a_cpu_where_they_cover_the_dtype():

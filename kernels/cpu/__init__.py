@@ -100,6 +100,10 @@ class CpuKernels:
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, restype
                 self._fns[name, dtype] = fn
+        self._argmax = lib.argmax_rows_f32
+        self._argmax.argtypes, self._argmax.restype = [ptr, i64, i64, ptr, i32], None
+        self._store_kv = lib.store_kv
+        self._store_kv.argtypes, self._store_kv.restype = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i32], None
         self._gemv = lib.gemv_bf16
         self._gemv.argtypes, self._gemv.restype = [ptr, ptr, ptr, ptr, i32, i32, i32, i32], i32
         self.gemv_max_rows = lib.gemv_max_rows()
@@ -130,6 +134,34 @@ class CpuKernels:
         if status != 0:
             raise MemoryError("decode attention could not allocate its scratch buffers")
         return out
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """The index of each row's maximum (the first, on ties) of x [rows, cols] float32, as
+        torch.argmax(x, -1), which runs on one thread."""
+        _check_cpu_contiguous(x=x)
+        if x.dtype != torch.float32 or x.dim() != 2:
+            raise ValueError(f"x must be a 2-d float32 tensor, got {x.dim()}-d {x.dtype}")
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """k and v [T, KVH, D] (tokens may be strided, each token's heads packed) into their slots
+        of k_cache and v_cache [num_blocks, block_size, KVH, D]; slot -1 is padding, skipped."""
+        _check_cpu_contiguous(k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+        for name, t in (("k", k), ("v", v)):
+            if t.device.type != "cpu" or t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+                raise ValueError(f"{name} must be a CPU tensor [T, KVH, D] with each token's heads packed")
+            if t.shape[1:] != k_cache.shape[2:] or t.dtype != k_cache.dtype:
+                raise ValueError(f"{name} must be {tuple(k_cache.shape[2:])} rows of {k_cache.dtype}, got "
+                                 f"{tuple(t.shape[1:])} of {t.dtype}")
+        if slot_mapping.dtype != torch.int64 or len(slot_mapping) != len(k) or len(v) != len(k):
+            raise ValueError("slot_mapping must be int64 with one slot per row of k and v")
+        size = k.element_size()
+        self._store_kv(k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size, k_cache.data_ptr(),
+                       v_cache.data_ptr(), slot_mapping.data_ptr(), len(k), k.shape[1] * k.shape[2] * size,
+                       torch.get_num_threads())
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] @ weight [N, K]^T (+ bias) for bf16 and M <= gemv_max_rows: a linear layer of a

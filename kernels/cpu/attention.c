@@ -1,5 +1,5 @@
 /* Paged decode attention on the CPU: one query token per sequence, read straight from the block
- * KV cache (no gathered copy of the context).
+ * KV cache (no gathered copy of the context); and the store of each step's keys and values.
  *
  * Layouts (the contract of docs/architecture.md): q and out [num_seqs, num_heads, head_dim];
  * k_cache and v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block_tables
@@ -24,7 +24,7 @@ static inline int64_t token_base(const int32_t *table, int t, int block_size, in
 
 /* Rows are fetched this many tokens ahead: blocks sit anywhere in the cache, so the hardware
  * prefetcher loses the stream at every block boundary. */
-#define PREFETCH_DISTANCE 4
+#define PREFETCH_DISTANCE 16
 
 static inline void prefetch_row(const void *cache, const int32_t *table, int t, int block_size,
                                 int64_t token_stride, int is_bf16) {
@@ -32,6 +32,108 @@ static inline void prefetch_row(const void *cache, const int32_t *table, int t, 
     const int64_t bytes = token_stride * (is_bf16 ? 2 : 4);
     for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset);
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+/* r[i] = the sum of v[i]'s 16 lanes: a transposing tree of 15 shuffle-and-add steps instead of 16
+ * horizontal reductions. The tree leaves the sums of v[4..7] and v[8..11] swapped; the final
+ * permute puts them back. */
+static inline __m512 sum_each16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
+    const __m512 d = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15), d);
+}
+
+/* `attend` for bf16 with head_dim HD, a literal (so every per-dimension loop unrolls and its
+ * accumulators stay in registers), one query head at a time:
+ * - q . k: 16 tokens' dot products at once (vdpbf16ps), summed by one transposing tree;
+ * - p . v: two tokens per vdpbf16ps, their value rows interleaved and their probabilities as a
+ *   bf16 pair (as transformers' eager bf16 attention also rounds them to bf16).
+ * A sequence's rows stay in L2 between its query heads; the first head's pass prefetches them. */
+static inline __attribute__((always_inline)) void attend_bf16(
+    const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out, const int32_t *table, int len,
+    int first, int num_heads, int num_kv_heads, int block_size, float scale, float *scores, bf16 *probs,
+    const int HD) {
+    const int n = len - first, group = num_heads / num_kv_heads;
+    const int64_t token_stride = (int64_t)num_kv_heads * HD;
+    for (int hq = 0; hq < num_heads; hq++) {
+        const bf16 *qh = q + (int64_t)hq * HD;
+        const int64_t kv_offset = (int64_t)(hq / group) * HD;
+        float *sh = scores + (int64_t)hq * n;
+        __m512bh qv[HD / 32];
+        for (int c = 0; c < HD / 32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qh + 32 * c);
+
+        int t = first;
+        for (; t + 16 <= len; t += 16) {
+            __m512 dots[16];
+            for (int j = 0; j < 16; j++) {
+                if (hq == 0 && t + j + PREFETCH_DISTANCE < len)
+                    prefetch_row(k_cache, table, t + j + PREFETCH_DISTANCE, block_size, token_stride, 1);
+                const bf16 *kh = k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset;
+                __m512 acc = _mm512_setzero_ps();
+                for (int c = 0; c < HD / 32; c++)
+                    acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kh + 32 * c));
+                dots[j] = acc;
+            }
+            _mm512_storeu_ps(sh + (t - first), _mm512_mul_ps(sum_each16(dots), _mm512_set1_ps(scale)));
+        }
+        for (; t < len; t++) {
+            const bf16 *kh = k_cache + token_base(table, t, block_size, token_stride) + kv_offset;
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < HD / 32; c++)
+                acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kh + 32 * c));
+            sh[t - first] = _mm512_reduce_add_ps(acc) * scale;
+        }
+
+        float top = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : top)
+        for (int i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < n; i++) {
+            const float p = exp_approx(sh[i] - top);
+            sum += p;
+            store(probs, i, p, 1);
+        }
+        probs[n] = 0; /* pairs an odd last token with a zero probability */
+
+        __m512 lo[HD / 32], hi[HD / 32];
+        for (int c = 0; c < HD / 32; c++) lo[c] = hi[c] = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 2) {
+            if (hq == 0 && first + i + PREFETCH_DISTANCE < len) {
+                prefetch_row(v_cache, table, first + i + PREFETCH_DISTANCE, block_size, token_stride, 1);
+                if (first + i + 1 + PREFETCH_DISTANCE < len)
+                    prefetch_row(v_cache, table, first + i + 1 + PREFETCH_DISTANCE, block_size, token_stride, 1);
+            }
+            const bf16 *v0 = v_cache + token_base(table, first + i, block_size, token_stride) + kv_offset;
+            const bf16 *v1 = i + 1 < n ? v_cache + token_base(table, first + i + 1, block_size, token_stride) + kv_offset
+                                       : v0; /* any finite row: its probability is 0 */
+            uint32_t pair;
+            memcpy(&pair, probs + i, sizeof pair);
+            const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int c = 0; c < HD / 32; c++) {
+                const __m512i a = _mm512_loadu_si512(v0 + 32 * c), b = _mm512_loadu_si512(v1 + 32 * c);
+                lo[c] = _mm512_dpbf16_ps(lo[c], (__m512bh)_mm512_unpacklo_epi16(a, b), p);
+                hi[c] = _mm512_dpbf16_ps(hi[c], (__m512bh)_mm512_unpackhi_epi16(a, b), p);
+            }
+        }
+        /* lo holds dims 0-3, 8-11, 16-19, 24-27 of each 32; hi the others */
+        const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+        const __m512i last16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+        const __m512 inv_sum = _mm512_set1_ps(1.0f / sum);
+        float o[HD];
+        for (int c = 0; c < HD / 32; c++) {
+            _mm512_storeu_ps(o + 32 * c, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], first16, hi[c]), inv_sum));
+            _mm512_storeu_ps(o + 32 * c + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], last16, hi[c]), inv_sum));
+        }
+        for (int d = 0; d < HD; d++) store(out, (int64_t)hq * HD + d, o[d], 1);
+    }
+}
+#endif
 
 /* One work item: every query head of sequence b. A context token's keys (or values) for all KV
  * heads are one contiguous row of the cache, so each token costs one streaming read. */
@@ -119,6 +221,7 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
         float *acc = malloc(sizeof(float) * num_heads * head_dim);
         float *row = malloc(sizeof(float) * num_kv_heads * head_dim);
         float *scores = NULL;
+        bf16 *probs = NULL; /* one query head's probabilities, for the bf16 p . v */
         int64_t capacity = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int b = 0; b < num_seqs; b++) {
@@ -127,10 +230,12 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
             if (len <= 0) continue; /* an empty (padding) sequence: its rows of out stay untouched */
             if ((int64_t)num_heads * (len - first) > capacity) {
                 free(scores);
+                free(probs);
                 capacity = (int64_t)num_heads * (len - first);
                 scores = malloc(sizeof(float) * capacity);
+                probs = malloc(sizeof(bf16) * (len - first + 2));
             }
-            if (!qf || !acc || !row || !scores) {
+            if (!qf || !acc || !row || !scores || !probs) {
 #pragma omp atomic write
                 failed = 1;
                 capacity = 0;
@@ -139,6 +244,19 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
             /* the dtype as a literal, so each call specialises (the OpenMP body is outlined) */
             const int32_t *table = block_tables + (int64_t)b * max_blocks;
             const int64_t q_offset = (int64_t)b * num_heads * head_dim;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+            if (is_bf16 && (head_dim == 64 || head_dim == 128)) {
+                const bf16 *qb = (const bf16 *)q + q_offset;
+                bf16 *ob = (bf16 *)out + q_offset;
+                if (head_dim == 64)
+                    attend_bf16(qb, k_cache, v_cache, ob, table, len, first, num_heads, num_kv_heads, block_size,
+                                scale, scores, probs, 64);
+                else
+                    attend_bf16(qb, k_cache, v_cache, ob, table, len, first, num_heads, num_kv_heads, block_size,
+                                scale, scores, probs, 128);
+                continue;
+            }
+#endif
             if (is_bf16)
                 attend(q, k_cache, v_cache, out, table, len, first, q_offset, num_heads, num_kv_heads, head_dim,
                        block_size, scale, qf, acc, row, scores, 1);
@@ -150,8 +268,22 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
         free(acc);
         free(row);
         free(scores);
+        free(probs);
     }
     return failed ? -1 : 0;
+}
+
+/* This step's keys and values into their cache slots: row t of k (v) — every KV head of token t,
+ * `row_bytes` contiguous bytes, rows `k_stride` (`v_stride`) bytes apart — goes to slot slots[t]
+ * of k_cache (v_cache), rows of row_bytes; slot -1 marks padding. Any dtype: rows are copied. */
+void store_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, char *k_cache, char *v_cache,
+              const int64_t *slots, int64_t rows, int64_t row_bytes, int num_threads) {
+#pragma omp parallel for num_threads(threads_for(rows, num_threads))
+    for (int64_t t = 0; t < rows; t++) {
+        if (slots[t] < 0) continue;
+        memcpy(k_cache + slots[t] * row_bytes, k + t * k_stride, row_bytes);
+        memcpy(v_cache + slots[t] * row_bytes, v + t * v_stride, row_bytes);
+    }
 }
 
 #define ENTRY_POINT(SUFFIX, T, IS_BF16)                                                                   \

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conveyor.tools import bench_common as bc
-from conveyor.tools import bench_compare, bench_latency, bench_serving, bench_throughput
+from conveyor.tools import bench_compare, bench_latency, bench_overhead, bench_serving, bench_throughput
 
 TINY = ["--num-prompts", "3", "--input-len", "6", "--output-len", "4", "--repeats", "2", "--warmup", "1"]
 
@@ -115,6 +115,17 @@ def test_latency_conveyor_streams_every_token(llama_dir, tmp_path):
     assert [r["output_tokens"] for r in result["runs"]] == [6, 6, 6]
     assert all(0 < r["ttft_s"] <= r["e2e_s"] for r in result["runs"])
     assert result["summary"]["tpot_ms_p50"] > 0
+
+
+def test_overhead_measures_both_scheduling_modes(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    bench_overhead.main(["--batch-sizes", "1,3", "--output-len", "5", "--repeats", "1", "--out", str(out)])
+    assert "outside forward" in capsys.readouterr().out
+    rows = read_json(out)
+    assert sorted((r["scheduling"], r["batch_size"]) for r in rows) == [
+        ("async", 1), ("async", 3), ("sync", 1), ("sync", 3)]
+    for r in rows:
+        assert 0 <= r["overhead_share"] < 1 and r["mean_step_ms"] > 0 and r["output_tok_per_s"] > 0
 
 
 def test_throughput_conveyor_counts_every_output_token(llama_dir, tmp_path):

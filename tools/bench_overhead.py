@@ -1,14 +1,19 @@
 """Engine overhead: steps/s and the share of each step spent outside the model forward.
 
 A 1-layer tiny model makes the forward cheap, so what remains is the engine's own cost:
-scheduling, IPC, output handling. Numbers come from the core's own timers (`get_stats`).
+scheduling, IPC, output handling. Numbers come from the core's own timers (`get_stats`): a step's
+time runs from its scheduling (or the previous step's end, if later) to the end of applying its
+result, and the forward is the worker's whole `execute_model`. With async scheduling (the default)
+the core's work overlaps the worker's; `sync` measures the engine without that overlap.
 
-    python -m conveyor.tools.bench_overhead [--batch-sizes 1,64,256] [--out overhead.json]
+    python -m conveyor.tools.bench_overhead [--batch-sizes 1,64,256] [--scheduling async,sync]
+        [--repeats 3] [--out overhead.json]
 """
 
 import argparse
 import asyncio
 import json
+import statistics
 import tempfile
 import time
 
@@ -42,13 +47,28 @@ async def measure(llm: AsyncLLM, batch: int, output_len: int, prompt_len: int) -
 
 
 async def run(args) -> list[dict]:
+    """Each scheduling mode in its own engine, rounds alternating between them (this machine's
+    speed drifts); medians per mode and batch size."""
+    rounds: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(f"{tmp}/one-layer", "llama", num_layers=1)
         max_batch = max(args.batch_sizes)
-        async with AsyncLLM(str(model), dtype="float32", max_num_seqs=max_batch,
-                            max_num_batched_tokens=max(2048, max_batch * args.prompt_len)) as llm:
-            await measure(llm, 4, 8, args.prompt_len)  # warm-up
-            return [await measure(llm, b, args.output_len, args.prompt_len) for b in args.batch_sizes]
+        for _ in range(args.repeats):
+            for mode in args.scheduling:
+                async with AsyncLLM(str(model), dtype="float32", max_num_seqs=max_batch,
+                                    max_num_batched_tokens=max(2048, max_batch * args.prompt_len),
+                                    async_scheduling=mode == "async") as llm:
+                    await measure(llm, 4, 8, args.prompt_len)  # warm-up
+                    for b in args.batch_sizes:
+                        rounds.setdefault((mode, b), []).append(
+                            await measure(llm, b, args.output_len, args.prompt_len))
+    rows = []
+    for (mode, batch), results in rounds.items():
+        row = {"scheduling": mode, "batch_size": batch, "repeats": len(results)}
+        for key in ("steps_per_s", "mean_step_ms", "overhead_share", "output_tok_per_s"):
+            row[key] = statistics.median(r[key] for r in results)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,16 +76,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64, 256])
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--scheduling", type=parse_modes, default=["async", "sync"],
+                        help="comma-separated: async (the default engine), sync (--no-async-scheduling)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the modes; medians reported")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     rows = asyncio.run(run(args))
-    print(f"{'batch':>6} {'steps/s':>9} {'step ms':>8} {'outside forward':>16} {'out tok/s':>10}")
+    print(f"{'scheduling':>10} {'batch':>6} {'steps/s':>9} {'step ms':>8} {'outside forward':>16} {'out tok/s':>10}")
     for r in rows:
-        print(f"{r['batch_size']:>6} {r['steps_per_s']:>9.1f} {r['mean_step_ms']:>8.2f} "
+        print(f"{r['scheduling']:>10} {r['batch_size']:>6} {r['steps_per_s']:>9.1f} {r['mean_step_ms']:>8.2f} "
               f"{100 * r['overhead_share']:>15.1f}% {r['output_tok_per_s']:>10.0f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = text.split(",")
+    for mode in modes:
+        if mode not in ("async", "sync"):
+            raise argparse.ArgumentTypeError(f"scheduling modes are async and sync, got {mode!r}")
+    return modes
 
 
 if __name__ == "__main__":

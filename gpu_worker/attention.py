@@ -53,10 +53,9 @@ def torch_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
-    decode_kernel=None,
 ) -> torch.Tensor:
-    """q [T, H, D] -> out [T, H, D]. Decodes run together: in `decode_kernel` where one is given
-    (the C kernel of `kernels/cpu`), else as two batched matmuls over their gathered contexts.
+    """q [T, H, D] -> out [T, H, D] in plain torch (the C kernel of `kernels/cpu` does it all in one
+    call where it builds). Decodes run together, as two batched matmuls over their gathered contexts.
     Prefills run as SDPA calls, causal with their cached context before them: one call per run of
     consecutive prefills with equal query and context lengths (the runner orders them so).
 
@@ -64,10 +63,7 @@ def torch_paged_attention(
     finite values (the runner zeroes its cache once, and only ever writes finite keys and values)."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd and decode_kernel is not None:
-        decode_kernel(q[:nd].contiguous(), k_cache, v_cache, out[:nd], meta.block_tables[:nd],
-                      meta.seq_lens[:nd], scale, sliding_window)
-    elif nd:
+    if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
     start, b, num_seqs = nd, nd, len(meta.query_lens_cpu)
     while b < num_seqs:

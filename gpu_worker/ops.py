@@ -84,9 +84,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class CpuOps(TorchOps):
-    """TorchOps with the C kernels of `kernels/cpu` for float32 and bfloat16: decode attention
-    straight from the paged cache, and the element-wise ops in one pass each (in place where the
-    Triton ops are too)."""
+    """TorchOps with the C kernels of `kernels/cpu` for float32 and bfloat16: attention (decodes
+    and prefills) straight from the paged cache, the KV store, the logits' argmax, and the
+    element-wise ops in one pass each (in place where the Triton ops are too)."""
 
     name = "cpu"
 
@@ -125,8 +125,9 @@ class CpuOps(TorchOps):
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                   sliding_window: int | None) -> torch.Tensor:
-        return torch_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window,
-                                     decode_kernel=self.kernels.decode_attention)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        return self.kernels.paged_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens,
+                                            meta.query_start_loc, scale, sliding_window)
 
 
 def select_ops(device: torch.device, dtype: torch.dtype, backend: str = "auto"):

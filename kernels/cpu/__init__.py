@@ -1,5 +1,5 @@
-"""CPU kernels in C (this folder's *.c): paged decode attention, the element-wise ops and a bf16 GEMV,
-compiled on first use and called through ctypes.
+"""CPU kernels in C (this folder's *.c): paged attention, the KV store, the element-wise ops, the
+logits' argmax and a bf16 GEMV, compiled on first use and called through ctypes.
 
 They are built once per source, compiler and CPU with the system C compiler (`CC`, default `cc`),
 tuned for the host (-O3 -march=$CONVEYOR_CPU_ARCH, default native) and threaded with OpenMP;
@@ -88,7 +88,7 @@ class CpuKernels:
         lib = ctypes.CDLL(path)
         ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
         signatures = {  # name: (argument types, return type)
-            "decode_attention": ([ptr] * 6 + [i32] * 6 + [f32, i32, i32], i32),
+            "paged_attention": ([ptr, i64] + [ptr] * 6 + [i32] * 6 + [f32, i32, i32], i32),
             "rms_norm": ([ptr, i64, ptr, ptr, i64, i32, f32, i32], None),
             "fused_add_rms_norm": ([ptr, ptr, ptr, i64, i32, f32, i32], None),
             "silu_and_mul": ([ptr, ptr, i64, i32, i32], None),
@@ -112,27 +112,33 @@ class CpuKernels:
     def supports(dtype: torch.dtype) -> bool:
         return dtype in (torch.float32, torch.bfloat16)
 
-    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                         sliding_window: int | None) -> torch.Tensor:
-        """out[b] = softmax(q[b] . K_b^T * scale) V_b for one query token per sequence b, reading
-        K_b and V_b through its block table (layouts in attention.c). Rows of out whose sequence
-        is empty are left as they were."""
-        num_seqs, num_heads, head_dim = q.shape
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                        scale: float, sliding_window: int | None) -> torch.Tensor:
+        """Causal attention of every query token of a step over its sequence's context, read
+        through the block table (layouts in attention.c): q [T, H, D] (tokens may be strided,
+        heads packed), out [T, H, D]. Decodes and prefill chunks mix freely. Rows of out whose
+        sequence is empty (seq_len 0) are left as they were."""
+        num_tokens, num_heads, head_dim = q.shape
         _, block_size, num_kv_heads, _ = k_cache.shape
-        _check_cpu_contiguous(q=q, k_cache=k_cache, v_cache=v_cache, out=out, block_tables=block_tables,
-                              seq_lens=seq_lens)
-        if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-            raise ValueError("block_tables and seq_lens must be int32")
+        _check_cpu_contiguous(k_cache=k_cache, v_cache=v_cache, out=out, block_tables=block_tables,
+                              seq_lens=seq_lens, query_start_loc=query_start_loc)
+        if q.device.type != "cpu" or q.stride(2) != 1 or q.stride(1) != head_dim:
+            raise ValueError("q must be a CPU tensor [T, H, D] with each token's heads packed")
+        if (block_tables.dtype, seq_lens.dtype, query_start_loc.dtype) != (torch.int32,) * 3:
+            raise ValueError("block_tables, seq_lens and query_start_loc must be int32")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
-        status = self._fns["decode_attention", q.dtype](
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), block_tables.data_ptr(),
-            seq_lens.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-            block_tables.shape[1], scale, sliding_window or 0, torch.get_num_threads(),
+        if len(query_start_loc) != len(seq_lens) + 1 or int(query_start_loc[-1]) != num_tokens:
+            raise ValueError(f"query_start_loc must have num_seqs + 1 entries ending at {num_tokens} tokens")
+        status = self._fns["paged_attention", q.dtype](
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+            block_tables.data_ptr(), seq_lens.data_ptr(), query_start_loc.data_ptr(), len(seq_lens), num_heads,
+            num_kv_heads, head_dim, block_size, block_tables.shape[1], scale, sliding_window or 0,
+            torch.get_num_threads(),
         )
         if status != 0:
-            raise MemoryError("decode attention could not allocate its scratch buffers")
+            raise MemoryError("paged attention could not allocate its scratch buffers")
         return out
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:

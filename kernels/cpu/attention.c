@@ -1,11 +1,13 @@
-/* Paged decode attention on the CPU: one query token per sequence, read straight from the block
- * KV cache (no gathered copy of the context); and the store of each step's keys and values.
+/* Paged attention on the CPU, read straight from the block KV cache (no gathered copy of the
+ * context), for any mix of decodes and prefill chunks; and the store of each step's keys and values.
  *
- * Layouts (the contract of docs/architecture.md): q and out [num_seqs, num_heads, head_dim];
- * k_cache and v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block_tables
- * [num_seqs, max_blocks] int32; seq_lens [num_seqs] int32 (context including the query token).
- * All contiguous. Each sequence is one work item, shared out over OpenMP threads.
- * Accumulation is in float32. Returns 0, or -1 if a scratch allocation failed.
+ * Layouts (the contract of docs/architecture.md): q [num_tokens, num_heads, head_dim] with tokens
+ * q_stride elements apart (heads packed), out the same but contiguous; k_cache and v_cache
+ * [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32;
+ * seq_lens [num_seqs] int32 (context including this step's tokens); query_start_loc [num_seqs + 1]
+ * int32. Query token i of a sequence attends causally to its context up to its own position. Each
+ * query token is one work item, shared out over OpenMP threads (a decode is one token, a prefill
+ * chunk many). Accumulation is in float32. Returns 0, or -1 if a scratch allocation failed.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -135,10 +137,11 @@ static inline __attribute__((always_inline)) void attend_bf16(
 }
 #endif
 
-/* One work item: every query head of sequence b. A context token's keys (or values) for all KV
+/* One work item: every query head of one query token. A context token's keys (or values) for all KV
  * heads are one contiguous row of the cache, so each token costs one streaming read. */
 static inline void attend(const void *q, const void *k_cache, const void *v_cache, void *out,
-                          const int32_t *table, int len, int first, int64_t q_offset, int num_heads,
+                          const int32_t *table, int len, int first, int64_t q_offset, int64_t out_offset,
+                          int num_heads,
                           int num_kv_heads, int head_dim, int block_size, float scale, float *qf,
                           float *acc, float *row, float *scores, int is_bf16) {
     const int n = len - first, group = num_heads / num_kv_heads;
@@ -206,14 +209,19 @@ static inline void attend(const void *q, const void *k_cache, const void *v_cach
     }
     for (int hq = 0; hq < num_heads; hq++)
         for (int d = 0; d < head_dim; d++)
-            store(out, q_offset + (int64_t)hq * head_dim + d, acc[hq * head_dim + d] * inv_sum[hq], is_bf16);
+            store(out, out_offset + (int64_t)hq * head_dim + d, acc[hq * head_dim + d] * inv_sum[hq], is_bf16);
 }
 
-static inline int decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
-                                   const int32_t *block_tables, const int32_t *seq_lens, int num_seqs,
-                                   int num_heads, int num_kv_heads, int head_dim, int block_size,
-                                   int max_blocks, float scale, int sliding_window, int num_threads,
-                                   int is_bf16) {
+static inline int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                                  void *out, const int32_t *block_tables, const int32_t *seq_lens,
+                                  const int32_t *query_start_loc, int num_seqs, int num_heads, int num_kv_heads,
+                                  int head_dim, int block_size, int max_blocks, float scale, int sliding_window,
+                                  int num_threads, int is_bf16) {
+    const int num_tokens = query_start_loc[num_seqs];
+    int32_t *token_seq = malloc(sizeof(int32_t) * (num_tokens > 0 ? num_tokens : 1));
+    if (!token_seq) return -1;
+    for (int b = 0; b < num_seqs; b++)
+        for (int t = query_start_loc[b]; t < query_start_loc[b + 1]; t++) token_seq[t] = b;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -224,8 +232,10 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
         bf16 *probs = NULL; /* one query head's probabilities, for the bf16 p . v */
         int64_t capacity = 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int b = 0; b < num_seqs; b++) {
-            const int len = seq_lens[b];
+        for (int t = 0; t < num_tokens; t++) {
+            const int b = token_seq[t];
+            /* token t's context, itself included: the sequence's, less the query tokens after it */
+            const int len = seq_lens[b] - (query_start_loc[b + 1] - 1 - t);
             const int first = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
             if (len <= 0) continue; /* an empty (padding) sequence: its rows of out stay untouched */
             if ((int64_t)num_heads * (len - first) > capacity) {
@@ -241,13 +251,13 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
                 capacity = 0;
                 continue;
             }
-            /* the dtype as a literal, so each call specialises (the OpenMP body is outlined) */
             const int32_t *table = block_tables + (int64_t)b * max_blocks;
-            const int64_t q_offset = (int64_t)b * num_heads * head_dim;
+            const int64_t q_offset = (int64_t)t * q_stride, out_offset = (int64_t)t * num_heads * head_dim;
+            /* the dtype and head_dim as literals, so each call specialises (the OpenMP body is outlined) */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
             if (is_bf16 && (head_dim == 64 || head_dim == 128)) {
                 const bf16 *qb = (const bf16 *)q + q_offset;
-                bf16 *ob = (bf16 *)out + q_offset;
+                bf16 *ob = (bf16 *)out + out_offset;
                 if (head_dim == 64)
                     attend_bf16(qb, k_cache, v_cache, ob, table, len, first, num_heads, num_kv_heads, block_size,
                                 scale, scores, probs, 64);
@@ -258,11 +268,11 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
             }
 #endif
             if (is_bf16)
-                attend(q, k_cache, v_cache, out, table, len, first, q_offset, num_heads, num_kv_heads, head_dim,
-                       block_size, scale, qf, acc, row, scores, 1);
+                attend(q, k_cache, v_cache, out, table, len, first, q_offset, out_offset, num_heads, num_kv_heads,
+                       head_dim, block_size, scale, qf, acc, row, scores, 1);
             else
-                attend(q, k_cache, v_cache, out, table, len, first, q_offset, num_heads, num_kv_heads, head_dim,
-                       block_size, scale, qf, acc, row, scores, 0);
+                attend(q, k_cache, v_cache, out, table, len, first, q_offset, out_offset, num_heads, num_kv_heads,
+                       head_dim, block_size, scale, qf, acc, row, scores, 0);
         }
         free(qf);
         free(acc);
@@ -270,6 +280,7 @@ static inline int decode_attention(const void *q, const void *k_cache, const voi
         free(scores);
         free(probs);
     }
+    free(token_seq);
     return failed ? -1 : 0;
 }
 
@@ -286,14 +297,15 @@ void store_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, 
     }
 }
 
-#define ENTRY_POINT(SUFFIX, T, IS_BF16)                                                                   \
-    int decode_attention_##SUFFIX(const T *q, const T *k_cache, const T *v_cache, T *out,                 \
-                                  const int32_t *block_tables, const int32_t *seq_lens, int num_seqs,     \
-                                  int num_heads, int num_kv_heads, int head_dim, int block_size,          \
-                                  int max_blocks, float scale, int sliding_window, int num_threads) {     \
-        return decode_attention(q, k_cache, v_cache, out, block_tables, seq_lens, num_seqs, num_heads,    \
-                                num_kv_heads, head_dim, block_size, max_blocks, scale, sliding_window,    \
-                                num_threads, IS_BF16);                                                    \
+#define ENTRY_POINT(SUFFIX, T, IS_BF16)                                                                      \
+    int paged_attention_##SUFFIX(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache, T *out,    \
+                                 const int32_t *block_tables, const int32_t *seq_lens,                         \
+                                 const int32_t *query_start_loc, int num_seqs, int num_heads, int num_kv_heads, \
+                                 int head_dim, int block_size, int max_blocks, float scale, int sliding_window, \
+                                 int num_threads) {                                                            \
+        return paged_attention(q, q_stride, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,    \
+                               num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale,     \
+                               sliding_window, num_threads, IS_BF16);                                          \
     }
 
 ENTRY_POINT(f32, float, 0)

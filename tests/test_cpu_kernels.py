@@ -31,24 +31,27 @@ def randn(*shape, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("rows", [1, 3, 67])  # one row runs on the caller's thread; 67 on the pool
-def test_rms_norm_matches_torch(ops, dtype, rows):
-    x, weight = randn(rows, 576, dtype=dtype), randn(576, dtype=dtype, seed=1)
+@pytest.mark.parametrize("dim", [576, 100])  # 100: a tail past the last 16-wide vector
+def test_rms_norm_matches_torch(ops, dtype, rows, dim):
+    x, weight = randn(rows, dim, dtype=dtype), randn(dim, dtype=dtype, seed=1)
     torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), TorchOps.rms_norm(x, weight, 1e-5), **TOL[dtype])
 
 
-def test_rms_norm_of_strided_heads_matches_torch(ops):
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_rms_norm_of_strided_heads_matches_torch(ops, dtype):
     # Qwen3's per-head q norm: q is a [T, H, D] view into the fused qkv output
-    qkv = randn(5, 4 * 64 + 2 * 2 * 64, dtype=torch.float32)
+    qkv = randn(5, 4 * 64 + 2 * 2 * 64, dtype=dtype)
     q = qkv[:, : 4 * 64].view(5, 4, 64)
-    weight = randn(64, dtype=torch.float32, seed=1)
+    weight = randn(64, dtype=dtype, seed=1)
     got = ops.rms_norm(q, weight, 1e-6)
     assert got.shape == q.shape
-    torch.testing.assert_close(got, TorchOps.rms_norm(q, weight, 1e-6), **TOL[torch.float32])
+    torch.testing.assert_close(got, TorchOps.rms_norm(q, weight, 1e-6), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-def test_fused_add_rms_norm_updates_both_in_place(ops, dtype):
-    x, residual, weight = randn(33, 96, dtype=dtype), randn(33, 96, dtype=dtype, seed=1), randn(96, dtype=dtype, seed=2)
+@pytest.mark.parametrize("dim", [96, 100])
+def test_fused_add_rms_norm_updates_both_in_place(ops, dtype, dim):
+    x, residual, weight = randn(33, dim, dtype=dtype), randn(33, dim, dtype=dtype, seed=1), randn(dim, dtype=dtype, seed=2)
     expected_x, expected_residual = TorchOps.fused_add_rms_norm(x.clone(), residual.clone(), weight, 1e-6)
     got_x, got_residual = ops.fused_add_rms_norm(x, residual, weight, 1e-6)
     assert got_x is x and got_residual is residual

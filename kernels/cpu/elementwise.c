@@ -13,37 +13,6 @@
 /* Each op is written for one row; the entry points at the end run rows on OpenMP threads, with
  * the dtype a literal in each so the compiler specialises and vectorises the row per dtype. */
 
-/* out[r] = weight * round(x[r] / rms(x[r])); x rows `x_stride` elements apart, out contiguous. */
-static inline void rms_norm_row(const void *x, int64_t x_stride, const void *weight, void *out, int64_t r,
-                                int dim, float eps, int is_bf16) {
-    const int64_t in = r * x_stride, o = r * dim;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int d = 0; d < dim; d++) {
-        const float v = load(x, in + d, is_bf16);
-        sum += v * v;
-    }
-    const float inv = 1.0f / sqrtf(sum / dim + eps);
-    for (int d = 0; d < dim; d++)
-        store(out, o + d, round_as(load(x, in + d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
-}
-
-/* residual[r] += x[r]; x[r] = rms_norm(residual[r]): both contiguous, updated in place. */
-static inline void fused_add_rms_norm_row(void *x, void *residual, const void *weight, int64_t r, int dim,
-                                          float eps, int is_bf16) {
-    const int64_t o = r * dim;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int d = 0; d < dim; d++) {
-        const float v = round_as(load(x, o + d, is_bf16) + load(residual, o + d, is_bf16), is_bf16);
-        store(residual, o + d, v, is_bf16);
-        sum += v * v;
-    }
-    const float inv = 1.0f / sqrtf(sum / dim + eps);
-    for (int d = 0; d < dim; d++)
-        store(x, o + d, round_as(load(residual, o + d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
-}
-
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -54,6 +23,50 @@ static inline __m512 load16_bf16(const bf16 *p) {
 static inline __m512 round16_bf16(__m512 x) { /* to the nearest bf16 (even on ties), as store() */
     return _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+/* the first `count` (< 16) lanes; the others read as 0 */
+static inline __m512 load_tail_bf16(const bf16 *p, int count) {
+    const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+static inline void store16_bf16(bf16 *p, __m512 x) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x)); }
+
+static inline void store_tail_bf16(bf16 *p, __m512 x, int count) {
+    _mm256_mask_storeu_epi16(p, (__mmask16)((1u << count) - 1), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+/* bf16 RMSNorm rows, 16 lanes at a time with the same roundings as rms_norm_row; `residual` (when
+ * not NULL) is added to x first and receives the sum, and the result goes to out. */
+static inline void rms_norm_row_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int dim,
+                                     float eps) {
+    __m512 sum = _mm512_setzero_ps();
+    int d = 0;
+    for (; d + 16 <= dim; d += 16) {
+        __m512 v = load16_bf16(x + d);
+        if (residual) {
+            v = round16_bf16(_mm512_add_ps(v, load16_bf16(residual + d)));
+            store16_bf16(residual + d, v);
+        }
+        sum = _mm512_fmadd_ps(v, v, sum);
+    }
+    if (d < dim) {
+        __m512 v = load_tail_bf16(x + d, dim - d);
+        if (residual) {
+            v = round16_bf16(_mm512_add_ps(v, load_tail_bf16(residual + d, dim - d)));
+            store_tail_bf16(residual + d, v, dim - d);
+        }
+        sum = _mm512_fmadd_ps(v, v, sum);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sum) / dim + eps));
+    const bf16 *normed = residual ? residual : x;
+    for (d = 0; d + 16 <= dim; d += 16)
+        store16_bf16(out + d, _mm512_mul_ps(round16_bf16(_mm512_mul_ps(load16_bf16(normed + d), inv)),
+                                            load16_bf16(weight + d)));
+    if (d < dim)
+        store_tail_bf16(out + d, _mm512_mul_ps(round16_bf16(_mm512_mul_ps(load_tail_bf16(normed + d, dim - d), inv)),
+                                               load_tail_bf16(weight + d, dim - d)), dim - d);
 }
 
 /* exp_approx, 16 lanes: the same reduction and polynomial, with vscalefps for the 2^n. */
@@ -84,7 +97,7 @@ static inline void silu_and_mul_row_bf16(const bf16 *x, bf16 *out, int64_t r, in
         __m512 inv = _mm512_rcp14_ps(den);
         inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.0f)));
         const __m512 silu = round16_bf16(_mm512_mul_ps(g, inv));
-        _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, load16_bf16(up + d))));
+        store16_bf16(o + d, _mm512_mul_ps(silu, load16_bf16(up + d)));
     }
     for (; d < dim; d++) {
         const float g = load(gate, d, 1);
@@ -92,6 +105,50 @@ static inline void silu_and_mul_row_bf16(const bf16 *x, bf16 *out, int64_t r, in
     }
 }
 #endif
+
+/* out[r] = weight * round(x[r] / rms(x[r])); x rows `x_stride` elements apart, out contiguous. */
+static inline void rms_norm_row(const void *x, int64_t x_stride, const void *weight, void *out, int64_t r,
+                                int dim, float eps, int is_bf16) {
+    const int64_t in = r * x_stride, o = r * dim;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if (is_bf16) {
+        rms_norm_row_bf16((const bf16 *)x + in, NULL, weight, (bf16 *)out + o, dim, eps);
+        return;
+    }
+#endif
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int d = 0; d < dim; d++) {
+        const float v = load(x, in + d, is_bf16);
+        sum += v * v;
+    }
+    const float inv = 1.0f / sqrtf(sum / dim + eps);
+    for (int d = 0; d < dim; d++)
+        store(out, o + d, round_as(load(x, in + d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
+}
+
+/* residual[r] += x[r]; x[r] = rms_norm(residual[r]): both contiguous, updated in place. */
+static inline void fused_add_rms_norm_row(void *x, void *residual, const void *weight, int64_t r, int dim,
+                                          float eps, int is_bf16) {
+    const int64_t o = r * dim;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if (is_bf16) {
+        rms_norm_row_bf16((bf16 *)x + o, (bf16 *)residual + o, weight, (bf16 *)x + o, dim, eps);
+        return;
+    }
+#endif
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int d = 0; d < dim; d++) {
+        const float v = round_as(load(x, o + d, is_bf16) + load(residual, o + d, is_bf16), is_bf16);
+        store(residual, o + d, v, is_bf16);
+        sum += v * v;
+    }
+    const float inv = 1.0f / sqrtf(sum / dim + eps);
+    for (int d = 0; d < dim; d++)
+        store(x, o + d, round_as(load(residual, o + d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
+}
+
 
 /* out[r] = silu(x[r, :dim]) * x[r, dim:]; x [rows, 2*dim] and out [rows, dim] contiguous. */
 static inline void silu_and_mul_row(const void *x, void *out, int64_t r, int dim, int is_bf16) {

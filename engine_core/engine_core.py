@@ -60,7 +60,7 @@ class EngineCore:
         self.executor = Executor(config, ipc_dir)
         self.executor.collective_call("init_kv_cache", self.executor.num_blocks)
         self.scheduler = Scheduler(config, self.executor.num_blocks, max_model_len)
-        self.pipeline_depth = 2 if config.async_scheduling else 1
+        self.pipeline_depth = 2 if config.uses_async_scheduling(self.executor.device_type) else 1
         self.in_flight: deque[float] = deque()  # when each step the workers hold was scheduled
         self.last_step_end = 0.0
         self.last_step_time = 0.0

@@ -56,8 +56,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="do not reuse the KV cache of repeated prompt prefixes")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="do not split long prompts across steps")
-    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                   help="schedule each step only after the previous one finished (no overlap with the model)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the workers run the current one (default: on CUDA, "
+                        "and on a CPU with cores to spare beyond the workers' threads)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")

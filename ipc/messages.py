@@ -191,6 +191,7 @@ class ModelRunnerOutput(Message, tag="mro"):
 class WorkerReady(Message, tag="ready"):
     rank: int
     num_gpu_blocks: int
+    device_type: str = "cpu"  # where the rank runs the model: cpu | cuda
 
 
 class WorkerResult(Message, tag="wresult"):

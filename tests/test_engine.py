@@ -119,6 +119,9 @@ async def test_request_larger_than_the_whole_cache_is_rejected(llama_dir):
         pytest.param({"max_num_batched_tokens": 16}, id="chunked-prefill"),
         pytest.param({"tensor_parallel_size": 2}, id="tensor-parallel-2"),
         pytest.param({"block_size": 1, "max_num_seqs": 5}, id="block-size-1"),
+        pytest.param({"async_scheduling": True}, id="async-scheduling"),
+        pytest.param({"async_scheduling": True, "num_kv_blocks": 24}, id="async-scheduling-preemption"),
+        pytest.param({"async_scheduling": True, "max_num_batched_tokens": 16}, id="async-scheduling-chunked"),
     ],
 )
 async def test_outputs_stay_exact_under(engine_args, llama_dir, workload):
@@ -129,6 +132,27 @@ async def test_outputs_stay_exact_under(engine_args, llama_dir, workload):
         if "num_kv_blocks" in engine_args:
             stats = await llm.get_stats()
             assert stats["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
+    finally:
+        llm.shutdown()
+
+
+async def test_async_scheduling_stops_at_the_stop_token_and_frees_everything(llama_dir, workload):
+    """The step after a stop is already scheduled when the stop is seen: its token must not show."""
+    prompts, expected = workload
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256, async_scheduling=True)
+    try:
+        cases = [(p, e) for p, e in zip(prompts, expected) if len(e) >= 8][:6]
+
+        async def run(prompt, tokens):
+            stop = tokens[4]
+            params = SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[stop], ignore_eos=True)
+            async for out in llm.generate({"prompt_token_ids": prompt}, params):
+                pass
+            return out.outputs[0], tokens[: tokens.index(stop) + 1]
+        for got, want in await asyncio.gather(*(run(p, e) for p, e in cases)):
+            assert got.token_ids == want and got.finish_reason == "stop"
+        stats = await llm.get_stats()
+        assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
     finally:
         llm.shutdown()
 

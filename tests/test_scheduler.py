@@ -154,3 +154,13 @@ def test_dropped_requests_wait_for_a_step_that_runs():
     assert s.schedule() is None
     add(s, "q")
     assert s.schedule().finished_request_ids == ["r"]
+
+
+def test_async_scheduling_by_default_only_where_the_core_has_a_processor(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    config = EngineConfig(model="unused")  # the workers' threads take all 8 cores
+    assert config.uses_async_scheduling("cuda") and not config.uses_async_scheduling("cpu")
+    assert EngineConfig(model="unused", worker_threads=6).uses_async_scheduling("cpu")
+    assert EngineConfig(model="unused", tensor_parallel_size=2, worker_threads=3).uses_async_scheduling("cpu")
+    assert EngineConfig(model="unused", async_scheduling=True).uses_async_scheduling("cpu")
+    assert not EngineConfig(model="unused", async_scheduling=False).uses_async_scheduling("cuda")

@@ -3,8 +3,8 @@
 A 1-layer tiny model makes the forward cheap, so what remains is the engine's own cost:
 scheduling, IPC, output handling. Numbers come from the core's own timers (`get_stats`): a step's
 time runs from its scheduling (or the previous step's end, if later) to the end of applying its
-result, and the forward is the worker's whole `execute_model`. With async scheduling (the default)
-the core's work overlaps the worker's; `sync` measures the engine without that overlap.
+result, and the forward is the worker's whole `execute_model`. Both scheduling modes run, whatever
+the engine's default here: `async` overlaps the core's work with the worker's, `sync` does not.
 
     python -m conveyor.tools.bench_overhead [--batch-sizes 1,64,256] [--scheduling async,sync]
         [--repeats 3] [--out overhead.json]

@@ -11,6 +11,7 @@ back, and then only ever receive the outputs of their own requests. Links to cli
 heartbeats both ways: a client silent for PEER_TIMEOUT_S is forgotten and its requests aborted.
 """
 
+import gc
 import logging
 import os
 import queue
@@ -197,6 +198,8 @@ class EngineCoreProc:
         except BaseException as exc:
             self._die(exc)
             raise
+        gc.collect()
+        gc.freeze()  # the block pool's thousands of blocks live as long as the core: keep collections short
         self.ready = EngineReady(payload.max_model_len, self.core.executor.num_blocks)
         for client in self.clients:
             self.outputs.put((client, self.ready))

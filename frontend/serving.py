@@ -273,32 +273,50 @@ class OpenAIServing:
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
         params, prompts = to_sampling_params(body), body.prompts()
         request_id = random_id("cmpl")
-        usage, offsets = UsageCounter(), {}
+        offsets = {}
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             return sse(CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
 
-        async with aclosing(self.generate(prompts, params, body.priority, request_id)) as pieces:
-            piece = await anext(pieces)  # errors until the first output get an HTTP status
+        def render(piece) -> str | None:
+            c, text = piece.completion, piece.completion.text
+            if piece.index not in offsets:
+                offsets[piece.index] = 0
+                if body.echo:
+                    text = self.prompt_text(piece.output) + text
+            if not (text or c.finish_reason is not None or c.logprobs):
+                return None
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = self.completion_logprobs(c.logprobs or [], offsets[piece.index])
+                offsets[piece.index] = (logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                                        if logprobs.tokens else offsets[piece.index])
+            return chunk([CompletionChoice(index=piece.index, text=text, logprobs=logprobs,
+                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+
+        events = self._events(self.generate(prompts, params, body.priority, request_id), render, chunk,
+                              body.include_usage)
+        async with aclosing(events):  # a client that leaves closes this generator: close the request's too
+            async for event in events:
+                yield event
+
+    async def _events(self, pieces: AsyncIterator, render, chunk, include_usage: bool,
+                      opening: list[str] = ()) -> AsyncIterator[str]:
+        """A streamed response: `opening`, then each piece as `render` makes it (None: nothing to
+        send), then usage if asked for, and [DONE]. Errors before the first output propagate, so
+        they still get an HTTP status; later ones become an error event."""
+        usage = UsageCounter()
+        async with aclosing(pieces) as pieces:
+            piece = await anext(pieces)
             try:
+                for event in opening:
+                    yield event
                 while piece is not None:
                     usage.add(piece)
-                    c = piece.completion
-                    text = c.text
-                    if piece.index not in offsets:
-                        offsets[piece.index] = 0
-                        if body.echo:
-                            text = self.prompt_text(piece.output) + text
-                    if text or c.finish_reason is not None or c.logprobs:
-                        logprobs = None
-                        if params.logprobs is not None:
-                            logprobs = self.completion_logprobs(c.logprobs or [], offsets[piece.index])
-                            offsets[piece.index] = (logprobs.text_offset[-1] + len(logprobs.tokens[-1])
-                                                    if logprobs.tokens else offsets[piece.index])
-                        yield chunk([CompletionChoice(index=piece.index, text=text, logprobs=logprobs,
-                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                    if (event := render(piece)) is not None:
+                        yield event
                     piece = await anext(pieces, None)
-                if body.include_usage:
+                if include_usage:
                     yield chunk([], usage.usage())
             except Exception as e:
                 yield sse_error(e)
@@ -321,29 +339,22 @@ class OpenAIServing:
         params = to_sampling_params(body)
         prompt = await self._chat_prompt(body)
         request_id = random_id("chatcmpl")
-        usage = UsageCounter()
 
         def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
             return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage))
 
-        async with aclosing(self.generate([prompt], params, body.priority, request_id)) as pieces:
-            piece = await anext(pieces)  # errors until the first output get an HTTP status
-            try:
-                for index in range(body.n):
-                    yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
-                while piece is not None:
-                    usage.add(piece)
-                    c = piece.completion
-                    if c.text or c.finish_reason is not None or c.logprobs:
-                        logprobs = None
-                        if params.logprobs is not None:
-                            logprobs = self.chat_logprobs(c.logprobs or [], params.logprobs)
-                        yield chunk([ChatStreamChoice(index=piece.index, delta=DeltaMessage(content=c.text),
-                                                      logprobs=logprobs, finish_reason=c.finish_reason,
-                                                      stop_reason=c.stop_reason)])
-                    piece = await anext(pieces, None)
-                if body.include_usage:
-                    yield chunk([], usage.usage())
-            except Exception as e:
-                yield sse_error(e)
-        yield "data: [DONE]\n\n"
+        def render(piece) -> str | None:
+            c = piece.completion
+            if not (c.text or c.finish_reason is not None or c.logprobs):
+                return None
+            logprobs = None if params.logprobs is None else self.chat_logprobs(c.logprobs or [], params.logprobs)
+            return chunk([ChatStreamChoice(index=piece.index, delta=DeltaMessage(content=c.text), logprobs=logprobs,
+                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+
+        opening = [chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                   for i in range(body.n)]
+        events = self._events(self.generate([prompt], params, body.priority, request_id), render, chunk,
+                              body.include_usage, opening)
+        async with aclosing(events):
+            async for event in events:
+                yield event

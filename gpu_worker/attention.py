@@ -22,7 +22,7 @@ class AttentionMetadata:
     # Host copies, so the CPU path never syncs on a device tensor to plan its work.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
-    # The CPU path's decode plan, built by the first layer that needs it and shared by the rest.
+    # The torch path's decode plan, built by the first layer that needs it and shared by the rest.
     decode_plan: "DecodePlan | None" = field(default=None, repr=False)
 
 

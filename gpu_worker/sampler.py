@@ -328,7 +328,8 @@ def _top_k_top_p_sort(logits: torch.Tensor, k: torch.Tensor | None,
     return logits.scatter_(1, order, sorted_logits)
 
 
-def _sample(logits: torch.Tensor, states: list[SamplingState], argmax=None) -> torch.Tensor:
+def _sample(logits: torch.Tensor, states: list[SamplingState],
+            argmax: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Exponential race: argmax(probs / q), q = -log(u) ~ Exp(1) (rand + log is several times
     faster than exponential_ on CPU). Seeded rows draw u from their own generator."""
     probs = torch.softmax(logits, dim=-1)
@@ -344,7 +345,7 @@ def _sample(logits: torch.Tensor, states: list[SamplingState], argmax=None) -> t
             u[_index(unseeded, probs.device)] = torch.rand(len(unseeded), probs.shape[1],
                                                            device=probs.device)
     # u in [0, 1): q > 0 everywhere, and u = 0 gives q = inf, a token that cannot win
-    return (argmax or _argmax)(probs.div_(u.log_().neg_()))
+    return argmax(probs.div_(u.log_().neg_()))
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.frontend.beam_search import beam_search
 from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
-from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState
+from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState, deliver_threadsafe
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
 from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
@@ -270,8 +270,7 @@ class AsyncLLM:
         deliveries, to_abort = self.output_processor.process(message.outputs, model_time)
         if to_abort:
             self.client.abort(to_abort)
-        for mailbox, output in deliveries:
-            mailbox.put_threadsafe(output)
+        deliver_threadsafe(deliveries)
 
     def _check_alive(self) -> None:
         if self.client.dead is not None:

@@ -2,7 +2,8 @@
 logprobs, metrics, and a per-request mailbox that merges updates while its consumer lags.
 
 `process` runs on the client's output thread, off the caller's event loop; mailboxes are fed on
-their own loop through `call_soon_threadsafe`."""
+their own loop, a step's worth at a time (`deliver_threadsafe`): one wake-up of the loop per step,
+not one per request."""
 
 import asyncio
 import threading
@@ -33,11 +34,6 @@ class OutputMailbox:
             self.pending = item
         self.ready.set()
 
-    def put_threadsafe(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.put, item)
-        except RuntimeError:
-            pass  # that loop is closed: nobody is listening any more
 
     async def get(self) -> RequestOutput:
         await self.ready.wait()
@@ -48,6 +44,23 @@ class OutputMailbox:
             self.ready.set()
             raise item
         return item
+
+
+def deliver_threadsafe(deliveries: list[tuple[OutputMailbox, RequestOutput | BaseException]]) -> None:
+    """Put each item in its mailbox, from any thread: one `call_soon_threadsafe` per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for delivery in deliveries:
+        by_loop.setdefault(delivery[0].loop, []).append(delivery)
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:
+            pass  # that loop is closed: nobody is listening any more
+
+
+def _deliver(deliveries) -> None:
+    for mailbox, item in deliveries:
+        mailbox.put(item)
 
 
 @dataclass(slots=True)
@@ -116,8 +129,7 @@ class OutputProcessor:
     def fail_all(self, error: BaseException) -> None:
         with self.lock:
             states, self.states = list(self.states.values()), {}
-        for state in states:
-            state.mailbox.put_threadsafe(error)
+        deliver_threadsafe([(state.mailbox, error) for state in states])
 
     def _record(self, state: RequestState, raw: EngineCoreOutput, now: float, model_time: float) -> None:
         metrics = state.metrics

@@ -117,13 +117,14 @@ def test_latency_conveyor_streams_every_token(llama_dir, tmp_path):
     assert result["summary"]["tpot_ms_p50"] > 0
 
 
-def test_overhead_measures_both_scheduling_modes(tmp_path, capsys):
+def test_overhead_measures_each_configuration(tmp_path, capsys):
     out = tmp_path / "overhead.json"
-    bench_overhead.main(["--batch-sizes", "1,3", "--output-len", "5", "--repeats", "1", "--out", str(out)])
+    bench_overhead.main(["--batch-sizes", "1,3", "--output-len", "5", "--repeats", "1", "--scheduling", "sync",
+                         "--worker-threads", "1,2", "--out", str(out)])
     assert "outside forward" in capsys.readouterr().out
     rows = read_json(out)
-    assert sorted((r["scheduling"], r["batch_size"]) for r in rows) == [
-        ("async", 1), ("async", 3), ("sync", 1), ("sync", 3)]
+    assert sorted((r["scheduling"], r["worker_threads"], r["batch_size"]) for r in rows) == [
+        ("sync", 1, 1), ("sync", 1, 3), ("sync", 2, 1), ("sync", 2, 3)]
     for r in rows:
         assert 0 <= r["overhead_share"] < 1 and r["mean_step_ms"] > 0 and r["output_tok_per_s"] > 0
 

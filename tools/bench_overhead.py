@@ -6,13 +6,19 @@ time runs from its scheduling (or the previous step's end, if later) to the end 
 result, and the forward is the worker's whole `execute_model`. Both scheduling modes run, whatever
 the engine's default here: `async` overlaps the core's work with the worker's, `sync` does not.
 
+On a CPU the worker's OpenMP threads compete with the frontend and the core for cores, so each
+mode also runs with the worker on every core and on all but one (`--worker-threads`): the first
+measures that contention as much as the engine, the second what the engine costs when it has a
+core to itself, as it has beside a GPU.
+
     python -m conveyor.tools.bench_overhead [--batch-sizes 1,64,256] [--scheduling async,sync]
-        [--repeats 3] [--out overhead.json]
+        [--worker-threads N,M] [--repeats 3] [--out overhead.json]
 """
 
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -47,24 +53,25 @@ async def measure(llm: AsyncLLM, batch: int, output_len: int, prompt_len: int) -
 
 
 async def run(args) -> list[dict]:
-    """Each scheduling mode in its own engine, rounds alternating between them (this machine's
-    speed drifts); medians per mode and batch size."""
-    rounds: dict[tuple[str, int], list[dict]] = {}
+    """Each configuration (scheduling mode, worker threads) in its own engine, rounds alternating
+    between them (this machine's speed drifts); medians per configuration and batch size."""
+    rounds: dict[tuple[str, int, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(f"{tmp}/one-layer", "llama", num_layers=1)
         max_batch = max(args.batch_sizes)
         for _ in range(args.repeats):
             for mode in args.scheduling:
-                async with AsyncLLM(str(model), dtype="float32", max_num_seqs=max_batch,
-                                    max_num_batched_tokens=max(2048, max_batch * args.prompt_len),
-                                    async_scheduling=mode == "async") as llm:
-                    await measure(llm, 4, 8, args.prompt_len)  # warm-up
-                    for b in args.batch_sizes:
-                        rounds.setdefault((mode, b), []).append(
-                            await measure(llm, b, args.output_len, args.prompt_len))
+                for threads in args.worker_threads:
+                    async with AsyncLLM(str(model), dtype="float32", max_num_seqs=max_batch,
+                                        max_num_batched_tokens=max(2048, max_batch * args.prompt_len),
+                                        async_scheduling=mode == "async", worker_threads=threads) as llm:
+                        await measure(llm, 4, 8, args.prompt_len)  # warm-up
+                        for b in args.batch_sizes:
+                            rounds.setdefault((mode, threads, b), []).append(
+                                await measure(llm, b, args.output_len, args.prompt_len))
     rows = []
-    for (mode, batch), results in rounds.items():
-        row = {"scheduling": mode, "batch_size": batch, "repeats": len(results)}
+    for (mode, threads, batch), results in rounds.items():
+        row = {"scheduling": mode, "worker_threads": threads, "batch_size": batch, "repeats": len(results)}
         for key in ("steps_per_s", "mean_step_ms", "overhead_share", "output_tok_per_s"):
             row[key] = statistics.median(r[key] for r in results)
         rows.append(row)
@@ -78,13 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--scheduling", type=parse_modes, default=["async", "sync"],
                         help="comma-separated: async (the default engine), sync (--no-async-scheduling)")
+    cores = os.cpu_count() or 1
+    parser.add_argument("--worker-threads", type=parse_counts, default=sorted({max(1, cores - 1), cores}),
+                        help="comma-separated torch thread counts for the worker (default: all cores, "
+                             "and all but one)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the modes; medians reported")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     rows = asyncio.run(run(args))
-    print(f"{'scheduling':>10} {'batch':>6} {'steps/s':>9} {'step ms':>8} {'outside forward':>16} {'out tok/s':>10}")
+    print(f"{'scheduling':>10} {'threads':>7} {'batch':>6} {'steps/s':>9} {'step ms':>8} {'outside forward':>16} "
+          f"{'out tok/s':>10}")
     for r in rows:
-        print(f"{r['scheduling']:>10} {r['batch_size']:>6} {r['steps_per_s']:>9.1f} {r['mean_step_ms']:>8.2f} "
+        print(f"{r['scheduling']:>10} {r['worker_threads']:>7} {r['batch_size']:>6} {r['steps_per_s']:>9.1f} "
+              f"{r['mean_step_ms']:>8.2f} "
               f"{100 * r['overhead_share']:>15.1f}% {r['output_tok_per_s']:>10.0f}")
     if args.out:
         with open(args.out, "w") as f:
@@ -97,6 +110,16 @@ def parse_modes(text: str) -> list[str]:
         if mode not in ("async", "sync"):
             raise argparse.ArgumentTypeError(f"scheduling modes are async and sync, got {mode!r}")
     return modes
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"worker threads must be positive integers, got {text!r}")
+    return counts
 
 
 if __name__ == "__main__":

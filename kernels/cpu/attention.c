@@ -14,7 +14,7 @@
 
 #include "common.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -35,7 +35,20 @@ static inline void prefetch_row(const void *cache, const int32_t *table, int t, 
     for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset);
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+/* Softmax of one query head's n scores, in place; returns 1/sum (applied to the output at the end). */
+static inline float softmax_unnormalised(float *sh, int n) {
+    float top = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; i++) {
+        sh[i] = exp_approx(sh[i] - top);
+        sum += sh[i];
+    }
+    return 1.0f / sum;
+}
+
+#if defined(__AVX512F__)
 /* r[i] = the sum of v[i]'s 16 lanes: a transposing tree of 15 shuffle-and-add steps instead of 16
  * horizontal reductions. The tree leaves the sums of v[4..7] and v[8..11] swapped; the final
  * permute puts them back. */
@@ -50,6 +63,70 @@ static inline __m512 sum_each16(const __m512 v[16]) {
     const __m512 d = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15), d);
 }
+
+/* `attend` for float32 with head_dim HD (a literal, a multiple of 16), one query head at a time:
+ * q . k for 16 tokens at once, summed by one transposing tree; p . v with two interleaved sets of
+ * accumulators, so consecutive tokens' FMAs do not wait on each other. */
+static inline __attribute__((always_inline)) void attend_f32(
+    const float *q, const float *k_cache, const float *v_cache, float *out, const int32_t *table, int len,
+    int first, int num_heads, int num_kv_heads, int block_size, float scale, float *scores, const int HD) {
+    const int n = len - first, group = num_heads / num_kv_heads;
+    const int64_t token_stride = (int64_t)num_kv_heads * HD;
+    for (int hq = 0; hq < num_heads; hq++) {
+        const int64_t kv_offset = (int64_t)(hq / group) * HD;
+        float *sh = scores + (int64_t)hq * n;
+        __m512 qv[HD / 16];
+        for (int c = 0; c < HD / 16; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + (int64_t)hq * HD + 16 * c),
+                                                              _mm512_set1_ps(scale));
+        int t = first;
+        for (; t + 16 <= len; t += 16) {
+            __m512 dots[16];
+            for (int j = 0; j < 16; j++) {
+                if (hq == 0 && t + j + PREFETCH_DISTANCE < len)
+                    prefetch_row(k_cache, table, t + j + PREFETCH_DISTANCE, block_size, token_stride, 0);
+                const float *kh = k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset;
+                __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kh));
+                for (int c = 1; c < HD / 16; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + 16 * c), acc);
+                dots[j] = acc;
+            }
+            _mm512_storeu_ps(sh + (t - first), sum_each16(dots));
+        }
+        for (; t < len; t++) {
+            const float *kh = k_cache + token_base(table, t, block_size, token_stride) + kv_offset;
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kh));
+            for (int c = 1; c < HD / 16; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + 16 * c), acc);
+            sh[t - first] = _mm512_reduce_add_ps(acc);
+        }
+
+        const __m512 inv_sum = _mm512_set1_ps(softmax_unnormalised(sh, n));
+        __m512 even[HD / 16], odd[HD / 16];
+        for (int c = 0; c < HD / 16; c++) even[c] = odd[c] = _mm512_setzero_ps();
+        int i = 0;
+        for (; i + 2 <= n; i += 2) {
+            if (hq == 0 && first + i + 1 + PREFETCH_DISTANCE < len) {
+                prefetch_row(v_cache, table, first + i + PREFETCH_DISTANCE, block_size, token_stride, 0);
+                prefetch_row(v_cache, table, first + i + 1 + PREFETCH_DISTANCE, block_size, token_stride, 0);
+            }
+            const float *v0 = v_cache + token_base(table, first + i, block_size, token_stride) + kv_offset;
+            const float *v1 = v_cache + token_base(table, first + i + 1, block_size, token_stride) + kv_offset;
+            const __m512 p0 = _mm512_set1_ps(sh[i]), p1 = _mm512_set1_ps(sh[i + 1]);
+            for (int c = 0; c < HD / 16; c++) {
+                even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), even[c]);
+                odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * c), odd[c]);
+            }
+        }
+        if (i < n) {
+            const float *v0 = v_cache + token_base(table, first + i, block_size, token_stride) + kv_offset;
+            const __m512 p0 = _mm512_set1_ps(sh[i]);
+            for (int c = 0; c < HD / 16; c++) even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), even[c]);
+        }
+        for (int c = 0; c < HD / 16; c++)
+            _mm512_storeu_ps(out + (int64_t)hq * HD + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), inv_sum));
+    }
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 
 /* `attend` for bf16 with head_dim HD, a literal (so every per-dimension loop unrolls and its
  * accumulators stay in registers), one query head at a time:
@@ -181,18 +258,8 @@ static inline void attend(const void *q, const void *k_cache, const void *v_cach
         }
     }
 
-    float inv_sum[num_heads]; /* softmax per query head; 1/sum is applied at the end */
-    for (int hq = 0; hq < num_heads; hq++) {
-        float *sh = scores + (int64_t)hq * n, top = -INFINITY, sum = 0.0f;
-#pragma omp simd reduction(max : top)
-        for (int i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
-#pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < n; i++) {
-            sh[i] = exp_approx(sh[i] - top);
-            sum += sh[i];
-        }
-        inv_sum[hq] = 1.0f / sum;
-    }
+    float inv_sum[num_heads];
+    for (int hq = 0; hq < num_heads; hq++) inv_sum[hq] = softmax_unnormalised(scores + (int64_t)hq * n, n);
 
     memset(acc, 0, sizeof(float) * num_heads * head_dim);
     for (int t = first; t < len; t++) { /* out = p . v */
@@ -264,6 +331,30 @@ static inline int paged_attention(const void *q, int64_t q_stride, const void *k
                 else
                     attend_bf16(qb, k_cache, v_cache, ob, table, len, first, num_heads, num_kv_heads, block_size,
                                 scale, scores, probs, 128);
+                continue;
+            }
+#endif
+#if defined(__AVX512F__)
+            if (!is_bf16 && (head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128)) {
+                const float *qf32 = (const float *)q + q_offset;
+                float *of32 = (float *)out + out_offset;
+                switch (head_dim) {
+                case 16:
+                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
+                               scale, scores, 16);
+                    break;
+                case 32:
+                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
+                               scale, scores, 32);
+                    break;
+                case 64:
+                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
+                               scale, scores, 64);
+                    break;
+                default:
+                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
+                               scale, scores, 128);
+                }
                 continue;
             }
 #endif

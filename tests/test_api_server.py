@@ -19,7 +19,7 @@ from conveyor.frontend.errors import EngineDeadError
 
 MODEL = "tiny-llama"
 API_KEY = "test-key"
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 2048  # the tiny model's limit: the abort tests need the longest generation it allows
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 

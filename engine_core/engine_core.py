@@ -56,11 +56,11 @@ IDLE_CHECK_S = 0.5  # how often an idle core checks that its workers are alive
 class EngineCore:
     """Scheduler plus executor, with no sockets: one call of `step` is one model step."""
 
-    def __init__(self, config: EngineConfig, ipc_dir: str, max_model_len: int):
+    def __init__(self, config: EngineConfig, ipc_dir: str):
         self.config = config
         self.executor = Executor(config, ipc_dir)
         self.executor.collective_call("init_kv_cache", self.executor.num_blocks)
-        self.scheduler = Scheduler(config, self.executor.num_blocks, max_model_len)
+        self.scheduler = Scheduler(config, self.executor.num_blocks, self.executor.max_model_len)
         self.pipeline_depth = 2 if config.uses_async_scheduling(self.executor.device_type) else 1
         self.in_flight: deque[float] = deque()  # when each step the workers hold was scheduled
         self.last_step_end = 0.0
@@ -194,13 +194,13 @@ class EngineCoreProc:
                                              name="core-input")
         self.input_thread.start()
         try:
-            self.core = EngineCore(payload.config, payload.ipc_dir, payload.max_model_len)
+            self.core = EngineCore(payload.config, payload.ipc_dir)
         except BaseException as exc:
             self._die(exc)
             raise
         gc.collect()
         gc.freeze()  # the block pool's thousands of blocks live as long as the core: keep collections short
-        self.ready = EngineReady(payload.max_model_len, self.core.executor.num_blocks)
+        self.ready = EngineReady(self.core.scheduler.max_model_len, self.core.executor.num_blocks)
         for client in self.clients:
             self.outputs.put((client, self.ready))
 
@@ -348,14 +348,14 @@ class EngineCoreProc:
                     last_sent[client] = now
 
 
-def run_headless(config: EngineConfig, address: str, max_model_len: int) -> int:
+def run_headless(config: EngineConfig, address: str) -> int:
     """`conveyor serve --headless`: this process is the engine core (its workers are its children),
     serving frontends that connect to `address` from any host, until SIGINT or SIGTERM."""
     ipc_dir = new_ipc_dir()  # for the workers' sockets
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     proc = None
     try:
-        proc = EngineCoreProc(CorePayload(config, address, None, ipc_dir, max_model_len))
+        proc = EngineCoreProc(CorePayload(config, address, None, ipc_dir))
         logger.info("engine core ready: frontends connect to %s", address)
         proc.run()
     except (SystemExit, KeyboardInterrupt):

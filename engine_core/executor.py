@@ -47,6 +47,7 @@ class Executor:
             self.workers.append(spawn("conveyor.gpu_worker.worker", payload, f"worker-{rank}"))
         ready = [self._receive(WorkerReady, startup_timeout) for _ in self.workers]
         self.num_blocks = min(r.num_gpu_blocks for r in ready)
+        self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
 
     def collective_call(self, method: str, *args, timeout: float = 600.0) -> list:

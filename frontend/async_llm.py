@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.frontend.beam_search import beam_search
@@ -41,6 +40,8 @@ PromptType = str | dict[str, Any] | list[int]
 
 
 def eos_token_ids(model: str, tokenizer) -> list[int]:
+    from transformers import GenerationConfig
+
     try:
         eos = GenerationConfig.from_pretrained(model).eos_token_id
     except OSError:
@@ -72,22 +73,25 @@ class AsyncLLM:
     def __init__(self, model: str, tokenizer: str | None = None, engine_address: str | None = None,
                  **engine_args: Any):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
-        self.hf_config = AutoConfig.from_pretrained(model)
-        self.max_model_len = resolve_max_model_len(self.config, self.hf_config) if engine_address is None else 0
         self.output_processor = OutputProcessor(None)
         # One thread: tokenizing holds the GIL, and every extra contender delays the event loop.
         self.input_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-input")
-        # Start the engine first: the tokenizer loads here while the workers load the model.
-        self.client = CoreClient(self.config, self.max_model_len or None, self._on_outputs,
-                                 self.output_processor.fail_all, engine_address)
+        # Start the engine first: transformers imports and the tokenizer loads here (seconds)
+        # while the workers load the model.
+        self.client = CoreClient(self.config, self._on_outputs, self.output_processor.fail_all, engine_address)
         self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor)
         atexit.register(self._finalizer)
         try:
+            from transformers import AutoConfig, AutoTokenizer
+
+            self.hf_config = AutoConfig.from_pretrained(model)
+            if engine_address is None:  # a core of our own: a bad limit fails here, before its workers do
+                resolve_max_model_len(self.config, self.hf_config)
             self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer_path)
             self.eos_token_ids = eos_token_ids(model, self.tokenizer)
             self.output_processor.tokenizer = self.tokenizer
             self.client.wait_ready()
-            self.max_model_len = self.client.max_model_len  # the core's word, when it is shared
+            self.max_model_len = self.client.max_model_len  # the core's word (the workers resolved it)
         except BaseException:
             self.shutdown()
             raise

@@ -55,8 +55,7 @@ class CoreClient:
     """`engine_address` None: spawn a private core (this client is its client 0). Otherwise connect
     to the core listening there (tcp://HOST:PORT or ipc://PATH) as a new client."""
 
-    def __init__(self, config: EngineConfig, max_model_len: int | None,
-                 on_outputs: Callable[[EngineCoreOutputs], None],
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[EngineCoreOutputs], None],
                  on_dead: Callable[[EngineDeadError], None], engine_address: str | None = None):
         self.on_outputs, self.on_dead = on_outputs, on_dead
         self.engine_address = engine_address
@@ -77,8 +76,7 @@ class CoreClient:
                 self.client_index = 0
                 self.output_socket = make_socket(self.ctx, zmq.PULL, ipc_address(self.ipc_dir, "out"), bind=True)
                 input_address = ipc_address(self.ipc_dir, "in")
-                payload = CorePayload(config, input_address, bound_address(self.output_socket), self.ipc_dir,
-                                      max_model_len)
+                payload = CorePayload(config, input_address, bound_address(self.output_socket), self.ipc_dir)
                 self.proc = spawn("conveyor.engine_core.engine_core", payload, "engine-core", new_process_group=True)
                 self.input_socket = make_socket(self.ctx, zmq.PUSH, input_address, bind=False)
             else:
@@ -86,16 +84,17 @@ class CoreClient:
                 address = output_address_toward(engine_address, self.ipc_dir)
                 self.output_socket = make_socket(self.ctx, zmq.PULL, address, bind=True)
                 self.input_socket = make_socket(self.ctx, zmq.PUSH, engine_address, bind=False)
-                self._send(Hello(self.client_index, bound_address(self.output_socket)))
         except BaseException:
             self.shutdown()
             raise
-        self.num_kv_blocks = 0
-        self.max_model_len = max_model_len
+        self.num_kv_blocks = self.max_model_len = 0  # the core's word, once it is ready
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        """Block until the core and its workers are up; raise the cause if they fail to start."""
+        """Block until the core and its workers are up; raise the cause if they fail to start. A
+        shared core hears from us only from here on: it forgets a client that is silent too long."""
         try:
+            if self.proc is None:
+                self._send(Hello(self.client_index, bound_address(self.output_socket)))
             ready = self._wait_ready(timeout)
             self.num_kv_blocks, self.max_model_len = ready.num_kv_blocks, ready.max_model_len
         except BaseException:
@@ -117,6 +116,7 @@ class CoreClient:
                 if not isinstance(message, Heartbeat):
                     raise EngineStartupError(f"unexpected first message from the engine core: {type(message).__name__}")
                 continue
+            self._beat_if_quiet()  # a shared core may still be loading: it must not forget us meanwhile
             # A core that fails to start sends its reason first: give that a moment to land.
             if self.proc is not None and self.proc.poll() is not None and not self.output_socket.poll(500):
                 raise EngineStartupError(f"engine failed to start: {describe_exit('engine core', self.proc.returncode)}")

@@ -30,13 +30,15 @@ logger = logging.getLogger(__name__)
 SUPERVISE_S = 0.2  # how often the supervisor checks its children
 
 
-def engine_config(args: argparse.Namespace):
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine arguments, checked against the model's config before any process starts."""
     from transformers import AutoConfig
 
     from conveyor.frontend.cli import engine_args
 
     config = EngineConfig(model=args.model, **engine_args(args))
-    return config, resolve_max_model_len(config, AutoConfig.from_pretrained(args.model))
+    resolve_max_model_len(config, AutoConfig.from_pretrained(args.model))  # a bad limit fails here, not in a worker
+    return config
 
 
 def run_headless(args: argparse.Namespace) -> int:
@@ -44,8 +46,7 @@ def run_headless(args: argparse.Namespace) -> int:
     (`conveyor serve --engine-address HOST:ENGINE_PORT`, or `AsyncLLM(engine_address=...)`)."""
     from conveyor.engine_core.engine_core import run_headless as run_core
 
-    config, max_model_len = engine_config(args)
-    return run_core(config, f"tcp://{args.host}:{args.engine_port}", max_model_len)
+    return run_core(engine_config(args), f"tcp://{args.host}:{args.engine_port}")
 
 
 def run_api_servers(args: argparse.Namespace, engine_address: str | None = None) -> int:
@@ -63,10 +64,10 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
     listener = socket.create_server((args.host, args.port))
     children: dict[str, subprocess.Popen] = {}
     if engine_address is None:
-        config, max_model_len = engine_config(args)
+        config = engine_config(args)
         engine_address = ipc_address(ipc_dir, "core-in")
         children["engine core"] = spawn("conveyor.engine_core.engine_core",
-                                        CorePayload(config, engine_address, None, ipc_dir, max_model_len),
+                                        CorePayload(config, engine_address, None, ipc_dir),
                                         "engine-core", new_process_group=True)
     server_args = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
     metrics_dir = os.path.join(ipc_dir, "metrics")  # /metrics of any server sums them all

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from conveyor.config import EngineConfig
+from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.gpu_worker.attention import AttentionMetadata
 from conveyor.gpu_worker.model_loader import load_model
 from conveyor.gpu_worker.ops import select_ops
@@ -44,6 +44,7 @@ class ModelRunner:
         self.config = config
         self.device = device or torch.device(config.resolved_device())
         self.hf_config = AutoConfig.from_pretrained(config.model)
+        self.max_model_len = resolve_max_model_len(config, self.hf_config)  # a bad one fails before loading
         self.dtype = resolve_dtype(config, self.hf_config)
         self.ops = select_ops(self.device, self.dtype, config.attention_backend)
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops)

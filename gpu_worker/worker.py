@@ -60,7 +60,8 @@ def worker_main() -> None:
         runner = ModelRunner(config, device)
         gc.collect()
         gc.freeze()  # the model's objects never become garbage: keep collections short
-        outputs.send_multipart(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), device.type)))
+        outputs.send_multipart(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
+                                                         device.type)))
         while True:
             message = decoder.decode(inputs.recv_multipart(copy=False))
             if isinstance(message, SchedulerOutput):

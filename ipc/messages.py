@@ -191,6 +191,7 @@ class ModelRunnerOutput(Message, tag="mro"):
 class WorkerReady(Message, tag="ready"):
     rank: int
     num_gpu_blocks: int
+    max_model_len: int  # the engine's limit, resolved against the model's config where it is loaded
     device_type: str = "cpu"  # where the rank runs the model: cpu | cuda
 
 
@@ -214,7 +215,6 @@ class CorePayload(msgspec.Struct):
     input_address: str  # the core binds it; every frontend connects
     output_address: str | None  # the spawning frontend's output socket (client 0); None: headless
     ipc_dir: str
-    max_model_len: int
 
 
 class ApiServerPayload(msgspec.Struct):

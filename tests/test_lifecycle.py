@@ -87,9 +87,20 @@ def test_shutdown_stops_every_child_and_removes_ipc_files(llama_dir):
     assert children_of(os.getpid()) == []
 
 
-def test_bad_model_path_raises_from_constructor():
+def test_bad_model_path_raises_from_constructor_and_leaves_nothing():
+    before = set(children_of(os.getpid()))
     with pytest.raises(OSError):
         AsyncLLM("/nonexistent/model/dir")
+    assert wait_until(lambda: set(children_of(os.getpid())) <= before, timeout=5)
+
+
+def test_max_model_len_beyond_the_model_raises_value_error_and_leaves_nothing(llama_dir):
+    """The core starts before the frontend reads the model config; the frontend still refuses a
+    limit past max_position_embeddings (2048 for the tiny model) itself, with a ValueError."""
+    before = set(children_of(os.getpid()))
+    with pytest.raises(ValueError, match="max_model_len must be <= the model's max_position_embeddings"):
+        AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=16, max_model_len=4096)
+    assert wait_until(lambda: set(children_of(os.getpid())) <= before, timeout=5)
 
 
 def test_worker_that_fails_to_load_raises_with_cause_and_leaves_nothing(llama_dir, tmp_path):

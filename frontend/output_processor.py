@@ -34,7 +34,6 @@ class OutputMailbox:
             self.pending = item
         self.ready.set()
 
-
     async def get(self) -> RequestOutput:
         await self.ready.wait()
         item, self.pending = self.pending, None

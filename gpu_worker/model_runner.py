@@ -166,12 +166,17 @@ class ModelRunner:
         max_blocks = max(len(s.block_ids) for s in states)
         block_tables = np.zeros((len(states), max_blocks), dtype=np.int32)
         logits_indices, sampling_states = [], []
-        for i, (state, start, n) in enumerate(zip(states, starts, num_tokens)):
-            q0 = query_start_loc[i]
-            input_ids[q0 : q0 + n] = state.token_ids[start : start + n]
+        q0 = 0  # plain ints in this loop: numpy scalars cost more than the work
+        for i, (state, n) in enumerate(zip(states, num_tokens)):
+            start, token_ids = state.num_computed_tokens, state.token_ids
+            if n == 1:
+                input_ids[q0] = token_ids[start]
+            else:
+                input_ids[q0 : q0 + n] = token_ids[start : start + n]
             block_tables[i, : len(state.block_ids)] = state.block_ids
-            if start + n >= len(state.token_ids):  # reaches the end of what is known: sample
-                logits_indices.append(int(q0 + n - 1))
+            q0 += n
+            if start + n >= len(token_ids):  # reaches the end of what is known: sample
+                logits_indices.append(q0 - 1)
                 sampling_states.append(state)
         row = np.repeat(np.arange(len(states)), counts)
         slot_mapping = block_tables[row, positions // bs].astype(np.int64) * bs + positions % bs

@@ -121,7 +121,7 @@ class CpuOps(TorchOps):
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous():
             return self.kernels.argmax(logits)
-        return logits.argmax(dim=-1)
+        return super().argmax(logits)
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                   sliding_window: int | None) -> torch.Tensor:

@@ -142,6 +142,7 @@ async def test_async_scheduling_stops_at_the_stop_token_and_frees_everything(lla
     llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256, async_scheduling=True)
     try:
         cases = [(p, e) for p, e in zip(prompts, expected) if len(e) >= 8][:6]
+        assert cases, "the workload has no generation long enough to stop inside"
 
         async def run(prompt, tokens):
             stop = tokens[4]

@@ -64,6 +64,13 @@ static inline __m512 sum_each16(const __m512 v[16]) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15), d);
 }
 
+/* q . k of one cached row: HD/16 products summed lane-wise (q already scaled). */
+static inline __attribute__((always_inline)) __m512 row_dot_f32(const __m512 *qv, const float *kh, const int HD) {
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kh));
+    for (int c = 1; c < HD / 16; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + 16 * c), acc);
+    return acc;
+}
+
 /* `attend` for float32 with head_dim HD (a literal, a multiple of 16), one query head at a time:
  * q . k for 16 tokens at once, summed by one transposing tree; p . v with two interleaved sets of
  * accumulators, so consecutive tokens' FMAs do not wait on each other. */
@@ -84,19 +91,13 @@ static inline __attribute__((always_inline)) void attend_f32(
             for (int j = 0; j < 16; j++) {
                 if (hq == 0 && t + j + PREFETCH_DISTANCE < len)
                     prefetch_row(k_cache, table, t + j + PREFETCH_DISTANCE, block_size, token_stride, 0);
-                const float *kh = k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset;
-                __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kh));
-                for (int c = 1; c < HD / 16; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + 16 * c), acc);
-                dots[j] = acc;
+                dots[j] = row_dot_f32(qv, k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset, HD);
             }
             _mm512_storeu_ps(sh + (t - first), sum_each16(dots));
         }
-        for (; t < len; t++) {
-            const float *kh = k_cache + token_base(table, t, block_size, token_stride) + kv_offset;
-            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kh));
-            for (int c = 1; c < HD / 16; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + 16 * c), acc);
-            sh[t - first] = _mm512_reduce_add_ps(acc);
-        }
+        for (; t < len; t++)
+            sh[t - first] = _mm512_reduce_add_ps(
+                row_dot_f32(qv, k_cache + token_base(table, t, block_size, token_stride) + kv_offset, HD));
 
         const __m512 inv_sum = _mm512_set1_ps(softmax_unnormalised(sh, n));
         __m512 even[HD / 16], odd[HD / 16];
@@ -128,6 +129,13 @@ static inline __attribute__((always_inline)) void attend_f32(
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 
+/* q . k of one cached row: HD/32 bf16 pair products summed lane-wise. */
+static inline __attribute__((always_inline)) __m512 row_dot_bf16(const __m512bh *qv, const bf16 *kh, const int HD) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < HD / 32; c++) acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kh + 32 * c));
+    return acc;
+}
+
 /* `attend` for bf16 with head_dim HD, a literal (so every per-dimension loop unrolls and its
  * accumulators stay in registers), one query head at a time:
  * - q . k: 16 tokens' dot products at once (vdpbf16ps), summed by one transposing tree;
@@ -153,31 +161,17 @@ static inline __attribute__((always_inline)) void attend_bf16(
             for (int j = 0; j < 16; j++) {
                 if (hq == 0 && t + j + PREFETCH_DISTANCE < len)
                     prefetch_row(k_cache, table, t + j + PREFETCH_DISTANCE, block_size, token_stride, 1);
-                const bf16 *kh = k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset;
-                __m512 acc = _mm512_setzero_ps();
-                for (int c = 0; c < HD / 32; c++)
-                    acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kh + 32 * c));
-                dots[j] = acc;
+                dots[j] = row_dot_bf16(qv, k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset, HD);
             }
             _mm512_storeu_ps(sh + (t - first), _mm512_mul_ps(sum_each16(dots), _mm512_set1_ps(scale)));
         }
-        for (; t < len; t++) {
-            const bf16 *kh = k_cache + token_base(table, t, block_size, token_stride) + kv_offset;
-            __m512 acc = _mm512_setzero_ps();
-            for (int c = 0; c < HD / 32; c++)
-                acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kh + 32 * c));
-            sh[t - first] = _mm512_reduce_add_ps(acc) * scale;
-        }
+        for (; t < len; t++)
+            sh[t - first] = _mm512_reduce_add_ps(
+                row_dot_bf16(qv, k_cache + token_base(table, t, block_size, token_stride) + kv_offset, HD)) * scale;
 
-        float top = -INFINITY, sum = 0.0f;
-#pragma omp simd reduction(max : top)
-        for (int i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
-#pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < n; i++) {
-            const float p = exp_approx(sh[i] - top);
-            sum += p;
-            store(probs, i, p, 1);
-        }
+        const __m512 inv_sum = _mm512_set1_ps(softmax_unnormalised(sh, n));
+#pragma omp simd
+        for (int i = 0; i < n; i++) store(probs, i, sh[i], 1);
         probs[n] = 0; /* pairs an odd last token with a zero probability */
 
         __m512 lo[HD / 32], hi[HD / 32];
@@ -203,7 +197,6 @@ static inline __attribute__((always_inline)) void attend_bf16(
         /* lo holds dims 0-3, 8-11, 16-19, 24-27 of each 32; hi the others */
         const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
         const __m512i last16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-        const __m512 inv_sum = _mm512_set1_ps(1.0f / sum);
         float o[HD];
         for (int c = 0; c < HD / 32; c++) {
             _mm512_storeu_ps(o + 32 * c, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], first16, hi[c]), inv_sum));

@@ -149,7 +149,6 @@ static inline void fused_add_rms_norm_row(void *x, void *residual, const void *w
         store(x, o + d, round_as(load(residual, o + d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
 }
 
-
 /* out[r] = silu(x[r, :dim]) * x[r, dim:]; x [rows, 2*dim] and out [rows, dim] contiguous. */
 static inline void silu_and_mul_row(const void *x, void *out, int64_t r, int dim, int is_bf16) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)

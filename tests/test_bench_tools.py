@@ -127,6 +127,18 @@ def test_overhead_measures_each_configuration(tmp_path, capsys):
         ("sync", 1, 1), ("sync", 1, 3), ("sync", 2, 1), ("sync", 2, 3)]
     for r in rows:
         assert 0 <= r["overhead_share"] < 1 and r["mean_step_ms"] > 0 and r["output_tok_per_s"] > 0
+        assert r["model"] == "1-layer tiny"
+        # one repeat: the absolute cost is the share of the mean step
+        assert r["overhead_us_per_step"] == pytest.approx(r["overhead_share"] * r["mean_step_ms"] * 1000)
+
+
+def test_overhead_measures_a_given_checkpoint(llama_dir, tmp_path):
+    out = tmp_path / "overhead.json"
+    bench_overhead.main(["--model", llama_dir, "--batch-sizes", "2", "--output-len", "4", "--repeats", "1",
+                         "--scheduling", "async", "--worker-threads", "1", "--out", str(out)])
+    [row] = read_json(out)
+    assert (row["model"], row["batch_size"], row["scheduling"]) == (llama_dir, 2, "async")
+    assert row["overhead_us_per_step"] > 0
 
 
 def test_throughput_conveyor_counts_every_output_token(llama_dir, tmp_path):

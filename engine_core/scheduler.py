@@ -217,12 +217,17 @@ class Scheduler:
         self.waiting.add(request, front=True)
 
     def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
-        new, cached = [], []
+        new, new_counts = [], []
+        cached = CachedRequestData()
+        cached_counts = []
         samples: dict[str, tuple[Request, int]] = {}
         for request_id, n in scheduled.items():
             request = self.requests[request_id]
             if request_id in self.known_to_workers:
-                cached.append(CachedRequestData(request_id, new_blocks[request_id], request.num_computed_tokens))
+                cached.request_ids.append(request_id)
+                cached.new_block_ids.append(new_blocks[request_id])
+                cached.num_computed_tokens.append(request.num_computed_tokens)
+                cached_counts.append(n)
             else:
                 self.known_to_workers.add(request_id)
                 new.append(NewRequestData(
@@ -233,12 +238,13 @@ class Scheduler:
                     request.num_computed_tokens,
                     request.output_token_ids,
                 ))
+                new_counts.append(n)
             request.num_computed_tokens += n
             if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1  # the step reaches its end: it samples
                 samples[request_id] = (request, request.num_preemptions)
         self.in_flight[self.step_id] = samples
-        output = SchedulerOutput(self.step_id, new, cached, scheduled, self.dropped_ids)
+        output = SchedulerOutput(self.step_id, new, cached, new_counts + cached_counts, self.dropped_ids)
         self.dropped_ids = []
         self.step_id += 1
         return output

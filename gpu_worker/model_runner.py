@@ -98,10 +98,13 @@ class ModelRunner:
                 # the first prompt token has no logprob; a resumed request already sent them
                 [None] if new.sampling_params.prompt_logprobs is not None and not new.output_token_ids else None,
             )
-        for cached in step.cached_requests:
-            state = self.requests[cached.request_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+        cached = step.cached_requests
+        for request_id, new_block_ids, num_computed in zip(cached.request_ids, cached.new_block_ids,
+                                                           cached.num_computed_tokens):
+            state = self.requests[request_id]
+            if new_block_ids:
+                state.block_ids.extend(new_block_ids)
+            state.num_computed_tokens = num_computed
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
@@ -110,7 +113,8 @@ class ModelRunner:
         if not step.num_scheduled_tokens:
             return ModelRunnerOutput(step.step_id, [], [])
         # Decodes first, then prefills by length: the attention path batches equal neighbours.
-        order = sorted(step.num_scheduled_tokens.items(), key=lambda item: (item[1] != 1, item[1]))
+        order = sorted(zip(step.scheduled_request_ids(), step.num_scheduled_tokens),
+                       key=lambda item: (item[1] != 1, item[1]))
         states = [self.requests[request_id] for request_id, _ in order]
         num_tokens = [n for _, n in order]
         input_ids, positions, meta, logits_indices, sampling_states = self.prepare_inputs(states, num_tokens)

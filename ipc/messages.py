@@ -149,19 +149,28 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """A running request the workers hold: only what changed."""
+    """The running requests the workers hold, one list per field: only what changed. (A struct
+    per request took twice as long to decode at batch 64, a step's largest IPC cost.)"""
 
-    request_id: str
-    new_block_ids: list[int]
-    num_computed_tokens: int
+    request_ids: list[str] = []
+    new_block_ids: list[list[int]] = []
+    num_computed_tokens: list[int] = []
 
 
 class SchedulerOutput(Message, tag="step"):
     step_id: int
     new_requests: list[NewRequestData]
-    cached_requests: list[CachedRequestData]
-    num_scheduled_tokens: dict[str, int]
+    cached_requests: CachedRequestData
+    num_scheduled_tokens: list[int]  # per request: the new ones, then the cached ones, in order
     finished_request_ids: list[str]  # finished or preempted: workers drop their state
+
+    def scheduled_request_ids(self) -> list[str]:
+        """The requests of `num_scheduled_tokens`, in its order."""
+        return [new.request_id for new in self.new_requests] + self.cached_requests.request_ids
+
+    def scheduled_tokens(self) -> dict[str, int]:
+        """Request id -> the tokens it computes this step."""
+        return dict(zip(self.scheduled_request_ids(), self.num_scheduled_tokens))
 
 
 class WorkerCall(Message, tag="wcall"):

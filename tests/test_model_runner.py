@@ -23,7 +23,7 @@ def run_greedy(runner: ModelRunner, prompts, max_tokens=MAX_TOKENS, chunk: int |
         reqs[str(i)] = {"tokens": list(prompt), "computed": 0, "blocks": [], "out": [], "lps": [], "seen": False}
     step_id = 0
     while any(len(r["out"]) < max_tokens for r in reqs.values()):
-        new, cached, sched = [], [], {}
+        new, cached, new_counts, cached_counts = [], CachedRequestData(), [], []
         for rid, r in reqs.items():
             if len(r["out"]) >= max_tokens:
                 continue
@@ -35,12 +35,15 @@ def run_greedy(runner: ModelRunner, prompts, max_tokens=MAX_TOKENS, chunk: int |
             r["blocks"] += added
             if not r["seen"]:
                 new.append(NewRequestData(rid, list(r["tokens"]), params, list(r["blocks"]), r["computed"]))
+                new_counts.append(n)
                 r["seen"] = True
             else:
-                cached.append(CachedRequestData(rid, added, r["computed"]))
-            sched[rid] = n
+                cached.request_ids.append(rid)
+                cached.new_block_ids.append(added)
+                cached.num_computed_tokens.append(r["computed"])
+                cached_counts.append(n)
             r["computed"] += n
-        out = runner.execute_model(SchedulerOutput(step_id, new, cached, sched, []))
+        out = runner.execute_model(SchedulerOutput(step_id, new, cached, new_counts + cached_counts, []))
         step_id += 1
         for k, (rid, tokens) in enumerate(zip(out.request_ids, out.sampled_token_ids)):
             reqs[rid]["tokens"] += tokens

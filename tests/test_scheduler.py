@@ -24,7 +24,7 @@ def add(scheduler: Scheduler, rid: str, prompt_len: int = 6, max_tokens: int = 4
 
 def result(step: SchedulerOutput, tokens: dict[str, int]) -> ModelRunnerOutput:
     """What a worker returns for `step`: a token for each request given one."""
-    ids = [rid for rid in step.num_scheduled_tokens if rid in tokens]
+    ids = [rid for rid in step.scheduled_request_ids() if rid in tokens]
     return ModelRunnerOutput(step.step_id, ids, [[tokens[rid]] for rid in ids])
 
 
@@ -36,11 +36,11 @@ def test_next_step_computes_the_token_still_in_flight():
     s = make_scheduler()
     r = add(s, "r", prompt_len=6)
     s0 = s.schedule()
-    assert s0.num_scheduled_tokens == {"r": 6}
+    assert s0.scheduled_tokens() == {"r": 6}
     assert r.num_output_placeholders == 1
     s1 = s.schedule()  # before s0's result: the position of the token s0 samples
-    assert s1.num_scheduled_tokens == {"r": 1}
-    assert s1.cached_requests[0].num_computed_tokens == 6
+    assert s1.scheduled_tokens() == {"r": 1}
+    assert s1.cached_requests.num_computed_tokens == [6]
     assert r.num_output_placeholders == 2
     s.update_from_output(result(s0, {"r": 100}))
     s.update_from_output(result(s1, {"r": 101}))
@@ -94,14 +94,14 @@ def test_preempted_in_flight_drops_its_token_and_resumes_from_known_tokens():
     a = add(s, "a", prompt_len=8, max_tokens=8)
     b = add(s, "b", prompt_len=8, max_tokens=8)
     steps = [s.schedule()]
-    assert steps[0].num_scheduled_tokens == {"a": 8, "b": 8}
+    assert steps[0].scheduled_tokens() == {"a": 8, "b": 8}
     for k in range(1, 5):  # positions 8, 9, 10, 11, one step ahead of the results
         steps.append(s.schedule())
-        assert steps[k].num_scheduled_tokens == {"a": 1, "b": 1}
+        assert steps[k].scheduled_tokens() == {"a": 1, "b": 1}
         s.update_from_output(result(steps[k - 1], {"a": 100 + k - 1, "b": 200 + k - 1}))
     s5 = s.schedule()  # position 12 needs a fourth block each: b, the newest, is preempted for a
     assert b.status == RequestStatus.PREEMPTED and b.num_output_placeholders == 0
-    assert s5.num_scheduled_tokens == {"a": 1} and s5.finished_request_ids == ["b"]
+    assert s5.scheduled_tokens() == {"a": 1} and s5.finished_request_ids == ["b"]
     s.update_from_output(result(steps[4], {"a": 104, "b": 204}))
     assert a.output_token_ids == [100, 101, 102, 103, 104]
     assert b.output_token_ids == [200, 201, 202, 203]  # 204 was sampled after b's preemption
@@ -110,7 +110,7 @@ def test_preempted_in_flight_drops_its_token_and_resumes_from_known_tokens():
     s6 = s.schedule()
     (resumed,) = s6.new_requests
     assert resumed.request_id == "b" and resumed.output_token_ids == [200, 201, 202, 203]
-    assert s6.num_scheduled_tokens == {"b": 12} and b.num_output_placeholders == 1
+    assert s6.scheduled_tokens() == {"b": 12} and b.num_output_placeholders == 1
 
 
 def test_sync_and_async_give_the_same_tokens():
@@ -121,7 +121,7 @@ def test_sync_and_async_give_the_same_tokens():
         tokens = {}
         for new in step.new_requests:
             known[new.request_id] = new.prompt_token_ids + new.output_token_ids
-        for rid in step.num_scheduled_tokens:
+        for rid in step.scheduled_request_ids():
             token = EOS if known[rid][-1] == 36 else 20 + (known[rid][-1] * 7) % 30
             known[rid].append(token)
             tokens[rid] = token

@@ -124,51 +124,42 @@ class KVCacheManager:
         `num_lookahead_tokens` draft slots. Returns the ids of the blocks added (hits first), or
         None, changing nothing, when too few blocks are free."""
         block_size = self.block_size
-        blocks = self.req_to_blocks.get(request.request_id)
-        plain = not new_computed_blocks and num_new_computed_tokens == 0 and num_lookahead_tokens == 0
-        num_end = request.num_computed_tokens + num_new_tokens
-        if plain and blocks is not None and num_new_tokens >= 0 and num_end <= len(blocks) * block_size:
-            # The common decode step, ~40 % of scheduling a batch of them: the request's own
-            # blocks have room for its new tokens, so nothing is allocated.
-            if self.enable_prefix_caching:
-                self._cache_full_blocks(request, blocks, num_end)
-            return []
-        new_computed_blocks = new_computed_blocks or []
+        hits = new_computed_blocks or []
         if num_new_tokens < 0 or num_lookahead_tokens < 0:
             raise ValueError(
                 f"token counts must be >= 0, got num_new_tokens={num_new_tokens}, "
                 f"num_lookahead_tokens={num_lookahead_tokens}"
             )
-        if num_new_computed_tokens != len(new_computed_blocks) * block_size:
+        if num_new_computed_tokens != len(hits) * block_size:
             raise ValueError(
                 f"num_new_computed_tokens must be len(new_computed_blocks) * block_size = "
-                f"{len(new_computed_blocks) * block_size}, got {num_new_computed_tokens}"
+                f"{len(hits) * block_size}, got {num_new_computed_tokens}"
             )
+        blocks = self.req_to_blocks.get(request.request_id)
         num_owned = 0 if blocks is None else len(blocks)
-        if new_computed_blocks:
-            self._check_hits(request, new_computed_blocks, num_owned)
         num_computed = request.num_computed_tokens + num_new_computed_tokens
         num_required = -(-(num_computed + num_new_tokens + num_lookahead_tokens) // block_size)
-        num_fresh = max(0, num_required - num_owned - len(new_computed_blocks))
-
-        # Hits that sit in the free list stop being free once touched.
-        num_free_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
-        if num_fresh > self.block_pool.num_free_blocks - num_free_hits:
-            return None
+        num_fresh = max(0, num_required - num_owned - len(hits))
+        if hits:
+            self._check_hits(request, hits, num_owned)
+        if num_fresh:
+            num_free_hits = sum(1 for block in hits if block.ref_cnt == 0)  # touched, they stop being free
+            if num_fresh > self.block_pool.num_free_blocks - num_free_hits:
+                return None
 
         if blocks is None:
             blocks = self.req_to_blocks[request.request_id] = []
-        if new_computed_blocks:
-            self.block_pool.touch(new_computed_blocks)
-            blocks.extend(new_computed_blocks)
+        if hits:
+            self.block_pool.touch(hits)
+            blocks.extend(hits)
         fresh = self.block_pool.get_new_blocks(num_fresh) if num_fresh else []
         blocks.extend(fresh)
 
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
-        if not new_computed_blocks:
-            return [block.block_id for block in fresh]
-        return [block.block_id for block in new_computed_blocks] + [b.block_id for b in fresh]
+        if not (hits or fresh):
+            return []  # the common decode step, whose tokens fit in the blocks it owns
+        return [block.block_id for block in hits + fresh]
 
     def _check_hits(self, request: Request, hits: list[KVCacheBlock], num_owned: int) -> None:
         if num_owned * self.block_size != request.num_computed_tokens:

@@ -59,37 +59,57 @@ async def test_repeated_prompt_hits_prefix_cache(engine, workload):
     assert again.num_cached_tokens == 112  # every full block but the one holding the last prompt token
 
 
-async def test_cancelled_stream_frees_its_blocks(engine):
-    started = asyncio.Event()
+LONG = 1800  # tokens: ~1800 one-token steps alone, about a second on this machine
 
-    async def consume():
-        async for _ in engine.generate({"prompt_token_ids": list(range(3, 200))}, greedy(1800)):
-            started.set()
 
-    task = asyncio.create_task(consume())
-    await started.wait()  # running: 1800 tokens outlast what follows
-    assert (await engine.get_stats())["num_running"] == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+async def wait_idle(engine: AsyncLLM) -> dict:
     for _ in range(100):
         stats = await engine.get_stats()
         if stats["kv_cache_usage"] == 0 and stats["num_running"] == 0:
             break
         await asyncio.sleep(0.05)
+    return stats
+
+
+async def start_running(engine: AsyncLLM) -> tuple[asyncio.Task, int]:
+    """A task streaming a LONG-token request that the engine reports running, and the engine's
+    step count from before the request. On a starved machine the request can end before the
+    stats call reaches the core; then it starts another."""
+    for _ in range(5):
+        steps_before = (await wait_idle(engine))["num_steps"]
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate({"prompt_token_ids": list(range(3, 200))}, greedy(LONG)):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        stats = await engine.get_stats()
+        if stats["num_running"] == 1 and stats["kv_cache_usage"] > 0:
+            return task, steps_before
+        await task
+    pytest.fail(f"a {LONG}-token request ended five times before the engine reported it running")
+
+
+async def test_cancelled_stream_frees_its_blocks(engine):
+    task, steps_before = await start_running(engine)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = await wait_idle(engine)
     assert stats["kv_cache_usage"] == 0 and stats["num_running"] == 0
+    assert stats["num_steps"] - steps_before < LONG  # stopped by the abort, not run to its end
 
 
 async def test_breaking_out_of_the_stream_aborts_the_request(engine):
-    async for out in engine.generate({"prompt_token_ids": list(range(3, 50))}, greedy(400)):
+    steps_before = (await wait_idle(engine))["num_steps"]
+    async for out in engine.generate({"prompt_token_ids": list(range(3, 50))}, greedy(LONG)):
         if len(out.outputs[0].token_ids) >= 3:
             break
-    for _ in range(100):
-        stats = await engine.get_stats()
-        if stats["num_running"] == 0:
-            break
-        await asyncio.sleep(0.05)
+    stats = await wait_idle(engine)
     assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+    assert stats["num_steps"] - steps_before < LONG
 
 
 async def test_prompt_beyond_max_model_len_fails_alone(engine, workload):

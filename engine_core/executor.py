@@ -24,6 +24,18 @@ from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import ipc_address, make_socket
 
 POLL_MS = 50
+# Spin-loop iterations an idle OpenMP thread of a worker busy-waits before it sleeps. libgomp's
+# default, 300,000, keeps every core busy between steps and starves the frontend and the core that
+# share them (stalls of 0.7 s on a tiny model); 10,000 still spans the gaps inside a forward.
+# Measured in docs/benchmarks.md.
+OMP_SPIN_COUNT = 10_000
+
+
+def worker_env() -> dict[str, str]:
+    """The OpenMP setting workers get, unless the user chose their own."""
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"GOMP_SPINCOUNT": str(OMP_SPIN_COUNT)}
 
 
 class WorkerFailure(RuntimeError):
@@ -44,7 +56,7 @@ class Executor:
             self.inputs.append(make_socket(self.ctx, zmq.PUSH, address, bind=True))
             payload = WorkerPayload(config, rank, address, self.results.getsockopt_string(zmq.LAST_ENDPOINT),
                                     dist_init_file)
-            self.workers.append(spawn("conveyor.gpu_worker.worker", payload, f"worker-{rank}"))
+            self.workers.append(spawn("conveyor.gpu_worker.worker", payload, f"worker-{rank}", env=worker_env()))
         ready = [self._receive(WorkerReady, startup_timeout) for _ in self.workers]
         self.num_blocks = min(r.num_gpu_blocks for r in ready)
         self.max_model_len = ready[0].max_model_len

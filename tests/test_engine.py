@@ -7,6 +7,8 @@ import pytest
 from transformers import AutoConfig
 
 from conveyor import AsyncLLM, SamplingParams
+from conveyor.engine_core.executor import OMP_SPIN_COUNT, worker_env
+from procs import engine_pids
 from reference import hf_greedy, make_prompts
 
 LENS = [1, 3, 7, 12, 17, 25, 33, 40, 48, 63, 64, 65, 80, 96, 100, 128] * 2
@@ -110,6 +112,17 @@ async def test_breaking_out_of_the_stream_aborts_the_request(engine):
     stats = await wait_idle(engine)
     assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
     assert stats["num_steps"] - steps_before < LONG
+
+
+def test_workers_spin_briefly_unless_openmp_was_configured(engine, monkeypatch):
+    _, workers = engine_pids(engine)
+    with open(f"/proc/{workers[0]}/environ", "rb") as f:
+        assert f"GOMP_SPINCOUNT={OMP_SPIN_COUNT}".encode() in f.read().split(b"\0")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert worker_env() == {}
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    assert worker_env() == {}
 
 
 async def test_prompt_beyond_max_model_len_fails_alone(engine, workload):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conveyor.tools import bench_common as bc
-from conveyor.tools import bench_compare, bench_latency, bench_overhead, bench_serving, bench_throughput
+from conveyor.tools import bench_compare, bench_latency, bench_overhead, bench_serving, bench_stalls, bench_throughput
 
 TINY = ["--num-prompts", "3", "--input-len", "6", "--output-len", "4", "--repeats", "2", "--warmup", "1"]
 
@@ -139,6 +139,26 @@ def test_overhead_measures_a_given_checkpoint(llama_dir, tmp_path):
     [row] = read_json(out)
     assert (row["model"], row["batch_size"], row["scheduling"]) == (llama_dir, 2, "async")
     assert row["overhead_us_per_step"] > 0
+
+
+def test_stalls_runs_each_spin_count_and_restores_the_environment(llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
+    out = tmp_path / "stalls.json"
+    bench_stalls.main(["--model", llama_dir, "--spin-counts", "300000,10000", "--concurrency", "2",
+                       "--output-len", "6", "--repeats", "1", "--out", str(out)])
+    assert "max lag ms" in capsys.readouterr().out
+    rows = read_json(out)["rows"]
+    assert [r["gomp_spincount"] for r in rows] == [300000, 10000]
+    for r in rows:
+        [result] = r["rounds"]
+        assert result["max_gap_ms"] > 0 and result["max_lag_ms"] >= result["p99_lag_ms"] >= 0
+        assert r["median_output_tok_per_s"] == pytest.approx(2 * 6 / result["wall_s"])
+    assert os.environ["GOMP_SPINCOUNT"] == "123"
+
+
+def test_stalls_rejects_a_spin_count_that_is_not_a_number():
+    with pytest.raises(SystemExit):
+        bench_stalls.main(["--spin-counts", "fast"])
 
 
 def test_throughput_conveyor_counts_every_output_token(llama_dir, tmp_path):

@@ -16,6 +16,7 @@ import uvicorn
 from conveyor import AsyncLLM
 from conveyor.frontend.api_server import build_app
 from conveyor.frontend.errors import EngineDeadError
+from idle import wait_idle
 
 MODEL = "tiny-llama"
 API_KEY = "test-key"
@@ -52,15 +53,6 @@ def live(llama_dir):
     thread.join(timeout=10)
     engine.shutdown()
     assert not thread.is_alive()
-
-
-async def wait_idle(engine, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = await engine.get_stats()
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0 or time.monotonic() > deadline:
-            return stats
-        await asyncio.sleep(0.05)
 
 
 def assert_error(response: httpx.Response, status: int, needle: str = "") -> dict:

@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from conveyor import AsyncLLM, SamplingParams
 from conveyor.engine_core.executor import OMP_SPIN_COUNT, worker_env
+from idle import wait_idle
 from procs import engine_pids
 from reference import hf_greedy, make_prompts
 
@@ -62,15 +63,6 @@ async def test_repeated_prompt_hits_prefix_cache(engine, workload):
 
 
 LONG = 1800  # tokens: ~1800 one-token steps alone, about a second on this machine
-
-
-async def wait_idle(engine: AsyncLLM) -> dict:
-    for _ in range(100):
-        stats = await engine.get_stats()
-        if stats["kv_cache_usage"] == 0 and stats["num_running"] == 0:
-            break
-        await asyncio.sleep(0.05)
-    return stats
 
 
 async def start_running(engine: AsyncLLM) -> tuple[asyncio.Task, int]:

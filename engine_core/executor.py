@@ -26,7 +26,7 @@ from conveyor.ipc.sockets import ipc_address, make_socket
 POLL_MS = 50
 # Spin-loop iterations an idle OpenMP thread of a worker busy-waits before it sleeps. libgomp's
 # default, 300,000, keeps every core busy between steps and starves the frontend and the core that
-# share them (stalls of 0.7 s on a tiny model); 10,000 still spans the gaps inside a forward.
+# share them (stalls of up to 0.9 s on a tiny model); 10,000 still spans the gaps inside a forward.
 # Measured in docs/benchmarks.md.
 OMP_SPIN_COUNT = 10_000
 

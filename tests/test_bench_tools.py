@@ -272,6 +272,8 @@ def test_serving_measures_streamed_completions(llama_dir, tmp_path, fake_server,
                for p in server.requests)
     printed = capsys.readouterr().out
     assert "TTFT" in printed and "output tok/s" in printed
+    with open(out.with_suffix(".png"), "rb") as f:  # the latency distributions, beside the JSON
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_serving_counts_failed_requests_and_exits_nonzero(llama_dir, tmp_path, fake_server):

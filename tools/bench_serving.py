@@ -171,7 +171,7 @@ def plot(values: dict, path: str) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: no plot written"
+        return "matplotlib is not installed (pip install matplotlib, or the bench extra): no plot written"
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, name) in zip(axes.flat, METRICS):
         data = [v * 1e3 for v in values[key]]

@@ -211,10 +211,10 @@ static inline __attribute__((always_inline)) void attend_bf16(
 /* Prefill chunks in bf16, a tile at a time: TILE_Q consecutive query tokens of one sequence and
  * the query heads of one KV head against blocks of KEY_BLOCK keys, flash-attention style (a running
  * maximum and sum per query row, so no row of scores is kept). Each key block is gathered from the
- * paged cache once per tile and packed in bf16 pairs, so that q . k and p . v are both
- * vdpbf16ps over whole vectors, with no horizontal sums: the packed block serves every row of the
- * tile (TILE_Q tokens times the heads of the group), where the per-token path reads each key row
- * once per query token. */
+ * paged cache once per tile and packed in bf16 pairs, so that q . k gives 16 keys' scores in one
+ * vector (no sum across lanes per key) and p . v adds two keys per vdpbf16ps: the packed block
+ * serves every row of the tile (TILE_Q tokens times the heads of the group), where the per-token
+ * path reads each key row once per query token. */
 #define TILE_Q 16
 #define KEY_BLOCK 16
 

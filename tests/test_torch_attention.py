@@ -77,6 +77,13 @@ def test_runs_of_equal_prefills_match_reference(config, dtype, attention):
     run(attention, [1, 12, 12, 12, 5, 5, 9, 5], [20, 0, 0, 0, 30, 30, 0, 30], config, dtype)
 
 
+@pytest.mark.parametrize("config", [(9, 3, 64, 16, None), (8, 2, 128, 32, 40)], ids=["h9-kv3-d64", "h8-kv2-d128-win40"])
+def test_prefill_chunks_spanning_many_tiles_match_reference(config, attention):
+    """bf16 prefill chunks of several query tiles and key blocks (the C kernel's tiled path), one
+    after a cached context and one alone, beside a decode."""
+    run(attention, [1, 70, 33], [50, 45, 0], config, torch.bfloat16)
+
+
 @DTYPES
 def test_c_kernel_reads_a_strided_query(dtype):
     """The model's q is a view into the fused qkv projection: tokens strided, heads packed."""

@@ -7,12 +7,15 @@ and CONVEYOR_TEST_VLLM=1 is set: vLLM takes about a minute to start on this mach
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
+from procs import descendants_of
 
 from conveyor.tools import bench_common as bc
 from conveyor.tools import bench_compare, bench_latency, bench_overhead, bench_serving, bench_stalls, bench_throughput
@@ -192,6 +195,20 @@ def test_vllm_backend_runs_in_its_virtualenv(tmp_path):
     assert [r["output_tokens"] for r in read_json(out)["result"]["runs"]] == [12, 12]
 
 
+@pytest.mark.skipif(not (bc.vllm_available() and os.environ.get("CONVEYOR_TEST_VLLM") == "1"),
+                    reason="needs .venv-vllm (tools/setup_vllm_cpu.sh) and CONVEYOR_TEST_VLLM=1")
+def test_serving_starts_vllms_server_too(tmp_path):
+    from conveyor.tools.make_tiny_model import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "m", "llama", hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64))
+    before = set(descendants_of(os.getpid()))
+    out = tmp_path / "serving.json"
+    bench_serving.main(["--backend", "vllm", "--model", model, "--num-prompts", "3", "--input-len", "6",
+                        "--output-len", "4", "--out", str(out)])
+    assert read_json(out)["summary"]["output_tokens"] == 12
+    assert set(descendants_of(os.getpid())) <= before
+
+
 # ---- serving, against a fake OpenAI-compatible server ----
 
 class FakeServer(threading.Thread):
@@ -274,6 +291,27 @@ def test_serving_measures_streamed_completions(llama_dir, tmp_path, fake_server,
     assert "TTFT" in printed and "output tok/s" in printed
     with open(out.with_suffix(".png"), "rb") as f:  # the latency distributions, beside the JSON
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serving_starts_its_backends_server_and_stops_it(llama_dir, tmp_path, capsys):
+    before = set(descendants_of(os.getpid()))
+    out = tmp_path / "serving.json"
+    bench_serving.main(["--backend", "conveyor", "--model", llama_dir, "--dtype", "float32", "--kv-cache-gib", "1",
+                        "--num-prompts", "4", "--input-len", "5", "--output-len", "3", "--out", str(out)])
+    report = read_json(out)
+    assert report["summary"]["completed"] == 4 and report["summary"]["output_tokens"] == 12
+    assert report["args"]["backend"] == "conveyor" and report["args"]["server_startup_s"] > 0
+    assert "conveyor server ready after" in capsys.readouterr().out
+    assert set(descendants_of(os.getpid())) <= before  # the server and its engine processes are gone
+    port = urllib.parse.urlsplit(report["args"]["base_url"]).port
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_serving_backend_needs_a_model(capsys):
+    with pytest.raises(SystemExit):
+        bench_serving.main(["--backend", "conveyor", "--num-prompts", "1"])
+    assert "--backend needs --model" in capsys.readouterr().err
 
 
 def test_serving_counts_failed_requests_and_exits_nonzero(llama_dir, tmp_path, fake_server):

@@ -217,7 +217,7 @@ def run_backend(workload: dict, *, vllm_venv: str | os.PathLike = DEFAULT_VLLM_V
             finally:
                 memory.stopped.set()
                 memory.join()
-                _kill_group(proc)  # whatever the backend left behind, or all of it when we stop early
+                kill_group(proc)  # whatever the backend left behind, or all of it when we stop early
         if code != 0 or not result_path.exists():
             tail = log_path.read_text(errors="replace")[-4000:]
             raise BenchError(f"{workload['backend']} runner exited with code {code}:\n{tail}")
@@ -241,8 +241,8 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the runner's process group and every descendant (some engines start their own groups)."""
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a backend's process group and every descendant (some engines start their own groups)."""
     for pid in tree_pids(proc.pid)[1:] if proc.poll() is None else []:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -4,6 +4,13 @@
         --num-prompts 64 --input-len 128 --output-len 128 --request-rate 4 --max-concurrency 16 \\
         --out bench_results/serving.json
 
+or, to start the server too (on a free loopback port; stopped with every process it started):
+
+    python -m conveyor.tools.bench_serving --backend conveyor|vllm --model DIR [--dtype bfloat16] ...
+
+`--backend vllm` runs vLLM's server from its virtualenv (tools/setup_vllm_cpu.sh), tuned as in
+bench_common.vllm_env (tcmalloc, OpenMP threads on every core).
+
 Requests arrive as a Poisson process (or at a fixed rate) of --request-rate per second (inf: all at
 once), at most --max-concurrency in flight. Each asks for exactly --output-len tokens (ignore_eos)
 with a prompt of random token ids (or --dataset). Reports TTFT, TPOT, ITL and E2E latency at
@@ -13,12 +20,21 @@ installed. Only loopback servers are accepted. The HTTP client is the standard l
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
+import os
+import pathlib
 import random
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from conveyor.tools import bench_common as bc
@@ -185,6 +201,53 @@ def plot(values: dict, path: str) -> str | None:
     return None
 
 
+def server_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment that serve args.model with args.backend."""
+    address = ["--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype]
+    if args.backend == "conveyor":
+        return ([sys.executable, "-m", "conveyor.frontend.cli", "serve", args.model, *address,
+                 "--kv-cache-memory", f"{args.kv_cache_gib}GiB", "--log-level", "warning"], {})
+    python = pathlib.Path(args.vllm_venv) / "bin" / "python"
+    if not python.exists():
+        raise bc.BenchError(f"no vLLM virtualenv at {args.vllm_venv}: run tools/setup_vllm_cpu.sh first")
+    return ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, *address],
+            bc.vllm_env(tuned=True, kv_cache_gib=args.kv_cache_gib))
+
+
+@contextlib.contextmanager
+def served(args: argparse.Namespace) -> Iterator[tuple[str, float]]:
+    """Start args.backend's server on a free loopback port and wait until /health answers; yield
+    (base url, seconds it took to start). On the way out its whole process tree is killed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command, env = server_command(args, port)
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            while not healthy(port):
+                if proc.poll() is not None or time.perf_counter() - start > args.startup_timeout:
+                    log.seek(0)
+                    tail = log.read()[-3000:].decode(errors="replace")
+                    why = (f"exited with code {proc.returncode}" if proc.poll() is not None
+                           else f"did not answer /health within {args.startup_timeout:.0f} s")
+                    raise bc.BenchError(f"the {args.backend} server {why}:\n{tail}")
+                time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}", time.perf_counter() - start
+        finally:
+            bc.kill_group(proc)
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def build_prompts(args: argparse.Namespace) -> list:
     if args.dataset:
         return bc.load_dataset(args.dataset, args.model_dir, args.num_prompts)
@@ -193,8 +256,16 @@ def build_prompts(args: argparse.Namespace) -> list:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model-dir", required=True, help="the served model's directory (vocab, tokenizer)")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="a running server to load")
+    parser.add_argument("--backend", choices=("conveyor", "vllm"),
+                        help="start this server for the run instead (needs --model)")
+    parser.add_argument("--model", help="with --backend: the model directory to serve")
+    parser.add_argument("--dtype", default="bfloat16", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="with --backend")
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="with --backend: KV cache size")
+    parser.add_argument("--vllm-venv", default=str(bc.DEFAULT_VLLM_VENV), help="with --backend vllm")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="with --backend: seconds")
+    parser.add_argument("--model-dir", help="the served model's directory (vocab, tokenizer; default: --model)")
     parser.add_argument("--served-model-name", help="the request's 'model' field (default: the server's first)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
@@ -208,13 +279,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the results here as JSON")
     parser.add_argument("--plot", help="PNG of the latency distributions (default: --out with .png)")
     args = parser.parse_args(argv)
+    if args.backend and not args.model:
+        parser.error("--backend needs --model, the model directory to serve")
+    args.model_dir = args.model_dir or args.model
+    if not args.model_dir:
+        parser.error("--model-dir is required: the served model's directory (for its vocabulary)")
+    args.server_startup_s = None
     try:
-        host, port, prefix = loopback_address(args.base_url)
         prompts = build_prompts(args)
-        model_name = args.served_model_name or asyncio.run(get_json(host, port, f"{prefix}/v1/models"))["data"][0]["id"]
-        results, duration = asyncio.run(run_load(args, prompts, model_name))
+        with served(args) if args.backend else contextlib.nullcontext((args.base_url, None)) as (url, startup):
+            args.base_url, args.server_startup_s = url, startup
+            host, port, prefix = loopback_address(url)
+            model_name = (args.served_model_name
+                          or asyncio.run(get_json(host, port, f"{prefix}/v1/models"))["data"][0]["id"])
+            results, duration = asyncio.run(run_load(args, prompts, model_name))
     except (ValueError, OSError, RuntimeError, bc.BenchError) as e:
         sys.exit(f"error: {e}")
+    if args.backend:
+        print(f"{args.backend} server ready after {args.server_startup_s:.1f} s")
     summary, values = summarize(results, duration)
     rows = [{"metric": name, **{f"p{q}": summary[f"{key[:-2]}_ms_p{q}"] for q in (50, 90, 99)},
              "mean": summary[f"{key[:-2]}_ms_mean"]} for key, name in METRICS]

@@ -2,7 +2,10 @@
 after another (never at once), each in its own processes.
 
     python -m conveyor.tools.bench_compare --backends conveyor,hf,vllm --model DIR \\
-        --num-prompts 64 --input-len 128 --output-len 128 --out bench_results/compare.json
+        --num-prompts 64 --input-len 128 --output-len 128 [--serving] --out bench_results/compare.json
+
+`--serving` also starts each backend's OpenAI server (transformers has none) and loads it with the
+same prompts, as bench_serving does: Poisson arrivals at --request-rate, --max-concurrency at most.
 
 Backends: conveyor, hf (transformers generate), vllm (tuned: tcmalloc, OpenMP bound to every
 core) and vllm-default (vLLM's CPU defaults). A vLLM backend is skipped, with a note, when its
@@ -15,6 +18,7 @@ import sys
 
 from conveyor.tools import bench_common as bc
 from conveyor.tools.bench_latency import run_latency
+from conveyor.tools.bench_serving import run_serving, summarize
 from conveyor.tools.bench_throughput import add_workload_args, run_throughput
 
 CHOICES = ("conveyor", "hf", "vllm", "vllm-default")
@@ -22,6 +26,10 @@ COLUMNS = [("backend", "backend"), ("output_tok_per_s", "out tok/s"), ("requests
            ("ttft_ms_p50", "TTFT p50 ms"), ("tpot_ms_p50", "TPOT p50 ms"), ("startup_s", "startup s"),
            ("peak_rss_mib", "peak RSS MiB"), ("peak_pss_mib", "peak PSS MiB")]
 RATIO_KEYS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50", "peak_pss_mib")
+SERVING_COLUMNS = [("backend", "backend"), ("output_tok_per_s", "out tok/s"), ("ttft_ms_p50", "TTFT p50 ms"),
+                   ("ttft_ms_p90", "TTFT p90 ms"), ("tpot_ms_p50", "TPOT p50 ms"), ("itl_ms_p50", "ITL p50 ms"),
+                   ("itl_ms_p99", "ITL p99 ms"), ("server_startup_s", "startup s")]
+SERVING_RATIO_KEYS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50", "itl_ms_p99")
 
 
 def parse_backends(text: str) -> list[str]:
@@ -56,11 +64,23 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     return {"row": row, "detail": detail}
 
 
-def ratio_rows(rows: list[dict], reference: dict) -> list[dict]:
+def serve_one(args: argparse.Namespace, name: str) -> dict:
+    """One backend's server under the serving load: its summary row (bench_serving's numbers)."""
+    serving_args, backend = backend_args(args, name, backend=name.split("-")[0], base_url=None, model_dir=args.model,
+                                         served_model_name=None, startup_timeout=args.timeout, request_timeout=600.0,
+                                         arrival="poisson")
+    results, duration = run_serving(serving_args)
+    summary, _ = summarize(results, duration)
+    if summary["completed"] == 0:
+        raise bc.BenchError("no request completed")
+    return {"backend": name, "server_startup_s": serving_args.server_startup_s, **summary}
+
+
+def ratio_rows(rows: list[dict], reference: dict, keys=RATIO_KEYS) -> list[dict]:
     out = []
     for row in rows:
         ratios = {"backend": row["backend"]}
-        for key in RATIO_KEYS:
+        for key in keys:
             mine, theirs = row.get(key), reference.get(key)
             ratios[key] = mine / theirs if mine is not None and theirs else None
         out.append(ratios)
@@ -76,13 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-warmup", type=int, default=2)
     parser.add_argument("--no-throughput", dest="throughput", action="store_false")
     parser.add_argument("--no-latency", dest="latency", action="store_false")
+    parser.add_argument("--serving", action="store_true", help="also load each backend's OpenAI server")
+    parser.add_argument("--request-rate", type=float, default=4.0, help="with --serving: requests/s")
+    parser.add_argument("--max-concurrency", type=int, default=16, help="with --serving: requests in flight")
     args = parser.parse_args(argv)
     try:
         names = parse_backends(args.backends)
     except ValueError as e:
         parser.error(str(e))
 
-    rows, details, notes = [], {}, []
+    rows, serving_rows, details, notes = [], [], {}, []
     for name in names:
         if name.startswith("vllm") and not bc.vllm_available(args.vllm_venv):
             notes.append(f"{name}: skipped, no vLLM virtualenv at {args.vllm_venv} (tools/setup_vllm_cpu.sh)")
@@ -95,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
             continue
         rows.append(result["row"])
         details[name] = result["detail"]
+        if args.serving and name == "hf":
+            notes.append("hf: no serving run (transformers has no server)")
+        elif args.serving:
+            try:
+                serving_rows.append(serve_one(args, name))
+            except (bc.BenchError, OSError, RuntimeError, ValueError) as e:
+                notes.append(f"{name}: serving failed: {e}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if not rows:
@@ -106,10 +136,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nratio to {reference['backend']} (throughput: higher is faster; latency, memory: higher is more)")
     bc.print_table(ratios, [("backend", "backend"), ("output_tok_per_s", "out tok/s ×"),
                             ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"), ("peak_pss_mib", "PSS ×")])
+    serving_ratios = []
+    if serving_rows:
+        serving_reference = next((r for r in serving_rows if r["backend"] == "conveyor"), serving_rows[0])
+        serving_ratios = ratio_rows(serving_rows, serving_reference, SERVING_RATIO_KEYS)
+        print(f"\nserving: {args.num_prompts} requests, Poisson at {args.request_rate:g}/s, "
+              f"at most {args.max_concurrency} in flight")
+        bc.print_table(serving_rows, SERVING_COLUMNS)
+        print(f"\nratio to {serving_reference['backend']}")
+        bc.print_table(serving_ratios, [("backend", "backend"), ("output_tok_per_s", "out tok/s ×"),
+                                        ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"),
+                                        ("itl_ms_p99", "ITL p99 ×")])
     machine = bc.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
     bc.write_json(args.out, {"benchmark": "compare", "machine": machine, "args": vars(args),
-                             "reference": reference["backend"], "rows": rows, "ratios": ratios, "notes": notes,
+                             "reference": reference["backend"], "rows": rows, "ratios": ratios,
+                             "serving": serving_rows, "serving_ratios": serving_ratios, "notes": notes,
                              "details": details})
 
 

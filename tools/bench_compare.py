@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> None:
 
     reference = next((row for row in rows if row["backend"] == "conveyor"), rows[0])
     ratios = ratio_rows(rows, reference)
-    bc.print_table(rows, COLUMNS)
-    print(f"\nratio to {reference['backend']} (throughput: higher is faster; latency, memory: higher is more)")
-    bc.print_table(ratios, [("backend", "backend"), ("output_tok_per_s", "out tok/s ×"),
-                            ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"), ("peak_pss_mib", "PSS ×")])
+    if args.throughput or args.latency:
+        bc.print_table(rows, COLUMNS)
+        print(f"\nratio to {reference['backend']} (throughput: higher is faster; latency, memory: higher is more)")
+        bc.print_table(ratios, [("backend", "backend"), ("output_tok_per_s", "out tok/s ×"),
+                                ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"), ("peak_pss_mib", "PSS ×")])
     serving_ratios = []
     if serving_rows:
         serving_reference = next((r for r in serving_rows if r["backend"] == "conveyor"), serving_rows[0])

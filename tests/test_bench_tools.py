@@ -15,7 +15,7 @@ import time
 import urllib.parse
 
 import pytest
-from procs import descendants_of
+from procs import descendants_of, wait_until
 
 from conveyor.tools import bench_common as bc
 from conveyor.tools import bench_compare, bench_latency, bench_overhead, bench_serving, bench_stalls, bench_throughput
@@ -320,6 +320,25 @@ def test_serving_starts_its_backends_server_and_stops_it(llama_dir, tmp_path, ca
     port = urllib.parse.urlsplit(report["args"]["base_url"]).port
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_serving_stops_its_server_when_terminated(llama_dir):
+    bench = subprocess.Popen([sys.executable, "-m", "conveyor.tools.bench_serving", "--backend", "conveyor", "--model",
+                              llama_dir, "--dtype", "float32", "--kv-cache-gib", "1", "--num-prompts", "1000",
+                              "--output-len", "50", "--request-rate", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # the server (and its engine) up: the bench's process tree holds more than the server's first process
+        assert wait_until(lambda: len(descendants_of(bench.pid)) >= 3, timeout=120), "the server never started"
+        server = descendants_of(bench.pid)
+        time.sleep(1)
+        bench.terminate()
+        bench.wait(timeout=30)
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in server), timeout=10), \
+            "the server outlived the benchmark"
+    finally:
+        bench.kill()
+        bench.wait()
 
 
 def test_serving_backend_needs_a_model(capsys):

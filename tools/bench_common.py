@@ -210,7 +210,7 @@ def run_backend(workload: dict, *, vllm_venv: str | os.PathLike = DEFAULT_VLLM_V
             memory = PeakMemory(proc.pid)
             memory.start()
             try:
-                with _sigterm_as_exit():
+                with sigterm_as_exit():
                     code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 raise BenchError(f"{workload['backend']} runner took over {timeout:.0f} s") from None
@@ -229,7 +229,7 @@ def run_backend(workload: dict, *, vllm_venv: str | os.PathLike = DEFAULT_VLLM_V
 
 
 @contextlib.contextmanager
-def _sigterm_as_exit():
+def sigterm_as_exit():
     """A SIGTERM to the tool unwinds through `finally`, so the runner's process group dies too."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -218,12 +218,13 @@ def server_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict
 @contextlib.contextmanager
 def served(args: argparse.Namespace) -> Iterator[tuple[str, float]]:
     """Start args.backend's server on a free loopback port and wait until /health answers; yield
-    (base url, seconds it took to start). On the way out its whole process tree is killed."""
+    (base url, seconds it took to start). On the way out (SIGTERM included) its whole process tree
+    is killed."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command, env = server_command(args, port)
-    with tempfile.TemporaryFile() as log:
+    with tempfile.TemporaryFile() as log, bc.sigterm_as_exit():  # a SIGTERM still stops the server
         start = time.perf_counter()
         proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)

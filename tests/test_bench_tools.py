@@ -188,7 +188,8 @@ def test_compare_reports_ratios_and_skips_missing_vllm(llama_dir, tmp_path, caps
 def test_compare_serving_loads_each_backends_server(llama_dir, tmp_path, capsys):
     out = tmp_path / "compare.json"
     bench_compare.main(["--backends", "conveyor,hf", "--model", llama_dir, "--dtype", "float32", "--kv-cache-gib", "1",
-                        *TINY, "--no-latency", "--serving", "--request-rate", "100", "--out", str(out)])
+                        "--max-num-seqs", "2", *TINY, "--no-latency", "--serving", "--request-rate", "100",
+                        "--out", str(out)])
     report = read_json(out)
     (serving,) = report["serving"]
     assert serving["backend"] == "conveyor" and serving["completed"] == 3 and serving["output_tokens"] == 12
@@ -339,6 +340,23 @@ def test_serving_stops_its_server_when_terminated(llama_dir):
     finally:
         bench.kill()
         bench.wait()
+
+
+def test_served_engines_get_the_compared_limits_and_vllm_extras(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(backend="conveyor", model="m", dtype="float32", kv_cache_gib=1, max_num_seqs=2,
+                              max_num_batched_tokens=None, max_model_len=512)
+    command, env = bench_serving.server_command(args, 9)
+    assert "--max-num-seqs=2" in command and "--max-model-len=512" in command and env == {}
+    assert not any(arg.startswith("--max-num-batched-tokens") for arg in command)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()
+    args = argparse.Namespace(backend="vllm", model="m", dtype="bfloat16", kv_cache_gib=3, vllm_venv=str(tmp_path),
+                              vllm_config="default", vllm_env=["VLLM_X=1"])
+    command, env = bench_serving.server_command(args, 9)
+    assert command[0] == str(tmp_path / "bin" / "python") and "--port" in command
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_X": "1"}
 
 
 def test_serving_backend_needs_a_model(capsys):

@@ -335,18 +335,24 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_args(args: argparse.Namespace) -> dict:
+    """The engine limits given (of add_engine_args), the same for every backend."""
     names = ("max_num_seqs", "max_num_batched_tokens", "max_model_len")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: getattr(args, name, None) for name in names if getattr(args, name, None) is not None}
 
 
-def run_options(args: argparse.Namespace) -> dict:
+def vllm_extra_env(args: argparse.Namespace) -> dict[str, str]:
+    """--vllm-env NAME=VALUE items, as a dict."""
     extra = {}
-    for item in args.vllm_env:
+    for item in getattr(args, "vllm_env", []):
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise BenchError(f"--vllm-env must be NAME=VALUE, got {item!r}")
         extra[name] = value
-    return dict(vllm_venv=args.vllm_venv, vllm_tuned=args.vllm_config == "tuned", vllm_extra_env=extra,
+    return extra
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    return dict(vllm_venv=args.vllm_venv, vllm_tuned=args.vllm_config == "tuned", vllm_extra_env=vllm_extra_env(args),
                 timeout=args.timeout, verbose=args.verbose)
 
 

@@ -6,6 +6,7 @@ after another (never at once), each in its own processes.
 
 `--serving` also starts each backend's OpenAI server (transformers has none) and loads it with the
 same prompts, as bench_serving does: Poisson arrivals at --request-rate, --max-concurrency at most.
+The servers get the same engine limits (--max-num-seqs, ...) and vLLM environment as the offline runs.
 
 Backends: conveyor, hf (transformers generate), vllm (tuned: tcmalloc, OpenMP bound to every
 core) and vllm-default (vLLM's CPU defaults). A vLLM backend is skipped, with a note, when its

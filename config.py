@@ -70,6 +70,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         reference workload ran 2.7 % slower with async scheduling than without."""
         if self.async_scheduling is not None:
             return self.async_scheduling
+        return self.has_spare_cores(device_type)
+
+    def has_spare_cores(self, device_type: str) -> bool:
+        """Whether the workers' threads leave a core to the core process and the frontend: always
+        beside a GPU; on a CPU, when it has more cores than all the workers' threads."""
         if device_type != "cpu":
             return True
         return (os.cpu_count() or 1) > self.resolved_worker_threads() * self.tensor_parallel_size

@@ -1,11 +1,9 @@
 """The core's handle on its workers: starts one process per tensor-parallel rank, broadcasts each
-step to all of them, and collects rank 0's result, noticing at once when a worker dies."""
+step to all of them, and collects rank 0's result, noticing at once when a worker dies. Each rank
+has a shared-memory ring each way (ipc/shm_ring.py): steps and calls in, results and errors out."""
 
 import os
 import subprocess
-import time
-
-import zmq
 
 from conveyor.config import EngineConfig
 from conveyor.ipc.messages import (
@@ -21,9 +19,8 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import describe_exit, spawn, terminate
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.sockets import ipc_address, make_socket
+from conveyor.ipc.shm_ring import SPIN_S, RingTimeout, ShmRing
 
-POLL_MS = 50
 # Spin-loop iterations an idle OpenMP thread of a worker busy-waits before it sleeps. libgomp's
 # default, 300,000, keeps every core busy between steps and starves the frontend and the core that
 # share them (stalls of up to 0.9 s on a tiny model); 10,000 still spans the gaps inside a forward.
@@ -45,26 +42,27 @@ class WorkerFailure(RuntimeError):
 class Executor:
     def __init__(self, config: EngineConfig, ipc_dir: str, startup_timeout: float = 600.0):
         self.config = config
-        self.ctx = zmq.Context(1)
         self.encoder, self.decoder = Encoder(), Decoder(WorkerOutput)
-        self.results = make_socket(self.ctx, zmq.PULL, ipc_address(ipc_dir, "worker-out"), bind=True)
-        self.inputs: list[zmq.Socket] = []
+        self.inputs: list[ShmRing] = []
+        self.results: list[ShmRing] = []
         self.workers: list[subprocess.Popen] = []
+        self.spin_s = 0.0  # how long a wait for a result spins before it sleeps (ipc/shm_ring.py)
         dist_init_file = os.path.join(ipc_dir, "dist-init")
         for rank in range(config.tensor_parallel_size):
-            address = ipc_address(ipc_dir, f"worker-in-{rank}")
-            self.inputs.append(make_socket(self.ctx, zmq.PUSH, address, bind=True))
-            payload = WorkerPayload(config, rank, address, self.results.getsockopt_string(zmq.LAST_ENDPOINT),
-                                    dist_init_file)
+            self.inputs.append(ShmRing(os.path.join(ipc_dir, f"worker-in-{rank}"), create=True))
+            self.results.append(ShmRing(os.path.join(ipc_dir, f"worker-out-{rank}"), create=True))
+            payload = WorkerPayload(config, rank, self.inputs[rank].path, self.results[rank].path, dist_init_file)
             self.workers.append(spawn("conveyor.gpu_worker.worker", payload, f"worker-{rank}", env=worker_env()))
-        ready = [self._receive(WorkerReady, startup_timeout) for _ in self.workers]
+        ready = [self._receive(WorkerReady, startup_timeout, rank) for rank in range(len(self.workers))]
         self.num_blocks = min(r.num_gpu_blocks for r in ready)
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
+        # Spinning takes a core: only where the workers leave one free.
+        self.spin_s = SPIN_S if config.has_spare_cores(self.device_type) else 0.0
 
     def collective_call(self, method: str, *args, timeout: float = 600.0) -> list:
         self._broadcast(WorkerCall(method, list(args)))
-        return [self._receive(WorkerResult, timeout).result for _ in self.workers]
+        return [self._receive(WorkerResult, timeout, rank).result for rank in range(len(self.workers))]
 
     def submit(self, step: SchedulerOutput) -> None:
         """Queue a step on every worker; they run steps in the order submitted."""
@@ -76,16 +74,14 @@ class Executor:
 
     def _broadcast(self, message) -> None:
         frames = self.encoder.encode(message)
-        for sock in self.inputs:
-            sock.send_multipart(frames)
+        for ring in self.inputs:
+            ring.send(frames, alive=self.check_alive)
 
-    def _receive(self, expected: type, timeout: float | None = None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.results.poll(POLL_MS):
-            self.check_alive()
-            if deadline is not None and time.monotonic() > deadline:
-                raise WorkerFailure(f"workers did not answer within {timeout:.0f} s")
-        message = self.decoder.decode(self.results.recv_multipart(copy=False))
+    def _receive(self, expected: type, timeout: float | None = None, rank: int = 0):
+        frames = self.results[rank].recv(timeout, alive=self.check_alive, spin_s=self.spin_s)
+        if frames is None:
+            raise WorkerFailure(f"workers did not answer within {timeout:.0f} s")
+        message = self.decoder.decode(frames)
         if isinstance(message, WorkerError):
             raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
         if not isinstance(message, expected):
@@ -95,18 +91,21 @@ class Executor:
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.workers):
             if proc.poll() is not None:
-                # A worker that failed cleanly sent its traceback first: give it a moment to land.
-                if self.results.poll(200):
-                    message = self.decoder.decode(self.results.recv_multipart(copy=False))
-                    if isinstance(message, WorkerError):
-                        raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+                # A worker that failed cleanly sent its traceback last, after any results.
+                try:
+                    while (frames := self.results[rank].recv(0.2, spin_s=0.0)) is not None:
+                        if isinstance(message := self.decoder.decode(frames), WorkerError):
+                            raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+                except RingTimeout:
+                    pass  # it died in the middle of a message
                 raise WorkerFailure(describe_exit(f"worker rank {rank}", proc.returncode))
 
     def shutdown(self) -> None:
         try:
             self._broadcast(Shutdown())
-        except zmq.ZMQError:
+        except (RingTimeout, WorkerFailure):
             pass
         for proc in self.workers:
             terminate(proc, timeout=5.0)
-        self.ctx.destroy(linger=0)
+        for ring in self.inputs + self.results:
+            ring.close()

@@ -7,7 +7,6 @@ import os
 import traceback
 
 import torch
-import zmq
 
 from conveyor.ipc.messages import (
     SchedulerOutput,
@@ -21,7 +20,7 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.sockets import make_socket
+from conveyor.ipc.shm_ring import SPIN_S, RingTimeout, ShmRing
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +42,7 @@ def worker_main() -> None:
     payload: WorkerPayload = read_payload(WorkerPayload)
     config, rank = payload.config, payload.rank
     logging.basicConfig(level=os.environ.get("CONVEYOR_LOG_LEVEL", "WARNING"))
-    ctx = zmq.Context(1)
-    inputs = make_socket(ctx, zmq.PULL, payload.input_address, bind=False)
-    outputs = make_socket(ctx, zmq.PUSH, payload.output_address, bind=False)
+    inputs, outputs = ShmRing(payload.input_ring), ShmRing(payload.output_ring)
     encoder, decoder = Encoder(), Decoder(WorkerInput)
     try:
         torch.set_num_threads(config.resolved_worker_threads())
@@ -60,24 +57,27 @@ def worker_main() -> None:
         runner = ModelRunner(config, device)
         gc.collect()
         gc.freeze()  # the model's objects never become garbage: keep collections short
-        outputs.send_multipart(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
-                                                         device.type)))
+        spin_s = SPIN_S if config.has_spare_cores(device.type) else 0.0  # spinning takes a core
+        outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
+                                                device.type)))
         while True:
-            message = decoder.decode(inputs.recv_multipart(copy=False))
+            message = decoder.decode(inputs.recv(spin_s=spin_s))
             if isinstance(message, SchedulerOutput):
                 result = runner.execute_model(message)
                 if rank == 0:
-                    outputs.send_multipart(encoder.encode(result), copy=False)
+                    outputs.send(encoder.encode(result))
             elif isinstance(message, WorkerCall):
                 result = getattr(runner, message.method)(*message.args)
-                outputs.send_multipart(encoder.encode(WorkerResult(result)))
+                outputs.send(encoder.encode(WorkerResult(result)))
             elif isinstance(message, Shutdown):
                 break
     except Exception:
         error = traceback.format_exc()
         logger.error("worker rank %d failed:\n%s", rank, error)
-        outputs.send_multipart(encoder.encode(WorkerError(rank, error)))
-        ctx.destroy(linger=1000)  # flushes the error before we exit
+        try:
+            outputs.send(encoder.encode(WorkerError(rank, error)), timeout=1.0)
+        except RingTimeout:
+            pass  # the core stopped reading: it learns of the death from the exit status
         os._exit(1)
     os._exit(0)
 

@@ -237,6 +237,6 @@ class ApiServerPayload(msgspec.Struct):
 class WorkerPayload(msgspec.Struct):
     config: EngineConfig
     rank: int
-    input_address: str  # the core's PUSH socket for this rank
-    output_address: str  # the core's PULL socket, shared by all ranks
+    input_ring: str  # the core's steps and calls for this rank (ipc/shm_ring.py)
+    output_ring: str  # this rank's results back to the core
     dist_init_file: str  # torch.distributed rendezvous (file://, no port to pick)

@@ -16,7 +16,10 @@ PEER_TIMEOUT_S = float(os.environ.get("CONVEYOR_PEER_TIMEOUT_S", "10"))
 
 
 def new_ipc_dir() -> str:
-    return tempfile.mkdtemp(prefix="conveyor-")
+    """A private directory for sockets and shared-memory rings: in /dev/shm where there is one, as
+    a ring's pages must live in memory (tmpfs), not in a file system that writes them back."""
+    shm = "/dev/shm"
+    return tempfile.mkdtemp(prefix="conveyor-", dir=shm if os.access(shm, os.W_OK) else None)
 
 
 def remove_ipc_dir(path: str | None) -> None:

@@ -27,6 +27,7 @@ import zmq
 
 from conveyor.config import EngineConfig
 from conveyor.engine_core.executor import Executor
+from conveyor.engine_core.kv_cache_manager import prompt_block_hashes
 from conveyor.engine_core.request import Request, RequestStatus
 from conveyor.engine_core.scheduler import Scheduler
 from conveyor.ipc.messages import (
@@ -70,8 +71,9 @@ class EngineCore:
         self.total_step_time = 0.0
         self.total_model_time = 0.0
 
-    def add_request(self, message: EngineCoreRequest) -> EngineCoreOutput | None:
-        """Queue a request, or return the error output of one that can never run."""
+    def add_request(self, message: EngineCoreRequest, block_hashes: list[int] | None = None) -> EngineCoreOutput | None:
+        """Queue a request, or return the error output of one that can never run. `block_hashes`:
+        its full prompt blocks' hashes, if computed already (`prompt_block_hashes`)."""
         params = message.sampling_params
         max_tokens = params.max_tokens
         if max_tokens is None:
@@ -96,6 +98,7 @@ class EngineCore:
             lora_id=message.lora_id,
             cache_salt=message.cache_salt,
             max_tokens=max_tokens,
+            block_hashes=block_hashes or [],
         ))
         return None
 
@@ -169,7 +172,7 @@ class EngineCoreProc:
     def __init__(self, payload: CorePayload):
         self.payload = payload
         self.ctx = zmq.Context(1)
-        self.inputs: queue.Queue = queue.Queue()
+        self.inputs: queue.Queue = queue.Queue()  # (message, its prompt's block hashes or None)
         self.outputs: queue.Queue = queue.Queue()
         self.output_sockets: dict[int, zmq.Socket] = {}
         # client index -> when it was last heard from (None: the spawning frontend, whose death the
@@ -219,10 +222,10 @@ class EngineCoreProc:
         while True:
             try:
                 if block:
-                    message = self.inputs.get(timeout=IDLE_CHECK_S)
+                    message, block_hashes = self.inputs.get(timeout=IDLE_CHECK_S)
                     block = False
                 else:
-                    message = self.inputs.get_nowait()
+                    message, block_hashes = self.inputs.get_nowait()
             except queue.Empty:
                 if block:
                     self.core.executor.check_alive()
@@ -230,9 +233,9 @@ class EngineCoreProc:
                     continue
                 self._forget_silent_clients()
                 return
-            self._handle(message)
+            self._handle(message, block_hashes)
 
-    def _handle(self, message) -> None:
+    def _handle(self, message, block_hashes: list[int] | None = None) -> None:
         client = message.client_index
         if self.clients.get(client) is not None:  # any message, Heartbeat included, shows it alive
             self.clients[client] = time.monotonic()
@@ -240,7 +243,7 @@ class EngineCoreProc:
             if client not in self.clients:  # forgotten after a silence: nobody would get its outputs
                 logger.warning("dropped request %s of unknown frontend %d", message.request_id, client)
                 return
-            error = self.core.add_request(message)
+            error = self.core.add_request(message, block_hashes)
             if error is not None:
                 self._send(client, [error])
         elif isinstance(message, Abort):
@@ -299,7 +302,10 @@ class EngineCoreProc:
     # ---- I/O threads ----
 
     def _input_loop(self, sock: zmq.Socket) -> None:
+        """Receive and decode; for a new request, also hash its prompt's blocks for the prefix
+        cache (about 1 µs a block), which the busy loop would otherwise do while scheduling it."""
         decoder = Decoder(EngineCoreInput)
+        config = self.payload.config
         while not self.stopping.is_set():
             if not sock.poll(IDLE_CHECK_S * 1000):
                 continue
@@ -311,7 +317,11 @@ class EngineCoreProc:
                 continue
             if isinstance(message, Hello):  # connect now: heartbeats flow even while the model loads
                 self.outputs.put((message.client_index, message))
-            self.inputs.put(message)
+            block_hashes = None
+            if isinstance(message, EngineCoreRequest) and config.enable_prefix_caching:
+                block_hashes = prompt_block_hashes(message.prompt_token_ids, config.block_size, message.lora_id,
+                                                   message.cache_salt)
+            self.inputs.put((message, block_hashes))
         sock.close(linger=0)
 
     def _output_loop(self) -> None:

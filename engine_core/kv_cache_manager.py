@@ -27,21 +27,31 @@ def root_block_hash(lora_id: int, cache_salt: str | None) -> int:
     return int.from_bytes(hashlib.sha256(data).digest(), "little")
 
 
-def hash_block_tokens(parent_hash: int, token_ids: list[int]) -> int:
-    data = parent_hash.to_bytes(32, "little") + array("q", token_ids).tobytes()
-    return int.from_bytes(hashlib.sha256(data).digest(), "little")
-
-
 def update_block_hashes(request: Request, block_size: int) -> list[int]:
     """Extend `request.block_hashes` to cover every full block of its tokens; O(new tokens)."""
     hashes = request.block_hashes
-    tokens = request.all_token_ids
-    num_full = len(tokens) // block_size
-    if len(hashes) < num_full:
-        parent = hashes[-1] if hashes else root_block_hash(request.lora_id, request.cache_salt)
-        for i in range(len(hashes), num_full):
-            parent = hash_block_tokens(parent, tokens[i * block_size : (i + 1) * block_size])
-            hashes.append(parent)
+    if len(hashes) < len(request.all_token_ids) // block_size:
+        root = root_block_hash(request.lora_id, request.cache_salt) if not hashes else None
+        extend_block_hashes(hashes, root, request.all_token_ids, block_size)
+    return hashes
+
+
+def prompt_block_hashes(token_ids: list[int], block_size: int, lora_id: int, cache_salt: str | None) -> list[int]:
+    """The hashes of a new request's full prompt blocks: what `update_block_hashes` computes first
+    for it, computed beforehand (the core's input thread does, off the scheduling path)."""
+    return extend_block_hashes([], root_block_hash(lora_id, cache_salt), token_ids, block_size)
+
+
+def extend_block_hashes(hashes: list[int], root: int | None, token_ids: list[int], block_size: int) -> list[int]:
+    """Append the hashes of the full blocks of `token_ids` past those in `hashes`, chaining from
+    the last of them (or from `root` if there is none)."""
+    done, num_full = len(hashes), len(token_ids) // block_size
+    parent = (hashes[-1] if hashes else root).to_bytes(32, "little")
+    data = array("q", token_ids[done * block_size : num_full * block_size]).tobytes()
+    size, sha256 = 8 * block_size, hashlib.sha256
+    for start in range(0, len(data), size):  # SHA-256(parent's 32 bytes + the block's ids as int64)
+        parent = sha256(parent + data[start : start + size]).digest()
+        hashes.append(int.from_bytes(parent, "little"))
     return hashes
 
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from conveyor.engine_core.kv_cache_manager import KVCacheManager, update_block_hashes
+from conveyor.engine_core.kv_cache_manager import KVCacheManager, prompt_block_hashes, update_block_hashes
 from conveyor.engine_core.request import Request
 from conveyor.frontend.sampling_params import SamplingParams
 
@@ -179,6 +179,20 @@ def test_block_hashes_grow_only_by_new_full_blocks():
     update_block_hashes(req, BS)
     assert req.block_hashes[0] == first
     assert req.block_hashes == update_block_hashes(make_request("b", range(9)), BS)
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora_id": 2, "cache_salt": "tenant"}])
+def test_prompt_hashes_computed_ahead_match_and_hit_like_the_schedulers_own(extra):
+    # The core's input thread hashes a new request's prompt before the busy loop adds it.
+    ahead = prompt_block_hashes(list(range(11)), BS, extra.get("lora_id", 0), extra.get("cache_salt"))
+    assert ahead == update_block_hashes(make_request("x", range(11), **extra), BS) and len(ahead) == 2
+    mgr = KVCacheManager(num_blocks=16, block_size=BS)
+    prefill(mgr, make_request("a", range(11), **extra))
+    req = make_request("b", range(11), block_hashes=list(ahead), **extra)
+    _, num_hit = mgr.get_computed_blocks(req)
+    assert num_hit == 8
+    req.append_output_token_ids([11, 12])  # and they chain on as outputs fill blocks
+    assert update_block_hashes(req, BS) == update_block_hashes(make_request("c", range(13), **extra), BS)
 
 
 def test_cached_free_block_touched_by_new_request_is_not_evicted_while_in_use():

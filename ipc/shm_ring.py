@@ -50,7 +50,8 @@ def memory_fence() -> None:
 
 
 class RingTimeout(TimeoutError):
-    """The other side did not finish a message in time."""
+    """The other side did not keep up in time: it made no room for a message, or left one
+    unfinished. The ring is of no further use."""
 
 
 def _no_check() -> None:
@@ -67,7 +68,7 @@ class ShmRing:
                 f.truncate(_DATA + capacity)
             os.mkfifo(path + ".wake")
         with open(path, "r+b") as f:  # populated: no page faults on the step path
-            self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         self.path = path
         self.capacity = len(self._map) - _DATA
         self._head = ctypes.c_uint64.from_buffer(self._map, _HEAD)

@@ -310,17 +310,18 @@ class EngineCoreProc:
             if not sock.poll(IDLE_CHECK_S * 1000):
                 continue
             frames = sock.recv_multipart(copy=False)
+            block_hashes = None
             try:
                 message = decoder.decode(frames)
-            except (msgspec.DecodeError, ValueError) as exc:  # a peer of another version, or garbage on the port
+                if isinstance(message, EngineCoreRequest) and config.enable_prefix_caching:
+                    block_hashes = prompt_block_hashes(message.prompt_token_ids, config.block_size, message.lora_id,
+                                                       message.cache_salt)
+            # a peer of another version, or garbage on the port (token ids beyond int64 included)
+            except (msgspec.DecodeError, ValueError, OverflowError) as exc:
                 logger.warning("dropped a malformed message: %s", exc)
                 continue
             if isinstance(message, Hello):  # connect now: heartbeats flow even while the model loads
                 self.outputs.put((message.client_index, message))
-            block_hashes = None
-            if isinstance(message, EngineCoreRequest) and config.enable_prefix_caching:
-                block_hashes = prompt_block_hashes(message.prompt_token_ids, config.block_size, message.lora_id,
-                                                   message.cache_salt)
             self.inputs.put((message, block_hashes))
         sock.close(linger=0)
 

@@ -119,6 +119,29 @@ async def test_a_request_id_already_running_for_another_frontend_is_rejected(slo
         await stream.aclose()
 
 
+async def test_malformed_messages_on_the_core_port_are_dropped_and_it_serves_on(slow_model, headless_core):
+    import zmq
+
+    from conveyor.ipc.messages import EngineCoreRequest
+    from conveyor.ipc.serial import Encoder
+
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.PUSH)
+    peer.connect(headless_core.address)
+    try:
+        peer.send(b"\x93not a message")
+        # decodes, but a block of token ids past int64 cannot be hashed for the prefix cache
+        huge = EngineCoreRequest("huge", [2**63] * 16, SamplingParams(), time.time(), 99)
+        peer.send_multipart(Encoder().encode(huge))
+        assert wait_until(lambda: sum("dropped a malformed message" in line for line in headless_core.log) >= 2,
+                          timeout=30), "".join(headless_core.log)
+    finally:
+        peer.close(0)
+        ctx.term()
+    async with AsyncLLM(slow_model, engine_address=headless_core.address) as llm:
+        assert len(await asyncio.wait_for(tokens(llm, "still here", "after"), timeout=60)) == GREEDY.max_tokens
+
+
 async def test_the_core_aborts_the_requests_of_a_frontend_that_vanished(slow_model, headless_core):
     script = (
         "import asyncio\n"

@@ -54,6 +54,8 @@ class Executor:
             payload = WorkerPayload(config, rank, self.inputs[rank].path, self.results[rank].path, dist_init_file)
             self.workers.append(spawn("conveyor.gpu_worker.worker", payload, f"worker-{rank}", env=worker_env()))
         ready = [self._receive(WorkerReady, startup_timeout, rank) for rank in range(len(self.workers))]
+        for ring in self.inputs + self.results:
+            ring.unlink()  # every worker has them open by now
         self.num_blocks = min(r.num_gpu_blocks for r in ready)
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type

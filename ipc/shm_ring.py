@@ -212,6 +212,15 @@ class ShmRing:
                 alive()
                 next_check = now + ALIVE_CHECK_S
 
+    def unlink(self) -> None:
+        """Remove the ring's files once both sides have opened them: the memory then goes with
+        the last process that maps it, however the processes end."""
+        for path in (self.path, self.path + ".wake"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
     def close(self) -> None:
         """Unmap (the other side may still hold the file; the owner of the directory removes it)."""
         self._head = self._tail = self._asleep = None  # they pin the map while they live

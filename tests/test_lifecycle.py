@@ -81,6 +81,9 @@ def test_shutdown_stops_every_child_and_removes_ipc_files(llama_dir):
     assert len(workers) == 2
     ipc_dir = llm.client.ipc_dir
     assert os.listdir(ipc_dir)
+    # the core-worker rings are unlinked once every worker has them open: even a SIGKILL of the
+    # whole group leaves no shared memory behind
+    assert not [name for name in os.listdir(ipc_dir) if name.startswith("worker-")]
     llm.shutdown()
     assert not group_alive(core)
     assert not os.path.exists(ipc_dir)

@@ -2,6 +2,7 @@
 sleeping reader is woken, and every wait has a way out."""
 
 import multiprocessing
+import os
 import threading
 import time
 import zlib
@@ -102,3 +103,11 @@ def test_a_writer_waiting_for_room_gives_up(ring_path):
     with pytest.raises(RuntimeError, match="the reader is dead"):
         writer.send([b"y" * 1000], alive=dead)
     assert checks
+
+
+def test_an_unlinked_ring_still_carries_messages(ring_path):
+    writer, reader = ShmRing(ring_path, create=True), ShmRing(ring_path)
+    writer.unlink()
+    assert not os.path.exists(ring_path) and not os.path.exists(ring_path + ".wake")
+    writer.send([b"still here"])
+    assert [bytes(f) for f in reader.recv(timeout=5, spin_s=0.0)] == [b"still here"]

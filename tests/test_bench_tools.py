@@ -5,11 +5,13 @@ and CONVEYOR_TEST_VLLM=1 is set: vLLM takes about a minute to start on this mach
 """
 
 import asyncio
+import glob
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -308,8 +310,14 @@ def test_serving_measures_streamed_completions(llama_dir, tmp_path, fake_server,
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def engine_ipc_dirs() -> set[str]:
+    return {path for root in ("/dev/shm", tempfile.gettempdir()) for path in glob.glob(f"{root}/conveyor-*")
+            if not os.path.basename(path).startswith("conveyor-bench-")}
+
+
 def test_serving_starts_its_backends_server_and_stops_it(llama_dir, tmp_path, capsys):
     before = set(descendants_of(os.getpid()))
+    dirs_before = engine_ipc_dirs()
     out = tmp_path / "serving.json"
     bench_serving.main(["--backend", "conveyor", "--model", llama_dir, "--dtype", "float32", "--kv-cache-gib", "1",
                         "--num-prompts", "4", "--input-len", "5", "--output-len", "3", "--out", str(out)])
@@ -318,6 +326,7 @@ def test_serving_starts_its_backends_server_and_stops_it(llama_dir, tmp_path, ca
     assert report["args"]["backend"] == "conveyor" and report["args"]["server_startup_s"] > 0
     assert "conveyor server ready after" in capsys.readouterr().out
     assert set(descendants_of(os.getpid())) <= before  # the server and its engine processes are gone
+    assert engine_ipc_dirs() <= dirs_before  # stopped with SIGTERM first, it removed its files
     port = urllib.parse.urlsplit(report["args"]["base_url"]).port
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

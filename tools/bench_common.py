@@ -241,8 +241,14 @@ def sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """Kill a backend's process group and every descendant (some engines start their own groups)."""
+def kill_group(proc: subprocess.Popen, grace: float = 0.0) -> None:
+    """Kill a backend's process group and every descendant (some engines start their own groups).
+    With `grace`, SIGTERM it first and give it that long to exit by itself, removing its files."""
+    if grace and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
     for pid in tree_pids(proc.pid)[1:] if proc.poll() is None else []:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -41,6 +41,9 @@ from conveyor.tools import bench_common as bc
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E"))
 MAX_ERROR_BODY = 2000
+# How long a served engine gets to stop by itself on SIGTERM (and remove its files) before the
+# benchmark kills what is left of it.
+SERVER_STOP_S = 10.0
 
 
 @dataclass(slots=True)
@@ -241,7 +244,7 @@ def served(args: argparse.Namespace) -> Iterator[tuple[str, float]]:
                 time.sleep(0.5)
             yield f"http://127.0.0.1:{port}", time.perf_counter() - start
         finally:
-            bc.kill_group(proc)
+            bc.kill_group(proc, grace=SERVER_STOP_S)
 
 
 def healthy(port: int) -> bool:

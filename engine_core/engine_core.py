@@ -235,7 +235,7 @@ class EngineCoreProc:
                 return
             self._handle(message, block_hashes)
 
-    def _handle(self, message, block_hashes: list[int] | None = None) -> None:
+    def _handle(self, message, block_hashes: list[int] | None) -> None:
         client = message.client_index
         if self.clients.get(client) is not None:  # any message, Heartbeat included, shows it alive
             self.clients[client] = time.monotonic()

@@ -223,8 +223,8 @@ def server_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict
 @contextlib.contextmanager
 def served(args: argparse.Namespace) -> Iterator[tuple[str, float]]:
     """Start args.backend's server on a free loopback port and wait until /health answers; yield
-    (base url, seconds it took to start). On the way out (SIGTERM included) its whole process tree
-    is killed."""
+    (base url, seconds it took to start). On the way out (SIGTERM included) it gets SERVER_STOP_S
+    to stop by itself, then whatever is left of its process tree is killed."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,23 +99,23 @@ class AsyncLLM:
 
     # ---- the public surface ----
 
-    async def generate(
+    def generate(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream the request's outputs (`async for`). Nothing is sent to the engine before the
+        first iteration; closing the stream early aborts the request. (A plain function returning
+        the stream, not a generator wrapping it: one layer less on every output of every request.)"""
         params = sampling_params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if params.use_beam_search:
-            stream = self._beam_search(prompt, params, request_id, priority)
-        elif params.n > 1:
-            stream = self._generate_n(prompt, params, request_id, priority)
-        else:
-            stream = self._generate_one(prompt, params, request_id, priority)
-        async for output in stream:
-            yield output
+            return self._beam_search(prompt, params, request_id, priority)
+        if params.n > 1:
+            return self._generate_n(prompt, params, request_id, priority)
+        return self._generate_one(prompt, params, request_id, priority)
 
     async def _beam_search(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
         yield await beam_search(self, prompt, params, request_id, priority)

@@ -17,13 +17,16 @@ from conveyor.ipc.messages import EngineCoreOutput, Logprobs
 
 
 class OutputMailbox:
-    """Holds at most one unread RequestOutput: deltas merge, cumulative outputs replace."""
+    """Holds at most one unread RequestOutput: deltas merge, cumulative outputs replace. One
+    consumer: `get` waits on a future of its own (no Event: this runs for every request, every step)."""
+
+    __slots__ = ("loop", "kind", "pending", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, kind: RequestOutputKind):
         self.loop = loop
         self.kind = kind
         self.pending: RequestOutput | BaseException | None = None
-        self.ready = asyncio.Event()
+        self.waiter: asyncio.Future | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
         pending = self.pending
@@ -32,16 +35,21 @@ class OutputMailbox:
             pending.merge_delta(item)
         elif not isinstance(pending, BaseException):
             self.pending = item
-        self.ready.set()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> RequestOutput:
-        await self.ready.wait()
-        item, self.pending = self.pending, None
-        self.ready.clear()
+        while self.pending is None:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        item = self.pending
         if isinstance(item, BaseException):
-            self.pending = item  # every later get raises too
-            self.ready.set()
-            raise item
+            raise item  # it stays: every later get raises too
+        self.pending = None
         return item
 
 
@@ -103,9 +111,9 @@ class OutputProcessor:
         the engine still runs."""
         now = time.time()
         to_abort, deliveries = [], []
-        for raw in outputs:
-            with self.lock:
-                state = self.states.get(raw.request_id)
+        with self.lock:
+            states = [self.states.get(raw.request_id) for raw in outputs]
+        for raw, state in zip(outputs, states):
             if state is None:
                 continue  # aborted meanwhile
             finish_reason, stop_reason = raw.finish_reason, raw.stop_reason
@@ -175,15 +183,7 @@ class OutputProcessor:
             text = detok.get_output_text(finished) if detok else ""
         completion = CompletionOutput(0, text, token_ids, state.cumulative_logprob, logprobs,
                                       finish_reason, stop_reason)
-        return RequestOutput(
-            request_id=state.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=[completion],
-            finished=finished,
-            prompt_logprobs=state.prompt_logprobs,
-            num_cached_tokens=state.num_cached_tokens,
-            metrics=state.metrics,
-            error_code=400 if error else None,
-            error_message=error,
-        )
+        # positional: this runs for every request, every step (RequestOutput's field order)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
+                             state.prompt_logprobs, state.num_cached_tokens, state.metrics,
+                             400 if error else None, error)

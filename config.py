@@ -1,8 +1,12 @@
 """Engine configuration: one Struct, validated once, sent as-is to the core and the workers."""
 
+import functools
+import logging
 import os
 
 import msgspec
+
+logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
@@ -27,7 +31,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     attention_backend: str = "auto"  # hot ops: auto (C kernels on CPU, Triton on CUDA) | torch | triton
-    worker_threads: int | None = None  # torch threads per worker; default: cores / tensor_parallel_size
+    worker_threads: int | None = None  # torch threads per worker; default: usable cores / tensor_parallel_size
+    # On a CPU, give each worker rank cores of its own and the core process the cores left over
+    # (see worker_cores): the kernel otherwise queues the core behind a worker's thread while a
+    # core sits idle, for up to milliseconds at a time.
+    bind_cores: bool = True
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
@@ -62,7 +70,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_worker_threads(self) -> int:
-        return self.worker_threads or max(1, (os.cpu_count() or 1) // self.tensor_parallel_size)
+        return self.worker_threads or max(1, len(usable_cores()) // self.tensor_parallel_size)
 
     def uses_async_scheduling(self, device_type: str) -> bool:
         """On a CPU whose every core runs a worker's OpenMP thread, the core's work would preempt
@@ -77,7 +85,49 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         beside a GPU; on a CPU, when it has more cores than all the workers' threads."""
         if device_type != "cpu":
             return True
-        return (os.cpu_count() or 1) > self.resolved_worker_threads() * self.tensor_parallel_size
+        return len(usable_cores()) > self.resolved_worker_threads() * self.tensor_parallel_size
+
+    def worker_cores(self, rank: int) -> list[int] | None:
+        """The cores a CPU worker of `rank` is bound to (None: unbound). Ranks take consecutive
+        runs of the cores this process may use, one per thread; `core_process_cores` are the rest.
+        Nothing is bound where the threads outnumber the cores."""
+        cores, threads = usable_cores(), self.resolved_worker_threads()
+        if not self.bind_cores or threads * self.tensor_parallel_size > len(cores):
+            return None
+        return cores[rank * threads:(rank + 1) * threads]
+
+    def core_process_cores(self) -> list[int] | None:
+        """The cores a CPU engine's core process is bound to: those its workers leave (None:
+        unbound, where they leave none)."""
+        cores, used = usable_cores(), self.resolved_worker_threads() * self.tensor_parallel_size
+        if not self.bind_cores or used >= len(cores):
+            return None
+        return cores[used:]
+
+
+@functools.cache
+def usable_cores() -> list[int]:
+    """The cores this process may run on (its affinity: a `taskset`, a container's cpuset), in order,
+    as they were before `bind_process`: the plan of who runs where must not change once it is made."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def bind_process(cores: list[int], who: str) -> None:
+    """Bind every thread of this process, and the threads it starts from now on, to `cores`
+    (Linux; elsewhere a no-op). Where the system refuses, `who` runs unbound, with a warning."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    usable_cores()  # the plan, before this narrows it
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except ProcessLookupError:
+                pass  # a thread that ended meanwhile
+    except OSError as exc:
+        logger.warning("%s could not bind to cores %s: %s", who, cores, exc)
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:

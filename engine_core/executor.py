@@ -5,7 +5,7 @@ has a shared-memory ring each way (ipc/shm_ring.py): steps and calls in, results
 import os
 import subprocess
 
-from conveyor.config import EngineConfig
+from conveyor.config import EngineConfig, bind_process
 from conveyor.ipc.messages import (
     ModelRunnerOutput,
     SchedulerOutput,
@@ -61,6 +61,8 @@ class Executor:
         self.device_type = ready[0].device_type
         # Spinning takes a core: only where the workers leave one free.
         self.spin_s = SPIN_S if config.has_spare_cores(self.device_type) else 0.0
+        if self.device_type == "cpu" and (cores := config.core_process_cores()) is not None:
+            bind_process(cores, "the engine core")  # off the workers' cores, which are bound already
 
     def collective_call(self, method: str, *args, timeout: float = 600.0) -> list:
         self._broadcast(WorkerCall(method, list(args)))

@@ -25,7 +25,8 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 ENGINE_ARGS = ("tokenizer", "dtype", "tensor_parallel_size", "max_model_len", "block_size", "max_num_seqs",
                "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling",
-               "kv_cache_memory", "num_kv_blocks", "scheduling_policy", "device", "seed")
+               "kv_cache_memory", "num_kv_blocks", "scheduling_policy", "device", "seed", "worker_threads",
+               "bind_cores")
 
 
 def parse_size(text: str) -> int:
@@ -62,6 +63,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
+    g.add_argument("--worker-threads", type=int, help="torch threads per worker on a CPU (default: the usable "
+                                                      "cores / tensor-parallel size)")
+    g.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
+                   help="on a CPU, do not bind workers and the engine core to cores of their own")
 
 
 def engine_args(args: argparse.Namespace) -> dict[str, Any]:

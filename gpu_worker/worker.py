@@ -8,6 +8,7 @@ import traceback
 
 import torch
 
+from conveyor.config import bind_process
 from conveyor.ipc.messages import (
     SchedulerOutput,
     Shutdown,
@@ -45,8 +46,10 @@ def worker_main() -> None:
     inputs, outputs = ShmRing(payload.input_ring), ShmRing(payload.output_ring)
     encoder, decoder = Encoder(), Decoder(WorkerInput)
     try:
-        torch.set_num_threads(config.resolved_worker_threads())
         device = torch.device(config.resolved_device())
+        if device.type == "cpu" and (cores := config.worker_cores(rank)) is not None:
+            bind_process(cores, f"worker rank {rank}")  # before torch starts its OpenMP threads
+        torch.set_num_threads(config.resolved_worker_threads())
         if device.type == "cuda":
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)

@@ -90,6 +90,24 @@ def test_shutdown_stops_every_child_and_removes_ipc_files(llama_dir):
     assert children_of(os.getpid()) == []
 
 
+def thread_affinities(pid: int) -> set[tuple[int, ...]]:
+    return {tuple(sorted(os.sched_getaffinity(int(tid)))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core beside the worker's")
+async def test_cpu_workers_and_core_run_on_cores_of_their_own(llama_dir):
+    cores = sorted(os.sched_getaffinity(0))
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=64, worker_threads=1)
+    try:
+        core, workers = engine_pids(llm)
+        await stream_all(llm, [5, 6, 7], SamplingParams(max_tokens=2))
+        assert thread_affinities(workers[0]) == {(cores[0],)}  # every thread, OpenMP's included
+        assert thread_affinities(core) == {tuple(cores[1:])}  # its I/O threads too
+        assert thread_affinities(os.getpid()) == {tuple(cores)}  # the caller's process is not touched
+    finally:
+        llm.shutdown()
+
+
 def test_bad_model_path_raises_from_constructor_and_leaves_nothing():
     before = set(children_of(os.getpid()))
     with pytest.raises(OSError):

@@ -157,10 +157,23 @@ def test_dropped_requests_wait_for_a_step_that_runs():
 
 
 def test_async_scheduling_by_default_only_where_the_core_has_a_processor(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("conveyor.config.usable_cores", lambda: list(range(8)))
     config = EngineConfig(model="unused")  # the workers' threads take all 8 cores
     assert config.uses_async_scheduling("cuda") and not config.uses_async_scheduling("cpu")
     assert EngineConfig(model="unused", worker_threads=6).uses_async_scheduling("cpu")
     assert EngineConfig(model="unused", tensor_parallel_size=2, worker_threads=3).uses_async_scheduling("cpu")
     assert EngineConfig(model="unused", async_scheduling=True).uses_async_scheduling("cpu")
     assert not EngineConfig(model="unused", async_scheduling=False).uses_async_scheduling("cuda")
+
+
+def test_cpu_cores_split_between_worker_ranks_and_the_core(monkeypatch):
+    monkeypatch.setattr("conveyor.config.usable_cores", lambda: [2, 3, 5, 7, 8, 9, 11, 12])
+    config = EngineConfig(model="unused", tensor_parallel_size=2, worker_threads=3)
+    assert [config.worker_cores(0), config.worker_cores(1)] == [[2, 3, 5], [7, 8, 9]]
+    assert config.core_process_cores() == [11, 12]
+    every_core = EngineConfig(model="unused", tensor_parallel_size=2)  # 4 threads each
+    assert every_core.worker_cores(1) == [8, 9, 11, 12] and every_core.core_process_cores() is None
+    oversubscribed = EngineConfig(model="unused", worker_threads=9)
+    assert oversubscribed.worker_cores(0) is None and oversubscribed.core_process_cores() is None
+    unbound = EngineConfig(model="unused", worker_threads=3, bind_cores=False)
+    assert unbound.worker_cores(0) is None and unbound.core_process_cores() is None

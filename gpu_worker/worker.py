@@ -4,6 +4,7 @@ every step the core broadcasts; rank 0 returns the sampled tokens."""
 import gc
 import logging
 import os
+import time
 import traceback
 
 import torch
@@ -39,12 +40,30 @@ def init_distributed(payload: WorkerPayload, device: torch.device) -> None:
     init_tensor_parallel(payload.rank, size)
 
 
+def serve(runner, inputs: ShmRing, outputs: ShmRing, spin_s: float, rank: int) -> None:
+    """Run steps and calls until Shutdown. A step's `model_time` is its whole `execute_model`."""
+    encoder, decoder = Encoder(), Decoder(WorkerInput)
+    while True:
+        message = decoder.decode(inputs.recv(spin_s=spin_s))
+        if isinstance(message, SchedulerOutput):
+            start = time.perf_counter()
+            result = runner.execute_model(message)
+            result.model_time = time.perf_counter() - start
+            if rank == 0:
+                outputs.send(encoder.encode(result))
+        elif isinstance(message, WorkerCall):
+            result = getattr(runner, message.method)(*message.args)
+            outputs.send(encoder.encode(WorkerResult(result)))
+        elif isinstance(message, Shutdown):
+            return
+
+
 def worker_main() -> None:
     payload: WorkerPayload = read_payload(WorkerPayload)
     config, rank = payload.config, payload.rank
     logging.basicConfig(level=os.environ.get("CONVEYOR_LOG_LEVEL", "WARNING"))
     inputs, outputs = ShmRing(payload.input_ring), ShmRing(payload.output_ring)
-    encoder, decoder = Encoder(), Decoder(WorkerInput)
+    encoder = Encoder()
     try:
         device = torch.device(config.resolved_device())
         if device.type == "cpu" and (cores := config.worker_cores(rank)) is not None:
@@ -63,17 +82,8 @@ def worker_main() -> None:
         spin_s = SPIN_S if config.has_spare_cores(device.type) else 0.0  # spinning takes a core
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
                                                 device.type)))
-        while True:
-            message = decoder.decode(inputs.recv(spin_s=spin_s))
-            if isinstance(message, SchedulerOutput):
-                result = runner.execute_model(message)
-                if rank == 0:
-                    outputs.send(encoder.encode(result))
-            elif isinstance(message, WorkerCall):
-                result = getattr(runner, message.method)(*message.args)
-                outputs.send(encoder.encode(WorkerResult(result)))
-            elif isinstance(message, Shutdown):
-                break
+        with torch.inference_mode():
+            serve(runner, inputs, outputs, spin_s, rank)
     except Exception:
         error = traceback.format_exc()
         logger.error("worker rank %d failed:\n%s", rank, error)

@@ -43,7 +43,8 @@ def run_greedy(runner: ModelRunner, prompts, max_tokens=MAX_TOKENS, chunk: int |
                 cached.num_computed_tokens.append(r["computed"])
                 cached_counts.append(n)
             r["computed"] += n
-        out = runner.execute_model(SchedulerOutput(step_id, new, cached, new_counts + cached_counts, []))
+        with torch.inference_mode():  # as the worker runs it
+            out = runner.execute_model(SchedulerOutput(step_id, new, cached, new_counts + cached_counts, []))
         step_id += 1
         for k, (rid, tokens) in enumerate(zip(out.request_ids, out.sampled_token_ids)):
             reqs[rid]["tokens"] += tokens

@@ -166,6 +166,14 @@ class EngineCore:
 _FORGET = object()  # output-thread marker: close the client's socket
 
 
+class IoThreadFailed:
+    """What an I/O thread that dies leaves in the input queue: the busy loop raises it, so a core
+    that can no longer hear or answer dies loudly (its frontends learn it) rather than serve on."""
+
+    def __init__(self, thread: str, error: BaseException):
+        self.thread, self.error = thread, error
+
+
 class EngineCoreProc:
     """EngineCore behind sockets: the process's busy loop and its two I/O threads."""
 
@@ -236,6 +244,8 @@ class EngineCoreProc:
             self._handle(message, block_hashes)
 
     def _handle(self, message, block_hashes: list[int] | None) -> None:
+        if isinstance(message, IoThreadFailed):
+            raise RuntimeError(f"engine core {message.thread} thread failed: {message.error!r}") from message.error
         client = message.client_index
         if self.clients.get(client) is not None:  # any message, Heartbeat included, shows it alive
             self.clients[client] = time.monotonic()
@@ -304,6 +314,15 @@ class EngineCoreProc:
     def _input_loop(self, sock: zmq.Socket) -> None:
         """Receive and decode; for a new request, also hash its prompt's blocks for the prefix
         cache (about 1 µs a block), which the busy loop would otherwise do while scheduling it."""
+        try:
+            self._receive(sock)
+        except BaseException as exc:
+            logger.exception("engine core input thread failed")
+            self.inputs.put((IoThreadFailed("input", exc), None))
+        finally:
+            sock.close(linger=0)
+
+    def _receive(self, sock: zmq.Socket) -> None:
         decoder = Decoder(EngineCoreInput)
         config = self.payload.config
         while not self.stopping.is_set():
@@ -323,9 +342,15 @@ class EngineCoreProc:
             if isinstance(message, Hello):  # connect now: heartbeats flow even while the model loads
                 self.outputs.put((message.client_index, message))
             self.inputs.put((message, block_hashes))
-        sock.close(linger=0)
 
     def _output_loop(self) -> None:
+        try:
+            self._send_outputs()
+        except BaseException as exc:
+            logger.exception("engine core output thread failed")
+            self.inputs.put((IoThreadFailed("output", exc), None))
+
+    def _send_outputs(self) -> None:
         encoder = Encoder()
         last_sent: dict[int, float] = {}
         while True:

@@ -40,7 +40,7 @@ def init_distributed(payload: WorkerPayload, device: torch.device) -> None:
     init_tensor_parallel(payload.rank, size)
 
 
-def serve(runner, inputs: ShmRing, outputs: ShmRing, spin_s: float, rank: int) -> None:
+def run_steps(runner, inputs: ShmRing, outputs: ShmRing, spin_s: float, rank: int) -> None:
     """Run steps and calls until Shutdown. A step's `model_time` is its whole `execute_model`."""
     encoder, decoder = Encoder(), Decoder(WorkerInput)
     while True:
@@ -83,7 +83,7 @@ def worker_main() -> None:
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
                                                 device.type)))
         with torch.inference_mode():
-            serve(runner, inputs, outputs, spin_s, rank)
+            run_steps(runner, inputs, outputs, spin_s, rank)
     except Exception:
         error = traceback.format_exc()
         logger.error("worker rank %d failed:\n%s", rank, error)

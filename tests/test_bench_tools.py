@@ -20,7 +20,15 @@ import pytest
 from procs import descendants_of, wait_until
 
 from conveyor.tools import bench_common as bc
-from conveyor.tools import bench_compare, bench_latency, bench_overhead, bench_serving, bench_stalls, bench_throughput
+from conveyor.tools import (
+    bench_compare,
+    bench_cpu_attention,
+    bench_latency,
+    bench_overhead,
+    bench_serving,
+    bench_stalls,
+    bench_throughput,
+)
 
 TINY = ["--num-prompts", "3", "--input-len", "6", "--output-len", "4", "--repeats", "2", "--warmup", "1"]
 
@@ -165,6 +173,22 @@ def test_stalls_runs_each_spin_count_and_restores_the_environment(llama_dir, tmp
 def test_stalls_rejects_a_spin_count_that_is_not_a_number():
     with pytest.raises(SystemExit):
         bench_stalls.main(["--spin-counts", "fast"])
+
+
+def test_cpu_attention_times_each_shape(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    bench_cpu_attention.main(["--shapes", "2x40,1x17", "--repeats", "1", "--out", str(out)])
+    assert "KV GB/s" in capsys.readouterr().out
+    rows = read_json(out)["rows"]
+    assert [(r["batch"], r["context"]) for r in rows] == [(2, 40), (1, 17)]
+    # keys and values of 3 KV heads of dim 64 in bf16, each context token once
+    assert rows[0]["kv_mib"] == pytest.approx(2 * 2 * 40 * 3 * 64 * 2 / 2**20)
+    assert all(r["us_per_call"] > 0 and r["kv_gb_per_s"] > 0 for r in rows)
+
+
+def test_cpu_attention_rejects_a_shape_it_cannot_read():
+    with pytest.raises(SystemExit):
+        bench_cpu_attention.main(["--shapes", "64by255"])
 
 
 def test_throughput_conveyor_counts_every_output_token(llama_dir, tmp_path):

@@ -58,8 +58,11 @@ def run(attention, q_lens, contexts, config, dtype):
 
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
-# beside the shared configs, the small head dims the C kernel specialises in float32
-EACH_CONFIG = pytest.mark.parametrize("config", CONFIGS + [(4, 2, 16, 16, None), (6, 2, 32, 16, 11)], ids=lambda c: "h{}-kv{}-d{}-bs{}-win{}".format(*c))
+# beside the shared configs: the small head dims the C kernel specialises in float32, and groups of
+# query heads its bf16 decode carries in several p . v passes (4 heads a pass at head_dim 64, 2 at 128)
+EACH_CONFIG = pytest.mark.parametrize("config", CONFIGS + [(4, 2, 16, 16, None), (6, 2, 32, 16, 11), (9, 3, 64, 16, None),
+                                                           (8, 1, 64, 16, 21), (6, 1, 128, 16, None)],
+                                      ids=lambda c: "h{}-kv{}-d{}-bs{}-win{}".format(*c))
 
 
 @DTYPES

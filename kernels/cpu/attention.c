@@ -138,73 +138,124 @@ static inline __attribute__((always_inline)) __m512 row_dot_bf16(const __m512bh 
     return acc;
 }
 
+/* Fetch this KV head's slice of token t's row ahead of use (HD bf16: 2 or 4 cache lines). */
+static inline void prefetch_head(const bf16 *cache, const int32_t *table, int t, int block_size, int64_t token_stride,
+                                 int64_t kv_offset, const int HD) {
+    const char *p = (const char *)(cache + token_base(table, t, block_size, token_stride) + kv_offset);
+    for (int offset = 0; offset < HD * 2; offset += 64) __builtin_prefetch(p + offset);
+}
+
+/* Query heads a p . v pass carries at once: their accumulators (2 * HD/32 vectors each) stay in
+ * registers beside the interleaved value rows they share. */
+#define PV_HEADS(HD) ((HD) == 64 ? 4 : 2)
+
+/* A KV head's pass reads a third or less of each row: it runs through rows faster, so it fetches
+ * further ahead to cover the memory's latency. */
+#define HEAD_PREFETCH_DISTANCE 64
+
 /* `attend` for bf16 with head_dim HD, a literal (so every per-dimension loop unrolls and its
- * accumulators stay in registers), one query head at a time:
- * - q . k: 16 tokens' dot products at once (vdpbf16ps), summed by one transposing tree;
- * - p . v: two tokens per vdpbf16ps, their value rows interleaved and their probabilities as a
- *   bf16 pair (as transformers' eager bf16 attention also rounds them to bf16).
- * A sequence's rows stay in L2 between its query heads; the first head's pass prefetches them. */
+ * accumulators stay in registers), one KV head at a time, with all the query heads of its group:
+ * each key and value row is read from memory once, not once per query head (a group's rows fall
+ * out of L2 at long contexts, and each query head then streamed them again).
+ * - q . k: 16 keys' rows at a time, every query head of the group against them while they sit in
+ *   L1; each head's 16 dot products (vdpbf16ps) summed by one transposing tree;
+ * - p . v: two keys per vdpbf16ps, their value rows interleaved once for up to PV_HEADS query
+ *   heads, whose probabilities go in as bf16 pairs (as transformers' eager bf16 attention also
+ *   rounds them to bf16).
+ * `scores` holds num_heads rows of n floats, `probs` num_heads rows of n + 2 bf16. */
 static inline __attribute__((always_inline)) void attend_bf16(
     const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out, const int32_t *table, int len,
     int first, int num_heads, int num_kv_heads, int block_size, float scale, float *scores, bf16 *probs,
     const int HD) {
     const int n = len - first, group = num_heads / num_kv_heads;
-    const int64_t token_stride = (int64_t)num_kv_heads * HD;
-    for (int hq = 0; hq < num_heads; hq++) {
-        const bf16 *qh = q + (int64_t)hq * HD;
-        const int64_t kv_offset = (int64_t)(hq / group) * HD;
-        float *sh = scores + (int64_t)hq * n;
-        __m512bh qv[HD / 32];
-        for (int c = 0; c < HD / 32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qh + 32 * c);
+    const int64_t token_stride = (int64_t)num_kv_heads * HD, prow = n + 2;
+    for (int kvh = 0; kvh < num_kv_heads; kvh++) {
+        const int64_t kv_offset = (int64_t)kvh * HD;
+        const int h0 = kvh * group;
 
         int t = first;
         for (; t + 16 <= len; t += 16) {
-            __m512 dots[16];
+            const bf16 *rows[16];
             for (int j = 0; j < 16; j++) {
-                if (hq == 0 && t + j + PREFETCH_DISTANCE < len)
-                    prefetch_row(k_cache, table, t + j + PREFETCH_DISTANCE, block_size, token_stride, 1);
-                dots[j] = row_dot_bf16(qv, k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset, HD);
+                if (t + j + HEAD_PREFETCH_DISTANCE < len)
+                    prefetch_head(k_cache, table, t + j + HEAD_PREFETCH_DISTANCE, block_size, token_stride, kv_offset, HD);
+                rows[j] = k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset;
             }
-            _mm512_storeu_ps(sh + (t - first), _mm512_mul_ps(sum_each16(dots), _mm512_set1_ps(scale)));
+            for (int g = 0; g < group; g++) {
+                const bf16 *qh = q + (int64_t)(h0 + g) * HD;
+                __m512bh qv[HD / 32];
+                for (int c = 0; c < HD / 32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qh + 32 * c);
+                __m512 dots[16];
+                for (int j = 0; j < 16; j++) dots[j] = row_dot_bf16(qv, rows[j], HD);
+                _mm512_storeu_ps(scores + (int64_t)(h0 + g) * n + (t - first),
+                                 _mm512_mul_ps(sum_each16(dots), _mm512_set1_ps(scale)));
+            }
         }
-        for (; t < len; t++)
-            sh[t - first] = _mm512_reduce_add_ps(
-                row_dot_bf16(qv, k_cache + token_base(table, t, block_size, token_stride) + kv_offset, HD)) * scale;
+        for (; t < len; t++) {
+            const bf16 *row = k_cache + token_base(table, t, block_size, token_stride) + kv_offset;
+            for (int g = 0; g < group; g++) {
+                const bf16 *qh = q + (int64_t)(h0 + g) * HD;
+                __m512bh qv[HD / 32];
+                for (int c = 0; c < HD / 32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qh + 32 * c);
+                scores[(int64_t)(h0 + g) * n + (t - first)] = _mm512_reduce_add_ps(row_dot_bf16(qv, row, HD)) * scale;
+            }
+        }
 
-        const __m512 inv_sum = _mm512_set1_ps(softmax_unnormalised(sh, n));
+        float inv_sum[group];
+        for (int g = 0; g < group; g++) {
+            float *sh = scores + (int64_t)(h0 + g) * n;
+            bf16 *ph = probs + (int64_t)(h0 + g) * prow;
+            inv_sum[g] = softmax_unnormalised(sh, n);
 #pragma omp simd
-        for (int i = 0; i < n; i++) store(probs, i, sh[i], 1);
-        probs[n] = 0; /* pairs an odd last token with a zero probability */
-
-        __m512 lo[HD / 32], hi[HD / 32];
-        for (int c = 0; c < HD / 32; c++) lo[c] = hi[c] = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 2) {
-            if (hq == 0 && first + i + PREFETCH_DISTANCE < len) {
-                prefetch_row(v_cache, table, first + i + PREFETCH_DISTANCE, block_size, token_stride, 1);
-                if (first + i + 1 + PREFETCH_DISTANCE < len)
-                    prefetch_row(v_cache, table, first + i + 1 + PREFETCH_DISTANCE, block_size, token_stride, 1);
-            }
-            const bf16 *v0 = v_cache + token_base(table, first + i, block_size, token_stride) + kv_offset;
-            const bf16 *v1 = i + 1 < n ? v_cache + token_base(table, first + i + 1, block_size, token_stride) + kv_offset
-                                       : v0; /* any finite row: its probability is 0 */
-            uint32_t pair;
-            memcpy(&pair, probs + i, sizeof pair);
-            const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pair);
-            for (int c = 0; c < HD / 32; c++) {
-                const __m512i a = _mm512_loadu_si512(v0 + 32 * c), b = _mm512_loadu_si512(v1 + 32 * c);
-                lo[c] = _mm512_dpbf16_ps(lo[c], (__m512bh)_mm512_unpacklo_epi16(a, b), p);
-                hi[c] = _mm512_dpbf16_ps(hi[c], (__m512bh)_mm512_unpackhi_epi16(a, b), p);
-            }
+            for (int i = 0; i < n; i++) store(ph, i, sh[i], 1);
+            ph[n] = 0; /* pairs an odd last token with a zero probability */
         }
+
         /* lo holds dims 0-3, 8-11, 16-19, 24-27 of each 32; hi the others */
         const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
         const __m512i last16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-        float o[HD];
-        for (int c = 0; c < HD / 32; c++) {
-            _mm512_storeu_ps(o + 32 * c, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], first16, hi[c]), inv_sum));
-            _mm512_storeu_ps(o + 32 * c + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], last16, hi[c]), inv_sum));
+        for (int g0 = 0; g0 < group; g0 += PV_HEADS(HD)) {
+            const int m = group - g0 < PV_HEADS(HD) ? group - g0 : PV_HEADS(HD);
+            __m512 lo[PV_HEADS(HD)][HD / 32], hi[PV_HEADS(HD)][HD / 32];
+            for (int s = 0; s < PV_HEADS(HD); s++)
+                for (int c = 0; c < HD / 32; c++) lo[s][c] = hi[s][c] = _mm512_setzero_ps();
+            for (int i = 0; i < n; i += 2) {
+                if (first + i + HEAD_PREFETCH_DISTANCE < len) {
+                    prefetch_head(v_cache, table, first + i + HEAD_PREFETCH_DISTANCE, block_size, token_stride, kv_offset, HD);
+                    if (first + i + 1 + HEAD_PREFETCH_DISTANCE < len)
+                        prefetch_head(v_cache, table, first + i + 1 + HEAD_PREFETCH_DISTANCE, block_size, token_stride,
+                                      kv_offset, HD);
+                }
+                const bf16 *v0 = v_cache + token_base(table, first + i, block_size, token_stride) + kv_offset;
+                const bf16 *v1 = i + 1 < n ? v_cache + token_base(table, first + i + 1, block_size, token_stride) + kv_offset
+                                           : v0; /* any finite row: its probability is 0 */
+                __m512bh ulo[HD / 32], uhi[HD / 32];
+                for (int c = 0; c < HD / 32; c++) {
+                    const __m512i a = _mm512_loadu_si512(v0 + 32 * c), b = _mm512_loadu_si512(v1 + 32 * c);
+                    ulo[c] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+                    uhi[c] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+                }
+                for (int s = 0; s < PV_HEADS(HD); s++) {
+                    if (s >= m) break;
+                    uint32_t pair;
+                    memcpy(&pair, probs + (int64_t)(h0 + g0 + s) * prow + i, sizeof pair);
+                    const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pair);
+                    for (int c = 0; c < HD / 32; c++) {
+                        lo[s][c] = _mm512_dpbf16_ps(lo[s][c], ulo[c], p);
+                        hi[s][c] = _mm512_dpbf16_ps(hi[s][c], uhi[c], p);
+                    }
+                }
+            }
+            for (int s = 0; s < m; s++) {
+                const __m512 inv = _mm512_set1_ps(inv_sum[g0 + s]);
+                float o[HD];
+                for (int c = 0; c < HD / 32; c++) {
+                    _mm512_storeu_ps(o + 32 * c, _mm512_mul_ps(_mm512_permutex2var_ps(lo[s][c], first16, hi[s][c]), inv));
+                    _mm512_storeu_ps(o + 32 * c + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo[s][c], last16, hi[s][c]), inv));
+                }
+                for (int d = 0; d < HD; d++) store(out, (int64_t)(h0 + g0 + s) * HD + d, o[d], 1);
+            }
         }
-        for (int d = 0; d < HD; d++) store(out, (int64_t)hq * HD + d, o[d], 1);
     }
 }
 
@@ -471,7 +522,7 @@ static inline int paged_attention(const void *q, int64_t q_stride, const void *k
         float *acc = malloc(sizeof(float) * num_heads * head_dim);
         float *row = malloc(sizeof(float) * num_kv_heads * head_dim);
         float *scores = NULL;
-        bf16 *probs = NULL; /* one query head's probabilities, for the bf16 p . v */
+        bf16 *probs = NULL; /* every query head's probabilities, for the bf16 p . v */
         int64_t capacity = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int t = 0; t < num_tokens; t++) {
@@ -486,7 +537,7 @@ static inline int paged_attention(const void *q, int64_t q_stride, const void *k
                 free(probs);
                 capacity = (int64_t)num_heads * (len - first);
                 scores = malloc(sizeof(float) * capacity);
-                probs = malloc(sizeof(bf16) * (len - first + 2));
+                probs = malloc(sizeof(bf16) * num_heads * (len - first + 2));
             }
             if (!qf || !acc || !row || !scores || !probs) {
 #pragma omp atomic write

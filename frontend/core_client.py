@@ -59,7 +59,9 @@ class CoreClient:
                  on_dead: Callable[[EngineDeadError], None], engine_address: str | None = None):
         self.on_outputs, self.on_dead = on_outputs, on_dead
         self.engine_address = engine_address
-        self.ipc_dir = new_ipc_dir()
+        # sockets on this host: a spawned core's, or ours toward a core at an ipc:// address (one at
+        # tcp:// needs none, so a frontend killed outright leaves nothing behind)
+        self.ipc_dir = new_ipc_dir() if engine_address is None or engine_address.startswith("ipc://") else None
         self.ctx = zmq.Context(1)
         self.encoder = Encoder()
         self.decoder = Decoder(EngineCoreOutputMessage)

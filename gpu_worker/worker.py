@@ -58,8 +58,15 @@ def run_steps(runner, inputs: ShmRing, outputs: ShmRing, spin_s: float, rank: in
             return
 
 
+def remove_empty_ring_dir(payload: WorkerPayload) -> None:
+    """The core died without its cleanup (SIGKILL): remove its directory if nothing is left in it.
+    A headless core's holds only the rings, unlinked at the handshake; a frontend's still holds its
+    sockets, and stays until the frontend removes it."""
+    os.rmdir(os.path.dirname(payload.input_ring))
+
+
 def worker_main() -> None:
-    payload: WorkerPayload = read_payload(WorkerPayload)
+    payload: WorkerPayload = read_payload(WorkerPayload, on_parent_death=remove_empty_ring_dir)
     config, rank = payload.config, payload.rank
     logging.basicConfig(level=os.environ.get("CONVEYOR_LOG_LEVEL", "WARNING"))
     inputs, outputs = ShmRing(payload.input_ring), ShmRing(payload.output_ring)

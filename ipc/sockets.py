@@ -15,11 +15,16 @@ HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = float(os.environ.get("CONVEYOR_PEER_TIMEOUT_S", "10"))
 
 
-def new_ipc_dir() -> str:
-    """A private directory for sockets and shared-memory rings: in /dev/shm where there is one, as
-    a ring's pages must live in memory (tmpfs), not in a file system that writes them back."""
+def ipc_root() -> str:
+    """Where engines make their private directories: /dev/shm where there is one, as a ring's pages
+    must live in memory (tmpfs), not in a file system that writes them back."""
     shm = "/dev/shm"
-    return tempfile.mkdtemp(prefix="conveyor-", dir=shm if os.access(shm, os.W_OK) else None)
+    return shm if os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+def new_ipc_dir() -> str:
+    """A private directory for sockets and shared-memory rings."""
+    return tempfile.mkdtemp(prefix="conveyor-", dir=ipc_root())
 
 
 def remove_ipc_dir(path: str | None) -> None:
@@ -53,11 +58,12 @@ def bound_address(sock: zmq.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def output_address_toward(engine_address: str, directory: str) -> str:
+def output_address_toward(engine_address: str, directory: str | None) -> str:
     """Where a frontend should bind its output socket so that the core at `engine_address` can
-    connect to it: ipc in `directory` for a local core, else tcp on the interface that routes to
-    the core's host (any free port)."""
+    connect to it: ipc in `directory` for a local core (ipc://), else tcp on the interface that
+    routes to the core's host (any free port)."""
     if engine_address.startswith("ipc://"):
+        assert directory is not None, "an ipc:// core needs a directory for our socket"
         return ipc_address(directory, "out")
     if not engine_address.startswith("tcp://"):
         raise ValueError(f"engine_address must be tcp://HOST:PORT or ipc://PATH, got {engine_address!r}")

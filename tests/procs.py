@@ -1,9 +1,11 @@
 """Process-tree inspection for lifecycle tests (reads /proc; no psutil needed)."""
 
+import glob
 import os
 import time
 
 from conveyor.ipc.process import group_alive  # noqa: F401  (re-exported for the tests)
+from conveyor.ipc.sockets import ipc_root
 
 
 def children_of(pid: int) -> list[int]:
@@ -43,3 +45,9 @@ def engine_pids(llm) -> tuple[int, list[int]]:
     """(core pid, worker pids) of an AsyncLLM."""
     core = llm.client.proc.pid
     return core, children_of(core)
+
+
+def engine_ipc_dirs() -> set[str]:
+    """The engines' private directories that exist now (not the benchmark tools' temp dirs)."""
+    return {path for path in glob.glob(os.path.join(ipc_root(), "conveyor-*"))
+            if not os.path.basename(path).startswith("conveyor-bench-")}

@@ -5,19 +5,17 @@ and CONVEYOR_TEST_VLLM=1 is set: vLLM takes about a minute to start on this mach
 """
 
 import asyncio
-import glob
 import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 
 import pytest
-from procs import descendants_of, wait_until
+from procs import descendants_of, engine_ipc_dirs, wait_until
 
 from conveyor.tools import bench_common as bc
 from conveyor.tools import (
@@ -332,11 +330,6 @@ def test_serving_measures_streamed_completions(llama_dir, tmp_path, fake_server,
     assert "TTFT" in printed and "output tok/s" in printed
     with open(out.with_suffix(".png"), "rb") as f:  # the latency distributions, beside the JSON
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def engine_ipc_dirs() -> set[str]:
-    return {path for root in ("/dev/shm", tempfile.gettempdir()) for path in glob.glob(f"{root}/conveyor-*")
-            if not os.path.basename(path).startswith("conveyor-bench-")}
 
 
 def test_serving_starts_its_backends_server_and_stops_it(llama_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ import pytest
 
 from conveyor import AsyncLLM, EngineDeadError, SamplingParams
 from conveyor.frontend import core_client
-from procs import descendants_of, wait_until
+from procs import descendants_of, engine_ipc_dirs, wait_until
 from test_cli import CONVEYOR, ENGINE, read_port, start_serve
 
 PEER_TIMEOUT_S = 2.0  # both sides' silence limit in these tests (CONVEYOR_PEER_TIMEOUT_S)
@@ -143,6 +143,7 @@ async def test_malformed_messages_on_the_core_port_are_dropped_and_it_serves_on(
 
 
 async def test_the_core_aborts_the_requests_of_a_frontend_that_vanished(slow_model, headless_core):
+    dirs_before = engine_ipc_dirs()
     script = (
         "import asyncio\n"
         "from conveyor import AsyncLLM, SamplingParams\n"
@@ -166,6 +167,7 @@ async def test_the_core_aborts_the_requests_of_a_frontend_that_vanished(slow_mod
                                           for line in headless_core.log), timeout=5)
         finally:
             stop(child)
+    assert engine_ipc_dirs() <= dirs_before  # a frontend of a tcp:// core keeps no files, so leaves none
 
 
 async def test_shutdown_of_a_frontend_aborts_its_requests_at_once(slow_model, headless):
@@ -189,12 +191,13 @@ def test_no_core_at_the_address_fails_the_constructor(llama_dir, short_peer_time
 
 
 async def test_frontend_raises_engine_dead_when_the_headless_core_is_killed(slow_model, short_peer_timeout):
+    dirs_before = engine_ipc_dirs()
     core = Headless(slow_model)
     try:
         async with AsyncLLM(slow_model, engine_address=core.address) as llm:
             stream = llm.generate("x", LONG)
             await anext(stream)
-            stop(core.proc)  # SIGKILL: the core says nothing, its heartbeats stop
+            core.proc.kill()  # SIGKILL, the core alone (as the OOM killer would): it says nothing
             start = time.monotonic()
             with pytest.raises(EngineDeadError, match="no heartbeat from the engine core"):
                 async for _ in stream:
@@ -202,6 +205,8 @@ async def test_frontend_raises_engine_dead_when_the_headless_core_is_killed(slow
             assert time.monotonic() - start < PEER_TIMEOUT_S + 2
     finally:
         stop(core.proc)
+    # the killed core could not remove its directory: its workers do, as their lifeline closes
+    assert wait_until(lambda: engine_ipc_dirs() <= dirs_before, timeout=10), engine_ipc_dirs() - dirs_before
 
 
 async def test_sigterm_of_the_headless_core_tells_its_frontends_and_exits_zero(slow_model):

@@ -89,7 +89,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def worker_cores(self, rank: int) -> list[int] | None:
         """The cores a CPU worker of `rank` is bound to (None: unbound). Ranks take consecutive
-        runs of the cores this process may use, one per thread; `core_process_cores` are the rest.
+        runs of the cores this process may use, as many as its threads; `core_process_cores` are the rest.
         Nothing is bound where the threads outnumber the cores."""
         cores, threads = usable_cores(), self.resolved_worker_threads()
         if not self.bind_cores or threads * self.tensor_parallel_size > len(cores):

@@ -19,7 +19,7 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import describe_exit, spawn, terminate
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.shm_ring import SPIN_S, RingTimeout, ShmRing
+from conveyor.ipc.shm_ring import RingTimeout, ShmRing
 
 # Spin-loop iterations an idle OpenMP thread of a worker busy-waits before it sleeps. libgomp's
 # default, 300,000, keeps every core busy between steps and starves the frontend and the core that
@@ -59,8 +59,7 @@ class Executor:
         self.num_blocks = min(r.num_gpu_blocks for r in ready)
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
-        # Spinning takes a core: only where the workers leave one free.
-        self.spin_s = SPIN_S if config.has_spare_cores(self.device_type) else 0.0
+        self.spin_s = config.ring_spin_s(self.device_type)
         if self.device_type == "cpu" and (cores := config.core_process_cores()) is not None:
             bind_process(cores, "the engine core")  # off the workers' cores, which are bound already
 

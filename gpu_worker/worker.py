@@ -22,7 +22,7 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.shm_ring import SPIN_S, RingTimeout, ShmRing
+from conveyor.ipc.shm_ring import RingTimeout, ShmRing
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +86,10 @@ def worker_main() -> None:
         runner = ModelRunner(config, device)
         gc.collect()
         gc.freeze()  # the model's objects never become garbage: keep collections short
-        spin_s = SPIN_S if config.has_spare_cores(device.type) else 0.0  # spinning takes a core
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
                                                 device.type)))
         with torch.inference_mode():
-            run_steps(runner, inputs, outputs, spin_s, rank)
+            run_steps(runner, inputs, outputs, config.ring_spin_s(device.type), rank)
     except Exception:
         error = traceback.format_exc()
         logger.error("worker rank %d failed:\n%s", rank, error)

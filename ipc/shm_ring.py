@@ -11,9 +11,10 @@ their steps from a shared-memory ring for the same reason.
 
 The reader waits in two phases: it spins, yielding the CPU on every turn, for up to `spin_s` (the
 short waits of a busy engine; the engine spins only where the workers leave a core free), then
-flags itself asleep and blocks on the FIFO, so that an idle engine burns nothing. Writer: data, fence, counter, fence, look at the flag. Reader: flag, fence,
-look at the counter. Either the writer sees the flag and wakes the reader, or the reader sees the
-data; x86 keeps stores in order anyway, and the fences are what other CPUs need.
+flags itself asleep and blocks on the FIFO, so that an idle engine burns nothing. Writer: data,
+fence, counter, fence, look at the flag. Reader: flag, fence, look at the counter. Either the
+writer sees the flag and wakes the reader, or the reader sees the data; x86 keeps stores in order
+anyway, and the fences are what other CPUs need.
 
 The file: the writer's byte count (`head`) at 0, the reader's (`tail`) at 64, the reader's asleep
 flag at 128, the ring from 4096. A message is its length (8 bytes), then its frame count (4), each

@@ -153,6 +153,9 @@ class Scheduler:
                 preempted = True
                 if victim is request:
                     break
+                if victim.request_id in scheduled:  # its blocks are gone: it leaves this step too
+                    budget += scheduled.pop(victim.request_id)
+                    del new_blocks[victim.request_id]
             if blocks is None:
                 continue
             scheduled[request.request_id] = n

@@ -113,6 +113,22 @@ def test_preempted_in_flight_drops_its_token_and_resumes_from_known_tokens():
     assert s6.scheduled_tokens() == {"b": 12} and b.num_output_placeholders == 1
 
 
+def test_priority_victim_scheduled_earlier_in_the_step_leaves_the_step():
+    """A victim already given tokens in this step must not stay in it with its blocks freed."""
+    s = make_scheduler(num_blocks=2, enable_prefix_caching=False, scheduling_policy="priority")
+    low = Request("low", [10, 11], SamplingParams(max_tokens=8, eos_token_id=EOS), max_tokens=8, priority=5)
+    s.add_request(low)
+    s.update_from_output(result(s.schedule(), {"low": 100}))
+    high = Request("high", [20, 21, 22, 23], SamplingParams(max_tokens=8, eos_token_id=EOS), max_tokens=8)
+    s.add_request(high)
+    s.update_from_output(result(s.schedule(), {"low": 101, "high": 200}))  # both blocks used now
+    step = s.schedule()  # low (position 3) fits its block; high (position 4) needs low's
+    assert low.status == RequestStatus.PREEMPTED
+    assert step.scheduled_tokens() == {"high": 1}
+    assert step.new_requests == [] and step.finished_request_ids == ["low"]
+    assert len(s.kv.get_block_ids("high")) == 2
+
+
 def test_sync_and_async_give_the_same_tokens():
     """The same made-up model (next token = f(last known token)) yields the same outputs whether
     results come back before the next step is scheduled or one step later."""

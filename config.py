@@ -56,9 +56,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                self.attention_backend, "auto, torch or triton")
-        if not self.enable_chunked_prefill and self.max_model_len is not None:
-            _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
-                   self.max_num_batched_tokens, ">= max_model_len when chunked prefill is off")
 
     @property
     def tokenizer_path(self) -> str:
@@ -143,12 +140,21 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
 
 
 def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
+    """The engine's max_model_len, given or the model's. Without chunked prefill a whole sequence
+    (a prompt, or a preempted request's prompt and output) must fit one step's token budget."""
     limit = getattr(hf_config, "max_position_embeddings", None)
     if config.max_model_len is None:
         if limit is None:
             raise ValueError("max_model_len must be given: the model config has no max_position_embeddings")
-        return limit
-    if limit is not None and config.max_model_len > limit:
+        max_model_len = limit
+    elif limit is not None and config.max_model_len > limit:
         raise ValueError(f"max_model_len must be <= the model's max_position_embeddings ({limit}), "
                          f"got {config.max_model_len}")
-    return config.max_model_len
+    else:
+        max_model_len = config.max_model_len
+    if not config.enable_chunked_prefill:
+        _check(config.max_num_batched_tokens >= max_model_len, "max_num_batched_tokens",
+               config.max_num_batched_tokens,
+               f">= max_model_len ({max_model_len}) when chunked prefill is off (lower max_model_len or "
+               "turn chunked prefill on)")
+    return max_model_len

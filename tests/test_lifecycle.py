@@ -124,6 +124,17 @@ def test_max_model_len_beyond_the_model_raises_value_error_and_leaves_nothing(ll
     assert wait_until(lambda: set(children_of(os.getpid())) <= before, timeout=5)
 
 
+@pytest.mark.parametrize("limits", [{}, {"max_model_len": 1024}], ids=["model-max_model_len", "given"])
+def test_step_budget_below_max_model_len_without_chunked_prefill_raises(llama_dir, limits):
+    """Without chunked prefill, a prompt longer than one step's budget could never be scheduled
+    and would block every request behind it: the engine refuses such limits when it starts."""
+    before = set(children_of(os.getpid()))
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens must be >= max_model_len \(\d+\) when chunked"):
+        AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=16, enable_chunked_prefill=False,
+                 max_num_batched_tokens=64, **limits)
+    assert wait_until(lambda: set(children_of(os.getpid())) <= before, timeout=5)
+
+
 def test_worker_that_fails_to_load_raises_with_cause_and_leaves_nothing(llama_dir, tmp_path):
     for name in os.listdir(llama_dir):
         if not name.endswith(".safetensors") and not name.endswith(".index.json"):

@@ -6,7 +6,9 @@ random rows go through temperature, top-k, top-p, min-p (`apply_sampling_filters
 Logprobs come from the raw logits (the model's log-softmax before any of the above).
 
 Random rows are sampled by an exponential race, argmax(probs / q) with q ~ Exp(1): a seeded request
-draws its q row from its own generator, so its tokens do not depend on its batch neighbours.
+draws its q row from its own generator, seeded for each token from the request's seed and the
+token's position (`conveyor/seeds.py`), so its tokens depend neither on its batch neighbours nor
+on preemptions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from conveyor.ipc.messages import Logprobs  # one position: chosen token, rank, top-N
 from conveyor.frontend.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from conveyor.seeds import derive_seed
 
 _LOGPROBS_CHUNK = 512  # rows per log_softmax pass in compute_logprobs (bounds memory for prompts)
 _TOP_P_CANDIDATES = 256  # top-p first looks at this many most likely tokens per row
@@ -35,7 +38,7 @@ class SamplingState:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # seeded requests only, re-seeded for every token
     processors: list[LogitsProcessor] | None = field(default=None, repr=False)
     prompt_mask: torch.Tensor | None = field(default=None, repr=False)  # [V] bool
     output_counts: torch.Tensor | None = field(default=None, repr=False)  # [V] int32
@@ -53,10 +56,7 @@ class SamplerOutput:
 
 def make_sampling_state(params: SamplingParams, prompt_token_ids: list[int],
                         device: torch.device | str) -> SamplingState:
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed)
+    generator = None if params.seed is None else torch.Generator(device=device)
     return SamplingState(params, prompt_token_ids, [], generator)
 
 
@@ -331,7 +331,8 @@ def _top_k_top_p_sort(logits: torch.Tensor, k: torch.Tensor | None,
 def _sample(logits: torch.Tensor, states: list[SamplingState],
             argmax: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Exponential race: argmax(probs / q), q = -log(u) ~ Exp(1) (rand + log is several times
-    faster than exponential_ on CPU). Seeded rows draw u from their own generator."""
+    faster than exponential_ on CPU). Seeded rows draw u from their own generator, seeded with
+    derive_seed(seed, position of the token it samples)."""
     probs = torch.softmax(logits, dim=-1)
     u = torch.empty_like(probs)
     unseeded = [j for j, st in enumerate(states) if st.params.seed is None]
@@ -340,7 +341,9 @@ def _sample(logits: torch.Tensor, states: list[SamplingState],
     else:
         for j, st in enumerate(states):
             if st.params.seed is not None:
-                u[j].uniform_(generator=_generator(st, probs.device))
+                generator = _generator(st, probs.device)
+                generator.manual_seed(derive_seed(st.params.seed, len(st.output_token_ids)))
+                u[j].uniform_(generator=generator)
         if unseeded:
             u[_index(unseeded, probs.device)] = torch.rand(len(unseeded), probs.shape[1],
                                                            device=probs.device)
@@ -391,7 +394,6 @@ def _update_rows(logits: torch.Tensor, rows: list[int], fn: Callable[[torch.Tens
 def _generator(st: SamplingState, device: torch.device) -> torch.Generator:
     if st.generator is None:
         st.generator = torch.Generator(device=device)
-        st.generator.manual_seed(st.params.seed)
     return st.generator
 
 

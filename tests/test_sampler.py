@@ -326,6 +326,23 @@ def test_seed_reproduces_tokens_across_batch_compositions():
     assert batched == alone
 
 
+def sample_rows(target, logits):
+    """One token per row of `logits`, each appended to `target`'s output as the worker does."""
+    tokens = []
+    for row in logits:
+        tokens.append(Sampler(V)(row.unsqueeze(0).clone(), [target]).sampled_token_ids[0])
+        target.output_token_ids.append(tokens[-1])
+    return tokens
+
+
+def test_rebuilt_state_draws_as_the_one_it_replaces():
+    """A preempted request comes back as a new state holding its output so far: it draws on from
+    the position it reached, not from the start of its seed's stream."""
+    logits = rand_logits(12, seed=9)
+    kept = sample_rows(state(seed=42), logits)
+    assert sample_rows(state(seed=42, output=kept[:5]), logits[5:]) == kept[5:]
+
+
 def test_different_seeds_give_different_tokens():
     a, b = state(seed=1), state(seed=2)
     assert run_steps(lambda s: [a], a, steps=20) != run_steps(lambda s: [b], b, steps=20)

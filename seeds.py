@@ -1,0 +1,18 @@
+"""How random sampling is keyed. The random numbers a seeded request draws for its output token at
+position p come from a generator seeded with `derive_seed(seed, p)`: a pure function of the two,
+whatever the batch, preemptions, chunking or async scheduling.
+"""
+
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of stream `index` under `seed` (any int; the result is in [0, 2**64))."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64))
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)

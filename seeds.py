@@ -1,6 +1,8 @@
-"""How random sampling is keyed. The random numbers a seeded request draws for its output token at
-position p come from a generator seeded with `derive_seed(seed, p)`: a pure function of the two,
-whatever the batch, preemptions, chunking or async scheduling.
+"""How random sampling is keyed. Every request has a 64-bit seed: its `SamplingParams.seed`, or,
+when it has none, one the engine core derives from the engine's `seed` and the request's arrival
+number. The random numbers a request draws for its output token at position p come from a
+generator seeded with `derive_seed(request seed, p)`: a pure function of the two, the same on
+every tensor-parallel rank whatever the batch, preemptions, chunking or async scheduling.
 """
 
 _MASK64 = (1 << 64) - 1

@@ -30,7 +30,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     kv_cache_memory: int | None = None  # bytes per rank; default: 2 GiB on CPU, 85% of free memory on GPU
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
     scheduling_policy: str = "fcfs"  # fcfs | priority
-    seed: int = 0
+    seed: int = 0  # with each request's arrival number, the seed of a request that has none
     device: str = "auto"  # auto | cpu | cuda
     attention_backend: str = "auto"  # hot ops: auto (C kernels on CPU, Triton on CUDA) | torch | triton
     worker_threads: int | None = None  # torch threads per worker; default: usable cores / tensor_parallel_size

@@ -48,6 +48,7 @@ from conveyor.ipc.messages import (
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import HEARTBEAT_S, PEER_TIMEOUT_S, make_socket, new_ipc_dir, remove_ipc_dir
+from conveyor.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class EngineCore:
         self.num_steps = 0
         self.total_step_time = 0.0
         self.total_model_time = 0.0
+        self.num_requests_added = 0  # numbers the unseeded requests' seeds
 
     def add_request(self, message: EngineCoreRequest, block_hashes: list[int] | None = None) -> EngineCoreOutput | None:
         """Queue a request, or return the error output of one that can never run. `block_hashes`:
@@ -88,6 +90,10 @@ class EngineCore:
             error = self.scheduler.check_fits(len(message.prompt_token_ids), max_tokens)
         if error is not None:
             return EngineCoreOutput(message.request_id, [], finish_reason="error", error=error)
+        seed = params.seed
+        if seed is None:
+            seed = derive_seed(self.config.seed, self.num_requests_added)
+        self.num_requests_added += 1
         self.scheduler.add_request(Request(
             request_id=message.request_id,
             prompt_token_ids=message.prompt_token_ids,
@@ -98,6 +104,7 @@ class EngineCore:
             lora_id=message.lora_id,
             cache_salt=message.cache_salt,
             max_tokens=max_tokens,
+            sampling_seed=seed,
             block_hashes=block_hashes or [],
         ))
         return None

@@ -32,6 +32,7 @@ class Request:
     lora_id: int = 0
     cache_salt: str | None = None
     max_tokens: int = 16
+    sampling_seed: int = 0  # the seed of its random draws (conveyor/seeds.py)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -240,6 +240,7 @@ class Scheduler:
                     self.kv.get_block_ids(request_id),
                     request.num_computed_tokens,
                     request.output_token_ids,
+                    request.sampling_seed,
                 ))
                 new_counts.append(n)
             request.num_computed_tokens += n

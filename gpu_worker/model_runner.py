@@ -85,7 +85,8 @@ class ModelRunner:
         for request_id in step.finished_request_ids:
             self.requests.pop(request_id, None)
         for new in step.new_requests:
-            sampling = make_sampling_state(new.sampling_params, new.prompt_token_ids, self.device)
+            sampling = make_sampling_state(new.sampling_params, new.prompt_token_ids, self.device,
+                                           new.sampling_seed)
             sampling.output_token_ids.extend(new.output_token_ids)
             self.requests[new.request_id] = CachedRequestState(
                 new.request_id,

@@ -5,8 +5,10 @@ penalties, user logits processors (`apply_logits_processing`); then greedy rows 
 random rows go through temperature, top-k, top-p, min-p (`apply_sampling_filters`) and are sampled.
 Logprobs come from the raw logits (the model's log-softmax before any of the above).
 
-Random rows are sampled by an exponential race, argmax(probs / q) with q ~ Exp(1): a seeded request
-draws its q row from its own generator, so its tokens do not depend on its batch neighbours.
+Random rows are sampled by an exponential race, argmax(probs / q) with q ~ Exp(1): each row draws
+its q from its request's generator, seeded for each token from the request's seed and the token's
+position (`conveyor/seeds.py`), so its tokens depend neither on its batch neighbours, nor on
+preemptions, nor on the rank that samples them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from conveyor.ipc.messages import Logprobs  # one position: chosen token, rank, top-N
 from conveyor.frontend.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from conveyor.seeds import derive_seed
 
 _LOGPROBS_CHUNK = 512  # rows per log_softmax pass in compute_logprobs (bounds memory for prompts)
 _TOP_P_CANDIDATES = 256  # top-p first looks at this many most likely tokens per row
@@ -35,7 +38,8 @@ class SamplingState:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None = None
+    seed: int  # params.seed, or the one the engine core derived for an unseeded request
+    generator: torch.Generator | None = None  # random rows only, re-seeded for every token
     processors: list[LogitsProcessor] | None = field(default=None, repr=False)
     prompt_mask: torch.Tensor | None = field(default=None, repr=False)  # [V] bool
     output_counts: torch.Tensor | None = field(default=None, repr=False)  # [V] int32
@@ -52,12 +56,9 @@ class SamplerOutput:
 
 
 def make_sampling_state(params: SamplingParams, prompt_token_ids: list[int],
-                        device: torch.device | str) -> SamplingState:
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed)
-    return SamplingState(params, prompt_token_ids, [], generator)
+                        device: torch.device | str, seed: int) -> SamplingState:
+    generator = None if params.greedy else torch.Generator(device=device)
+    return SamplingState(params, prompt_token_ids, [], seed, generator)
 
 
 class Sampler:
@@ -331,19 +332,13 @@ def _top_k_top_p_sort(logits: torch.Tensor, k: torch.Tensor | None,
 def _sample(logits: torch.Tensor, states: list[SamplingState],
             argmax: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Exponential race: argmax(probs / q), q = -log(u) ~ Exp(1) (rand + log is several times
-    faster than exponential_ on CPU). Seeded rows draw u from their own generator."""
+    faster than exponential_ on CPU). Row j draws u from its generator, seeded with
+    derive_seed(seed, position of the token it samples)."""
     probs = torch.softmax(logits, dim=-1)
     u = torch.empty_like(probs)
-    unseeded = [j for j, st in enumerate(states) if st.params.seed is None]
-    if len(unseeded) == len(states):
-        u.uniform_()
-    else:
-        for j, st in enumerate(states):
-            if st.params.seed is not None:
-                u[j].uniform_(generator=_generator(st, probs.device))
-        if unseeded:
-            u[_index(unseeded, probs.device)] = torch.rand(len(unseeded), probs.shape[1],
-                                                           device=probs.device)
+    for j, st in enumerate(states):
+        st.generator.manual_seed(derive_seed(st.seed, len(st.output_token_ids)))
+        u[j].uniform_(generator=st.generator)
     # u in [0, 1): q > 0 everywhere, and u = 0 gives q = inf, a token that cannot win
     return argmax(probs.div_(u.log_().neg_()))
 
@@ -386,13 +381,6 @@ def _update_rows(logits: torch.Tensor, rows: list[int], fn: Callable[[torch.Tens
     sub = logits[idx]
     fn(sub)
     logits[idx] = sub
-
-
-def _generator(st: SamplingState, device: torch.device) -> torch.Generator:
-    if st.generator is None:
-        st.generator = torch.Generator(device=device)
-        st.generator.manual_seed(st.params.seed)
-    return st.generator
 
 
 def _allowed_mask(st: SamplingState, vocab: int, device: torch.device) -> torch.Tensor:

@@ -146,6 +146,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     block_ids: list[int]
     num_computed_tokens: int
     output_token_ids: list[int] = []  # tokens generated before a preemption
+    sampling_seed: int = 0  # Request.sampling_seed
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

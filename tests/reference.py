@@ -29,3 +29,16 @@ def hf_greedy(model_dir: str, prompts, max_tokens=MAX_TOKENS):
                 out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
             results.append((tokens, logprobs))
     return results
+
+
+def hf_sequence_logprobs(model_dir: str, prompts, outputs) -> list[list[float]]:
+    """transformers' logprob of each output token given the prompt and the outputs before it, one
+    forward per sequence."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = []
+    with torch.inference_mode():
+        for prompt, output in zip(prompts, outputs):
+            logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1]
+            lp = torch.log_softmax(logits.float(), -1)
+            results.append(lp.gather(1, torch.tensor(output).view(-1, 1)).view(-1).tolist())
+    return results

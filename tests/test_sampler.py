@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from transformers.generation import logits_process as hf
@@ -14,8 +16,13 @@ CHI2_CRIT_001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.45
                  8: 26.124, 9: 27.877, 10: 29.588, 11: 31.264, 12: 32.909}
 
 
+UNSEEDED = itertools.count(1 << 40)  # each unseeded state's seed, distinct as the engine core's are
+
+
 def state(prompt=(1, 2, 3), output=(), **kw):
-    st = make_sampling_state(SamplingParams(**kw), list(prompt), "cpu")
+    params = SamplingParams(**kw)
+    seed = params.seed if params.seed is not None else next(UNSEEDED)
+    st = make_sampling_state(params, list(prompt), "cpu", seed)
     st.output_token_ids.extend(output)
     return st
 
@@ -284,7 +291,6 @@ def expected_probs(**kw):
                          ids=["t1", "t0.6", "top_k", "top_p", "min_p"])
 def test_unseeded_token_frequencies_match_distribution(kw):
     n = 20000
-    torch.manual_seed(0)
     sampler = Sampler(len(FIXED))
     out = sampler(FIXED.repeat(n, 1), [state(**kw) for _ in range(n)])
     counts = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=len(FIXED))
@@ -324,6 +330,23 @@ def test_seed_reproduces_tokens_across_batch_compositions():
     batched = run_steps(lambda s: neighbours[: s % 5] + [batched_target] + neighbours[s % 5:],
                         batched_target)
     assert batched == alone
+
+
+def sample_rows(target, logits):
+    """One token per row of `logits`, each appended to `target`'s output as the worker does."""
+    tokens = []
+    for row in logits:
+        tokens.append(Sampler(V)(row.unsqueeze(0).clone(), [target]).sampled_token_ids[0])
+        target.output_token_ids.append(tokens[-1])
+    return tokens
+
+
+def test_rebuilt_state_draws_as_the_one_it_replaces():
+    """A preempted request comes back as a new state holding its output so far: it draws on from
+    the position it reached, not from the start of its seed's stream."""
+    logits = rand_logits(12, seed=9)
+    kept = sample_rows(state(seed=42), logits)
+    assert sample_rows(state(seed=42, output=kept[:5]), logits[5:]) == kept[5:]
 
 
 def test_different_seeds_give_different_tokens():

@@ -25,6 +25,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -173,6 +174,30 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {e!r}")
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI operation's body: `model` as JSON (the route parses it itself, whatever the
+    Content-Type, as curl -d sends form-encoded)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], served_model_name: str) -> None:
+    """Put the schemas of the bodies that `json_body` names into /openapi.json, with the one model
+    name that exists."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            _, defs = models_json_schema([(m, "validation") for m in models],
+                                         ref_template="#/components/schemas/{model}")
+            for model in models:
+                defs["$defs"][model.__name__]["properties"]["model"]["anyOf"] = [
+                    {"type": "string", "enum": [served_model_name]}, {"type": "null"}]
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def build_app(engine, served_model_name: str, api_key: str | None = None, *, lifespan=None,
               public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               trust_request_chat_template: bool = False) -> FastAPI:
@@ -186,6 +211,8 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
                             trust_request_chat_template=trust_request_chat_template)
     app.state.serving = serving
     install_error_handlers(app)
+    describe_bodies(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest),
+                    served_model_name)
     app.add_middleware(LimitRequestBody, max_bytes=max_request_bytes)
     if api_key is not None:
         open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
@@ -221,7 +248,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
 
     v1 = APIRouter(prefix="/v1")
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
         live_engine()
@@ -229,7 +256,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
             return await respond(request, serving.completion_events(body), None)
         return await respond(request, None, serving.completion(body))
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         body = await parse(request, ChatCompletionRequest)
         live_engine()
@@ -253,14 +280,14 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
 
     app.include_router(v1)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
     async def tokenize(request: Request):
         body = await parse(request, TokenizeRequest)
         engine = live_engine()
         ids = await until_disconnected(request, serving.tokenize(body))
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids).model_dump()
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize(request: Request):
         body = await parse(request, DetokenizeRequest)
         engine = live_engine()

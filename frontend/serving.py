@@ -28,8 +28,8 @@ from conveyor.frontend.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 499: "client_disconnected", 500: "internal_error",
-               503: "service_unavailable"}
+               405: "invalid_request_error", 413: "invalid_request_error", 499: "client_disconnected",
+               500: "internal_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):

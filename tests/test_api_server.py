@@ -215,6 +215,13 @@ def test_out_of_range_sampling_value_is_400_naming_it(live):
         live.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-1.0)
 
 
+def test_integers_beyond_int64_are_400_naming_the_field(live):
+    for field, value in [("stop_token_ids", [2**64]), ("allowed_token_ids", [2**64]), ("min_tokens", 2**64),
+                         ("no_repeat_ngram_size", 2**64), ("logit_bias", {str(2**64): 1.0})]:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2, field: value}
+        assert assert_error(live.http.post("/v1/completions", json=body), 400)["param"] == field
+
+
 def test_unknown_model_is_404(live):
     with pytest.raises(openai.NotFoundError):
         live.client.completions.create(model="no-such-model", prompt="x", max_tokens=2)

@@ -15,6 +15,7 @@ import uvicorn
 
 from conveyor import AsyncLLM
 from conveyor.frontend.api_server import build_app
+from conveyor.frontend import serving
 from conveyor.frontend.errors import EngineDeadError
 from idle import wait_idle
 
@@ -363,6 +364,21 @@ async def test_trusted_request_chat_template_that_loops_is_stopped(live):
             "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
             "chat_template_kwargs": {"chat_template": LOOPING_TEMPLATE}})
     assert_error(response, 400, "seconds")
+
+
+async def test_client_leaving_stops_the_rendering_of_its_chat_template(live, monkeypatch):
+    monkeypatch.setattr(serving, "REQUEST_TEMPLATE_SECONDS", 600.0)  # only the client's leaving can stop it
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    async with asgi_client(live, trust_request_chat_template=True) as http:
+        looping = asyncio.create_task(http.post("/v1/chat/completions",
+                                                json={**body, "chat_template": LOOPING_TEMPLATE}))
+        await asyncio.sleep(0.5)
+        looping.cancel()  # the client leaves
+        await asyncio.gather(looping, return_exceptions=True)
+        # request templates render one at a time: this one waits until the looping one has stopped
+        response = await asyncio.wait_for(http.post("/v1/chat/completions", json={
+            **body, "chat_template": "{{ messages[0]['content'] }}"}), timeout=30)
+    assert response.status_code == 200, response.text
 
 
 async def test_trusted_request_chat_template_rendering_too_much_is_400(live):

@@ -4,7 +4,9 @@
     conveyor serve path/to/model --port 8000                # run_server, uvicorn on uvloop
 
 Routes: /v1/completions, /v1/chat/completions (both stream as server-sent events), /v1/models,
-/tokenize, /detokenize, /health, /metrics. Every error is OpenAI's error JSON with its status.
+/tokenize, /detokenize, /health, /metrics, and FastAPI's /docs, /redoc, /openapi.json. With an API
+key, every route but /health (and /metrics when `public_metrics`) answers 401 without it. A body
+over `max_request_bytes` is 413. Every error is OpenAI's error JSON with its status.
 A client that leaves (mid-stream or while waiting for a whole response) aborts its engine requests.
 The OpenAI logic itself (bodies, streams, logprobs, usage) is `serving.py`'s.
 """
@@ -19,12 +21,16 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from conveyor.frontend.cli import DEFAULT_MAX_REQUEST_BYTES
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -49,6 +55,59 @@ def describe_validation_error(e: ValidationError | RequestValidationError) -> tu
     first = errors[0].get("loc", ()) if errors else ()
     param = next((str(p) for p in first if p != "body"), None)
     return "; ".join(parts) or "invalid request", param
+
+
+class RequireAPIKey:
+    """401 for any HTTP request outside `open_paths` without 'Authorization: Bearer <key>'."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str]):
+        self.app, self.key, self.open_paths = app, api_key.encode(), open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths and not self.authorized(scope):
+            response = error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def authorized(self, scope: Scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.key)
+
+
+class LimitRequestBody:
+    """413 for a request body over `max_bytes`: by its Content-Length before reading it, or as
+    soon as a chunked body grows past it. The app then reads the body from memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self.too_large()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its whole body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self.too_large()(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        first: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:
+            return first.pop() if first else await receive()
+
+        await self.app(scope, replay, send)
+
+    def too_large(self) -> JSONResponse:
+        return error_response(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes")
 
 
 class EventStream(StreamingResponse):
@@ -115,36 +174,66 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {e!r}")
 
 
-def build_app(engine, served_model_name: str, api_key: str | None = None, *, lifespan=None) -> FastAPI:
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI operation's body: `model` as JSON (the route parses it itself, whatever the
+    Content-Type, as curl -d sends form-encoded)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], served_model_name: str) -> None:
+    """Put the schemas of the bodies that `json_body` names into /openapi.json, with the one model
+    name that exists."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            _, defs = models_json_schema([(m, "validation") for m in models],
+                                         ref_template="#/components/schemas/{model}")
+            for model in models:
+                defs["$defs"][model.__name__]["properties"]["model"]["anyOf"] = [
+                    {"type": "string", "enum": [served_model_name]}, {"type": "null"}]
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def build_app(engine, served_model_name: str, api_key: str | None = None, *, lifespan=None,
+              public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              trust_request_chat_template: bool = False) -> FastAPI:
     """The OpenAI-compatible app over `engine` (an AsyncLLM). With `engine=None`, `lifespan` must set
-    `app.state.serving.engine` before the first request (run_server does)."""
+    `app.state.serving.engine` before the first request (run_server does).
+
+    `public_metrics`: serve /metrics without the API key (for scrapers that send none).
+    `trust_request_chat_template`: render a chat template a request brings (it is code)."""
     app = FastAPI(title="Conveyor", lifespan=lifespan)
-    serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name))
+    serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name),
+                            trust_request_chat_template=trust_request_chat_template)
     app.state.serving = serving
     install_error_handlers(app)
+    describe_bodies(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest),
+                    served_model_name)
+    app.add_middleware(LimitRequestBody, max_bytes=max_request_bytes)
+    if api_key is not None:
+        open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
+        app.add_middleware(RequireAPIKey, api_key=api_key, open_paths=open_paths)
 
     async def parse(request: Request, model: type[T]) -> T:
         try:
             body = model.model_validate_json(await request.body())
         except ValidationError as e:
             raise APIError(400, *describe_validation_error(e)) from None
-        name = getattr(body, "model", None)
+        check_model(getattr(body, "model", None))
+        return body
+
+    def check_model(name: str | None) -> None:
         if name is not None and name != served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
-        return body
 
     def live_engine():
         if serving.engine is None or serving.engine.is_dead:
             raise APIError(503, "the engine is not running", code="engine_dead")
         return serving.engine
-
-    async def check_api_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
 
     async def respond(request: Request, events: AsyncIterator[str] | None, whole: Awaitable | None):
         if whole is not None:
@@ -157,9 +246,9 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
         first = await until_disconnected(request, anext(events))
         return EventStream(prepend(first, events), headers={"Cache-Control": "no-cache"})
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    v1 = APIRouter(prefix="/v1")
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
         live_engine()
@@ -167,7 +256,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
             return await respond(request, serving.completion_events(body), None)
         return await respond(request, None, serving.completion(body))
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         body = await parse(request, ChatCompletionRequest)
         live_engine()
@@ -186,26 +275,19 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
 
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != served_model_name:
-            raise APIError(404, f"The model `{model_id}` does not exist.", "model", "model_not_found")
+        check_model(model_id)
         return model_card().model_dump()
 
     app.include_router(v1)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
     async def tokenize(request: Request):
         body = await parse(request, TokenizeRequest)
         engine = live_engine()
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages")
-        if body.messages is not None:
-            _, ids = await serving.render_chat(body.messages, body.add_generation_prompt)
-        else:
-            ids = await asyncio.to_thread(engine.tokenizer.encode, body.prompt,
-                                          add_special_tokens=body.add_special_tokens)
+        ids = await until_disconnected(request, serving.tokenize(body))
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids).model_dump()
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize(request: Request):
         body = await parse(request, DetokenizeRequest)
         engine = live_engine()
@@ -282,7 +364,9 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
             watcher.cancel()
             engine.shutdown()
 
-    app = build_app(None, args.served_model_name or args.model, args.api_key, lifespan=lifespan)
+    app = build_app(None, args.served_model_name or args.model, args.api_key, lifespan=lifespan,
+                    public_metrics=args.public_metrics, max_request_bytes=args.max_request_body,
+                    trust_request_chat_template=args.trust_request_chat_template)
     config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
                             timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level=getattr(args, "log_level", "info"), access_log=False)

@@ -18,6 +18,8 @@ from typing import Any
 
 from conveyor.config import GiB
 
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
+
 logger = logging.getLogger(__name__)
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
@@ -95,7 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", help="the model name clients send (default: MODEL as given)")
     s.add_argument("--api-key", default=os.environ.get("CONVEYOR_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CONVEYOR_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                        "$CONVEYOR_API_KEY)")
+    s.add_argument("--public-metrics", action="store_true",
+                   help="with --api-key, serve /metrics without the key (for scrapers that send none)")
+    s.add_argument("--max-request-body", type=parse_size, default=DEFAULT_MAX_REQUEST_BYTES, metavar="SIZE",
+                   help="largest request body accepted, e.g. 16MiB (the default); larger ones get 413")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render a chat template that a request brings (chat_template, or chat_template_kwargs"
+                        "'s); a template is code, so this is for trusted clients only (it renders under a time limit)")
     m = serve.add_argument_group("multi-process")
     m.add_argument("--api-server-count", type=int, default=1, metavar="K",
                    help="API-server processes sharing one engine core and the HTTP port (default 1)")

@@ -73,7 +73,7 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
     metrics_dir = os.path.join(ipc_dir, "metrics")  # /metrics of any server sums them all
     os.mkdir(metrics_dir)
     servers = [
-        spawn("conveyor.frontend.launcher", ApiServerPayload(server_args, engine_address, listener.fileno()),
+        spawn("conveyor.frontend.launcher", ApiServerPayload(server_args, engine_address, listener.fileno(), ipc_dir),
               f"api-server-{i}", pass_fds=(listener.fileno(),), env={"PROMETHEUS_MULTIPROC_DIR": metrics_dir})
         for i in range(args.api_server_count)
     ]
@@ -108,8 +108,9 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
 
 
 def api_server_main() -> None:
-    """One API server of the supervisor above: serve on the inherited socket until SIGTERM."""
-    payload: ApiServerPayload = read_payload(ApiServerPayload)
+    """One API server of the supervisor above: serve on the inherited socket until SIGTERM. If the
+    supervisor dies, the lifeline removes the supervisor's directory as well as this server's own."""
+    payload: ApiServerPayload = read_payload(ApiServerPayload, on_parent_death=lambda p: remove_ipc_dir(p.ipc_dir))
     args = argparse.Namespace(**payload.args)
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] "
                                                                "%(name)s: %(message)s")

@@ -1,17 +1,18 @@
 """OpenAI-compatible request and response bodies, and the mapping of a request to SamplingParams.
 
-Requests are validated strictly (a string where a number belongs is a 400, not a coercion). Unknown
+Requests are validated strictly (a string where a number belongs is a 400, not a coercion) against
+fields that carry their ranges, so /openapi.json describes them (and schemathesis fuzzes them). Unknown
 fields are ignored; the OpenAI fields that would change the output and that Conveyor does not
 implement (best_of != n, suffix, tools, a non-text response_format) are refused with a 400.
 """
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.frontend.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -19,7 +20,7 @@ def random_id(prefix: str) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 # ---- errors ----
@@ -37,40 +38,54 @@ class ErrorResponse(BaseModel):
 
 # ---- shared request fields ----
 
+MAX_N = 128  # choices per prompt (OpenAI's limit)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Integers cross to the engine as msgpack (int64); larger ones are refused here, not at encoding.
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX, description="a token id of the model's vocabulary")]
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,18}$", description="a token id, in decimal")]
+
+
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="end the stream with a chunk that holds the usage")
 
 
 class SamplingFields(Strict):
     """What completions and chat completions share, OpenAI's fields first, then extensions."""
-    model: str | None = None
-    n: int = 1
-    best_of: int | None = None
-    stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    response_format: dict[str, Any] | None = None
+    model: str | None = Field(None, description="the served model name (any other is a 404)")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices to generate for each prompt")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only n itself is supported")
+    stop: str | list[str] | None = Field(None, description="text that ends a choice (not included in it)")
+    temperature: float | None = Field(None, ge=0, description="sampling temperature; 0 is greedy (default 1)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling: the smallest set of tokens "
+                                                               "with this much probability (default 1)")
+    seed: int | None = Field(None, ge=INT64_MIN, le=2**64 - 1, description="seed of this request's sampling")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="penalty of tokens already generated")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="penalty per occurrence of a generated token")
+    logit_bias: dict[TokenIdKey, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="bias added to the logit of each token id (keys are token ids)")
+    stream: bool = Field(False, description="send the output as server-sent events")
+    stream_options: StreamOptions | None = Field(None, description="options of a streamed response")
+    user: str | None = Field(None, description="the end user (accepted, unused)")
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
     # extensions (vLLM's names)
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    bad_words: list[str] | None = None
-    allowed_token_ids: list[int] | None = None
-    no_repeat_ngram_size: int = 0
-    priority: int = 0
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="sample from the k most likely tokens; "
+                                                                      "-1 or 0 for all (default)")
+    min_p: float | None = Field(None, ge=0, le=1, description="drop tokens less likely than this fraction of "
+                                                               "the most likely one (default 0)")
+    repetition_penalty: float | None = Field(None, gt=0, description="divide the logits of tokens in the prompt "
+                                                                      "or output by this (default 1)")
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX, description="tokens to generate before a stop may end the choice")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
+    stop_token_ids: list[TokenId] | None = Field(None, description="token ids that end a choice")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop text in the choice")
+    skip_special_tokens: bool = Field(True, description="leave special tokens out of the text")
+    spaces_between_special_tokens: bool = Field(True, description="put spaces around special tokens in the text")
+    bad_words: list[str] | None = Field(None, description="words never to generate")
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1,
+                                                    description="generate only these token ids")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=INT64_MAX, description="never repeat an n-gram of this size (0: off)")
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="with --scheduling-policy priority, "
+                                                                     "lower runs first")
 
     @property
     def include_usage(self) -> bool:
@@ -78,11 +93,14 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="a text, texts, a list of token ids, or lists of token ids")
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="most tokens to generate per choice "
+                                                                       "(null: up to max_model_len)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many "
+                                                                          "most likely tokens per position")
+    echo: bool = Field(False, description="start each choice's text with the prompt")
+    suffix: str | None = Field(None, description="not supported")
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -94,15 +112,15 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(Strict):
-    type: Literal["text"]
+    type: Literal["text"] = Field(description="only text parts are supported")
     text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # tool_calls etc. reach the template
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: str = Field(description="system, user, assistant, ...")
+    content: str | list[TextPart] | None = Field(None, description="a text, or text parts joined into one")
+    name: str | None = Field(None, description="the author's name, for the template")
 
     def for_template(self) -> dict[str, Any]:
         message = self.model_dump(exclude_none=True)
@@ -113,15 +131,21 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX,
+                                   description="deprecated by OpenAI for max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX,
+                                              description="most tokens to generate per choice (null: up to "
+                                                          "max_model_len)")
+    logprobs: bool = Field(False, description="return the log-probability of each generated token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="and of this many most likely "
+                                                                              "tokens per position")
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn")
+    continue_final_message: bool = Field(False, description="continue the last message instead")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="variables for the chat template")
+    chat_template: str | None = Field(None, description="a chat template of the request's own: refused unless "
+                                                        "the server trusts request templates")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
 
 
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
@@ -290,11 +314,12 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(Strict):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    model: str | None = Field(None, description="the served model name (any other is a 404)")
+    prompt: str | None = Field(None, description="a text to tokenize (give it or messages)")
+    messages: list[ChatMessage] | None = Field(None, description="a conversation to tokenize with the chat "
+                                                                 "template")
+    add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens to a prompt")
+    add_generation_prompt: bool = Field(True, description="end the messages with the assistant's turn")
 
 
 class TokenizeResponse(BaseModel):
@@ -304,8 +329,8 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(Strict):
-    model: str | None = None
-    tokens: list[int]
+    model: str | None = Field(None, description="the served model name (any other is a 404)")
+    tokens: list[TokenId] = Field(description="token ids to turn into text")
 
 
 class DetokenizeResponse(BaseModel):

@@ -233,6 +233,7 @@ class ApiServerPayload(msgspec.Struct):
     args: dict  # the `conveyor serve` arguments, as parsed
     engine_address: str  # the shared core's input socket
     listen_fd: int  # the HTTP listening socket, shared by every API server
+    ipc_dir: str  # the supervisor's (metrics of all servers, a local core's sockets): removed if it dies
 
 
 class WorkerPayload(msgspec.Struct):

@@ -3,7 +3,8 @@
 A child runs `python -m <module>`: it never re-imports the user's `__main__` (so scripts without an
 `if __name__ == "__main__"` guard and notebooks work). Its config arrives msgpack-encoded on
 stdin, and stdin then stays open as its lifeline: when the parent dies, SIGKILL included, the
-pipe closes and the child exits at once.
+pipe closes and the child removes the ipc directories it made (and whatever its own cleanup
+says), then exits at once.
 """
 
 import os
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 
 import msgspec
+
+from conveyor.ipc.sockets import remove_own_ipc_dirs
 
 _HEADER = 8
 
@@ -57,9 +60,10 @@ def _read_exactly(stream, n: int) -> bytes:
 def _exit_when_parent_dies(stdin, cleanup: Callable[[], None] | None) -> None:
     while stdin.read(65536):
         pass
-    if cleanup is not None:
+    for step in (cleanup, remove_own_ipc_dirs):
         try:
-            cleanup()
+            if step is not None:
+                step()
         except Exception:
             pass
     os._exit(1)

@@ -22,14 +22,26 @@ def ipc_root() -> str:
     return shm if os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
+_own_dirs: set[str] = set()  # made by this process and not removed yet
+
+
 def new_ipc_dir() -> str:
     """A private directory for sockets and shared-memory rings."""
-    return tempfile.mkdtemp(prefix="conveyor-", dir=ipc_root())
+    path = tempfile.mkdtemp(prefix="conveyor-", dir=ipc_root())
+    _own_dirs.add(path)
+    return path
 
 
 def remove_ipc_dir(path: str | None) -> None:
     if path:
         shutil.rmtree(path, ignore_errors=True)
+        _own_dirs.discard(path)
+
+
+def remove_own_ipc_dirs() -> None:
+    """Every directory this process made and has not removed (for a child whose parent died)."""
+    for path in list(_own_dirs):
+        remove_ipc_dir(path)
 
 
 def ipc_address(directory: str, name: str) -> str:

@@ -15,6 +15,7 @@ import uvicorn
 
 from conveyor import AsyncLLM
 from conveyor.frontend.api_server import build_app
+from conveyor.frontend import serving
 from conveyor.frontend.errors import EngineDeadError
 from idle import wait_idle
 
@@ -53,6 +54,14 @@ def live(llama_dir):
     thread.join(timeout=10)
     engine.shutdown()
     assert not thread.is_alive()
+
+
+def asgi_client(live, headers: dict | None = None, **options) -> httpx.AsyncClient:
+    """A client of another app over the live engine, built with `options`, called in-process."""
+    app = build_app(live.engine, MODEL, api_key=API_KEY, **options)
+    headers = {"Authorization": f"Bearer {API_KEY}"} if headers is None else headers
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers,
+                             timeout=60)
 
 
 def assert_error(response: httpx.Response, status: int, needle: str = "") -> dict:
@@ -207,6 +216,13 @@ def test_out_of_range_sampling_value_is_400_naming_it(live):
         live.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-1.0)
 
 
+def test_integers_beyond_int64_are_400_naming_the_field(live):
+    for field, value in [("stop_token_ids", [2**64]), ("allowed_token_ids", [2**64]), ("min_tokens", 2**64),
+                         ("no_repeat_ngram_size", 2**64), ("logit_bias", {str(2**64): 1.0})]:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2, field: value}
+        assert assert_error(live.http.post("/v1/completions", json=body), 400)["param"] == field
+
+
 def test_unknown_model_is_404(live):
     with pytest.raises(openai.NotFoundError):
         live.client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
@@ -216,7 +232,19 @@ def test_missing_or_wrong_api_key_is_401(live):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     assert_error(httpx.post(f"{live.url}/v1/completions", json=body), 401)
     assert_error(httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
-    assert httpx.get(f"{live.url}/health").status_code == 200  # only /v1 routes need the key
+
+
+def test_every_route_but_health_needs_the_api_key(live):
+    for method, path in [("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/metrics"), ("GET", "/docs"),
+                         ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/v1/models")]:
+        assert_error(httpx.request(method, f"{live.url}{path}", json={"prompt": "x", "tokens": [1]}), 401)
+    assert httpx.get(f"{live.url}/health").status_code == 200
+
+
+async def test_public_metrics_serve_metrics_without_the_key_and_nothing_else(live):
+    async with asgi_client(live, public_metrics=True, headers={}) as http:
+        assert (await http.get("/metrics")).status_code == 200
+        assert_error(await http.post("/tokenize", json={"prompt": "x"}), 401)
 
 
 def test_over_long_prompt_is_400(live):
@@ -224,6 +252,142 @@ def test_over_long_prompt_is_400(live):
     assert_error(live.http.post("/v1/completions", json=body), 400, "max_model_len")
     body["stream"] = True
     assert_error(live.http.post("/v1/completions", json=body), 400, "max_model_len")
+
+
+# ---- request size ----
+
+async def test_body_over_the_limit_is_413(live):
+    async with asgi_client(live, max_request_bytes=4096) as http:
+        assert_error(await http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 8192}), 413)
+        assert (await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+                ).status_code == 200
+
+
+async def test_chunked_body_over_the_limit_is_413(live):
+    async def chunks():
+        for _ in range(8):
+            yield b"x" * 1024
+
+    async with asgi_client(live, max_request_bytes=4096) as http:
+        assert_error(await http.post("/v1/completions", content=chunks()), 413)
+
+
+async def test_a_50_mb_body_is_413_by_default(live):
+    async with asgi_client(live) as http:
+        body = b'{"model": "tiny-llama", "prompt": "' + b"x" * (50 << 20) + b'"}'
+        assert_error(await http.post("/v1/completions", content=body,
+                                     headers={"Content-Type": "application/json"}), 413)
+
+
+def tokenizer_spy(live, monkeypatch) -> list[int]:
+    """The length of every text the engine's tokenizer encodes from now on."""
+    seen, encode = [], live.engine.tokenizer.encode
+
+    def spy(text, *args, **kwargs):
+        seen.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(live.engine.tokenizer, "encode", spy)
+    return seen
+
+
+def test_prompt_too_long_by_characters_is_400_before_it_is_tokenized(live, monkeypatch):
+    seen = tokenizer_spy(live, monkeypatch)
+    prompt = "word " * (800 << 10)  # 4 MiB
+    error = assert_error(live.http.post("/v1/completions", json={"model": MODEL, "prompt": prompt}), 400,
+                         "characters")
+    assert error["param"] == "prompt" and len(prompt) not in seen
+
+
+def test_chat_too_long_by_characters_is_400_before_it_is_tokenized(live, monkeypatch):
+    seen = tokenizer_spy(live, monkeypatch)
+    messages = [{"role": "user", "content": "word " * (800 << 10)}]
+    error = assert_error(live.http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}),
+                         400, "characters")
+    assert error["param"] == "messages" and not [n for n in seen if n > len(messages[0]["content"])]
+
+
+async def test_short_prompt_is_not_queued_behind_a_long_tokenization(live, monkeypatch):
+    long_prompt = "word " * 20000  # 100,000 characters: tokenized for real, then too many tokens
+    started, release = threading.Event(), threading.Event()
+    encode = live.engine.tokenizer.encode
+
+    def held(text, *args, **kwargs):  # the long prompt's tokenization takes until released
+        if len(text) >= len(long_prompt):
+            started.set()
+            release.wait(60)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(live.engine.tokenizer, "encode", held)
+    async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                 timeout=60) as http:
+        long = asyncio.create_task(http.post("/v1/completions", json={"model": MODEL, "prompt": long_prompt}))
+        try:
+            assert await asyncio.to_thread(started.wait, 30)
+            short = http.post("/v1/completions", json={"model": MODEL, "prompt": "x " * 150, "max_tokens": 2})
+            assert (await asyncio.wait_for(short, timeout=30)).status_code == 200
+        finally:
+            release.set()
+        assert_error(await long, 400, "max_model_len")
+
+
+# ---- chat templates from the request ----
+
+LOOPING_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def test_request_chat_template_is_refused_by_default(live):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    template = "{{ messages[0]['content'] }}"
+    error = assert_error(live.http.post("/v1/chat/completions", json={
+        **body, "chat_template_kwargs": {"chat_template": template}}), 400, "--trust-request-chat-template")
+    assert error["param"] == "chat_template_kwargs.chat_template"
+    error = assert_error(live.http.post("/v1/chat/completions", json={**body, "chat_template": template}),
+                         400, "--trust-request-chat-template")
+    assert error["param"] == "chat_template"
+
+
+async def test_trusted_request_chat_template_is_rendered(live):
+    template = "Q: {{ messages[0]['content'] }} A:"
+    async with asgi_client(live, trust_request_chat_template=True) as http:
+        count = (await http.post("/tokenize", json={"prompt": "Q: Hi A:", "add_special_tokens": False})).json()
+        response = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "chat_template": template})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == count["count"]
+
+
+async def test_trusted_request_chat_template_that_loops_is_stopped(live):
+    async with asgi_client(live, trust_request_chat_template=True) as http:
+        response = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "chat_template_kwargs": {"chat_template": LOOPING_TEMPLATE}})
+    assert_error(response, 400, "seconds")
+
+
+async def test_client_leaving_stops_the_rendering_of_its_chat_template(live, monkeypatch):
+    monkeypatch.setattr(serving, "REQUEST_TEMPLATE_SECONDS", 600.0)  # only the client's leaving can stop it
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    async with asgi_client(live, trust_request_chat_template=True) as http:
+        looping = asyncio.create_task(http.post("/v1/chat/completions",
+                                                json={**body, "chat_template": LOOPING_TEMPLATE}))
+        await asyncio.sleep(0.5)
+        looping.cancel()  # the client leaves
+        await asyncio.gather(looping, return_exceptions=True)
+        # request templates render one at a time: this one waits until the looping one has stopped
+        response = await asyncio.wait_for(http.post("/v1/chat/completions", json={
+            **body, "chat_template": "{{ messages[0]['content'] }}"}), timeout=30)
+    assert response.status_code == 200, response.text
+
+
+async def test_trusted_request_chat_template_rendering_too_much_is_400(live):
+    template = "{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}"
+    async with asgi_client(live, trust_request_chat_template=True) as http:
+        response = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "0123456789"}], "max_tokens": 1,
+            "chat_template": template})
+    assert_error(response, 400, "characters")
 
 
 # ---- clients that leave ----

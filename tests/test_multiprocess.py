@@ -2,6 +2,7 @@
 heartbeats both ways, and `conveyor serve --api-server-count` / `--engine-address`."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import pytest
 
 from conveyor import AsyncLLM, EngineDeadError, SamplingParams
 from conveyor.frontend import core_client
-from procs import descendants_of, engine_ipc_dirs, wait_until
+from procs import descendants_of, engine_ipc_dirs, ipc_dirs_held_by, wait_until
 from test_cli import CONVEYOR, ENGINE, read_port, start_serve
 
 PEER_TIMEOUT_S = 2.0  # both sides' silence limit in these tests (CONVEYOR_PEER_TIMEOUT_S)
@@ -285,6 +286,36 @@ def test_api_server_count_exits_nonzero_when_a_server_dies(llama_dir):
         assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in everything), timeout=10)
     finally:
         stop(proc)
+
+
+def test_sigkill_of_the_api_server_supervisor_leaves_no_ipc_dirs(llama_dir):
+    # the supervisor's (the core's sockets and rings, the servers' metrics) and each API server's own
+    assert_sigkill_leaves_no_ipc_dirs(start_serve(llama_dir, "--api-server-count", "2", "--port", "0", *ENGINE),
+                                      held=3)
+
+
+def test_sigkill_of_the_supervisor_of_servers_for_a_headless_core_leaves_no_ipc_dirs(slow_model, headless):
+    address = headless.removeprefix("tcp://")
+    # the supervisor's, with the servers' metrics (a tcp:// link needs no directory)
+    assert_sigkill_leaves_no_ipc_dirs(start_serve(slow_model, "--engine-address", address, "--api-server-count", "2",
+                                                  "--port", "0"), held=1)
+
+
+def assert_sigkill_leaves_no_ipc_dirs(proc: subprocess.Popen, held: int) -> None:
+    """SIGKILL the supervisor `proc` once its processes hold `held` ipc directories: none may remain."""
+    try:
+        read_port(proc, timeout=180)
+        assert wait_until(lambda: len(ipc_dirs_held_by(descendants_of(proc.pid))) == held, timeout=120)
+        everything = descendants_of(proc.pid)
+        dirs = ipc_dirs_held_by(everything)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in everything), timeout=10)
+        assert not [d for d in dirs if os.path.exists(d)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # API servers that outlived it would still be in its group
+        proc.wait()
 
 
 def _cmdlines(root: int, needle: str) -> list[int]:

@@ -1,0 +1,137 @@
+"""Features proven together: one workload through every pair of engine options, each run against
+one reference (transformers, float32).
+
+The workload mixes greedy, seeded and unseeded requests, shared prefixes, a repeated prompt and
+priorities, and its prompts hold many times one step's token budget, so prefills batch, chunk and
+queue. In every run: greedy tokens equal transformers' and their logprobs agree; seeded tokens
+equal those of a plain engine; every reported logprob of a sampled token is transformers' logprob
+of that token on the same sequence.
+
+A new engine option joins `AXES`; `pairwise_rows` keeps every pair of option values in some run.
+"""
+
+import asyncio
+import itertools
+
+import pytest
+from transformers import AutoConfig
+
+from conveyor import AsyncLLM, SamplingParams
+from reference import hf_greedy, hf_sequence_logprobs, make_prompts
+
+AXES = {
+    "tensor_parallel_size": (1, 2),
+    "scheduling_policy": ("fcfs", "priority"),
+    "enable_prefix_caching": (True, False),
+    "enable_chunked_prefill": (True, False),
+    "async_scheduling": (False, True),
+    "preemption": (False, True),  # a KV cache too small for the whole workload at once
+}
+MAX_TOKENS = 16
+MAX_MODEL_LEN = 128
+LOGPROB_TOLERANCE = 1e-4
+
+
+def pairwise_rows(axes: dict[str, tuple]) -> list[dict]:
+    """Few rows of option values in which every pair of values of two options appears together."""
+    names = list(axes)
+    uncovered = {((a, va), (b, vb)) for a, b in itertools.combinations(names, 2)
+                 for va in axes[a] for vb in axes[b]}
+    rows = []
+    while uncovered:
+        def gain(values):
+            row = dict(zip(names, values))
+            return sum(((a, row[a]), (b, row[b])) in uncovered for a, b in itertools.combinations(names, 2))
+
+        best = dict(zip(names, max(itertools.product(*axes.values()), key=gain)))
+        uncovered -= {((a, best[a]), (b, best[b])) for a, b in itertools.combinations(names, 2)}
+        rows.append(best)
+    return rows
+
+
+ROWS = pairwise_rows(AXES)
+
+
+def row_id(row: dict) -> str:
+    return "-".join(f"{name}_{value}" for name, value in row.items())
+
+
+def engine_options(row: dict) -> dict:
+    options = {name: value for name, value in row.items() if name != "preemption"}
+    # chunked: prompts split across 64-token steps; whole: every prompt (and a preempted request's
+    # prompt and output) fits one step
+    options["max_num_batched_tokens"] = 64 if row["enable_chunked_prefill"] else MAX_MODEL_LEN
+    options["num_kv_blocks"] = 8 if row["preemption"] else 512
+    return options
+
+
+class Workload:
+    """Twelve requests: three kinds of sampling, shared prefixes, one prompt sent twice."""
+
+    def __init__(self, vocab_size: int):
+        prefix = make_prompts(vocab_size, lens=(40,), seed=7)[0]
+        tails = make_prompts(vocab_size, lens=(1, 9, 17, 30, 3, 26, 60, 1, 45, 12), seed=8)
+        self.prompts = [prefix + tail for tail in tails[:6]] + tails[6:] + [prefix + tails[1]] * 2
+        self.kinds = ["greedy", "seeded", "unseeded"] * 4
+        self.priorities = [i % 3 for i in range(len(self.prompts))]
+
+    def params(self, i: int) -> SamplingParams:
+        kind = self.kinds[i]
+        return SamplingParams(temperature=0.0 if kind == "greedy" else 1.0,
+                              seed=1000 + i if kind == "seeded" else None,
+                              max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+
+    async def run(self, llm: AsyncLLM):
+        async def one(i):
+            async for out in llm.generate({"prompt_token_ids": self.prompts[i]}, self.params(i),
+                                          priority=self.priorities[i]):
+                pass
+            completion = out.outputs[0]
+            return completion.token_ids, [lps[t].logprob for t, lps in zip(completion.token_ids, completion.logprobs)]
+
+        return await asyncio.gather(*(one(i) for i in range(len(self.prompts))))
+
+
+@pytest.fixture(scope="module")
+def workload(llama_dir) -> Workload:
+    return Workload(AutoConfig.from_pretrained(llama_dir).vocab_size)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(llama_dir, workload):
+    return hf_greedy(llama_dir, workload.prompts, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def seeded_reference(llama_dir, workload):
+    """A plain engine's seeded tokens: one process, default options, room for everything."""
+    async def run():
+        async with AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=512, max_model_len=MAX_MODEL_LEN) as llm:
+            return await workload.run(llm)
+
+    results = asyncio.run(run())
+    return {i: tokens for i, (tokens, _) in enumerate(results) if workload.kinds[i] == "seeded"}
+
+
+def test_every_pair_of_options_runs_together():
+    for a, b in itertools.combinations(AXES, 2):
+        seen = {(row[a], row[b]) for row in ROWS}
+        assert seen == set(itertools.product(AXES[a], AXES[b])), (a, b)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=row_id)
+async def test_workload_is_exact_under(row, llama_dir, workload, greedy_reference, seeded_reference):
+    async with AsyncLLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, **engine_options(row)) as llm:
+        results = await workload.run(llm)
+        preemptions = (await llm.get_stats())["num_preemptions"]
+    assert (preemptions > 0) == row["preemption"]
+
+    tokens = [t for t, _ in results]
+    transformers_logprobs = hf_sequence_logprobs(llama_dir, workload.prompts, tokens)
+    for i, (got_tokens, got_logprobs) in enumerate(results):
+        kind = workload.kinds[i]
+        if kind == "greedy":
+            assert got_tokens == greedy_reference[i][0], f"request {i}"
+        if kind == "seeded":
+            assert got_tokens == seeded_reference[i], f"request {i}"
+        assert got_logprobs == pytest.approx(transformers_logprobs[i], abs=LOGPROB_TOLERANCE), f"request {i}"

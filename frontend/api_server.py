@@ -107,7 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_, e: EngineDeadError):
-        return error_response(503, str(e), code="engine_dead")
+        return error_response(503, e.summary, code="engine_dead")
 
     @app.exception_handler(Exception)
     async def internal(_, e: Exception):

@@ -92,7 +92,7 @@ def sse_error(e: Exception) -> str:
     if isinstance(e, APIError):
         body = error_body(e.status, e.message, e.param, e.code)
     elif isinstance(e, EngineDeadError):
-        body = error_body(503, str(e), code="engine_dead")
+        body = error_body(503, e.summary, code="engine_dead")
     elif isinstance(e, ValueError):
         body = error_body(400, str(e))
     else:

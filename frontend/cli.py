@@ -183,9 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         args.served_model_name = args.served_model_name or args.model
-    args.model = resolve_model(args.model)
-    if args.tokenizer is not None:
-        args.tokenizer = resolve_model(args.tokenizer)
+    try:
+        args.model = resolve_model(args.model)
+        if args.tokenizer is not None:
+            args.tokenizer = resolve_model(args.tokenizer)
+    except (OSError, ValueError) as e:  # what the hub raises for a bad id, a missing repo, no network
+        print(f"conveyor {args.command}: no local model directory there, nor on the Hugging Face hub: {e}",
+              file=sys.stderr)
+        return 2
     if args.command == "generate":
         try:
             return asyncio.run(generate(args))

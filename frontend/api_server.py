@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Collection
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -115,11 +115,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {e!r}")
 
 
-def build_app(engine, served_model_name: str, api_key: str | None = None, *, lifespan=None) -> FastAPI:
+def build_app(engine, served_model_name: str, api_key: str | None = None, *, lifespan=None,
+              allowed_logits_processors: Collection[str] = ()) -> FastAPI:
     """The OpenAI-compatible app over `engine` (an AsyncLLM). With `engine=None`, `lifespan` must set
-    `app.state.serving.engine` before the first request (run_server does)."""
+    `app.state.serving.engine` before the first request (run_server does). Requests may name only
+    the logits processors in `allowed_logits_processors`."""
     app = FastAPI(title="Conveyor", lifespan=lifespan)
-    serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name))
+    serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name), allowed_logits_processors)
     app.state.serving = serving
     install_error_handlers(app)
 
@@ -282,7 +284,8 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
             watcher.cancel()
             engine.shutdown()
 
-    app = build_app(None, args.served_model_name or args.model, args.api_key, lifespan=lifespan)
+    app = build_app(None, args.served_model_name or args.model, args.api_key, lifespan=lifespan,
+                    allowed_logits_processors=getattr(args, "allowed_logits_processors", None) or ())
     config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
                             timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level=getattr(args, "log_level", "info"), access_log=False)

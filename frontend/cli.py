@@ -16,7 +16,9 @@ import re
 import sys
 from typing import Any
 
-from conveyor.config import GiB
+import msgspec
+
+from conveyor.config import GiB, RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                                                       "cores / tensor-parallel size)")
     g.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="on a CPU, do not bind workers and the engine core to cores of their own")
+    limits = parser.add_argument_group("request limits", "how much one request may ask for")
+    for f in msgspec.structs.fields(RequestLimits):
+        limits.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+                            help=f"default {f.default}")
 
 
 def engine_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ENGINE_ARGS if getattr(args, name, None) is not None}
+    kwargs = {name: getattr(args, name) for name in ENGINE_ARGS if getattr(args, name, None) is not None}
+    limits = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(RequestLimits)
+              if getattr(args, f.name, None) is not None}
+    return {**kwargs, "request_limits": RequestLimits(**limits)}
 
 
 def resolve_model(name: str) -> str:
@@ -96,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", help="the model name clients send (default: MODEL as given)")
     s.add_argument("--api-key", default=os.environ.get("CONVEYOR_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CONVEYOR_API_KEY)")
+    s.add_argument("--allowed-logits-processors", nargs="+", default=[], metavar="PATH",
+                   help="import paths ('pkg.module:fn') that requests may name in logits_processors; "
+                        "they run in the engine's processes (default: none)")
     m = serve.add_argument_group("multi-process")
     m.add_argument("--api-server-count", type=int, default=1, metavar="K",
                    help="API-server processes sharing one engine core and the HTTP port (default 1)")

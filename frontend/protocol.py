@@ -7,6 +7,7 @@ implement (best_of != n, suffix, tools, a non-text response_format) are refused 
 
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +72,7 @@ class SamplingFields(Strict):
     allowed_token_ids: list[int] | None = None
     no_repeat_ngram_size: int = 0
     priority: int = 0
+    logits_processors: list[str] | None = None  # only names the server allows (--allowed-logits-processors)
 
     @property
     def include_usage(self) -> bool:
@@ -124,9 +126,11 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
 
 
-def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def to_sampling_params(request: CompletionRequest | ChatCompletionRequest,
+                       allowed_logits_processors: Collection[str] = ()) -> SamplingParams:
     """SamplingParams of one engine request (n=1 of the server-level fan-out or the engine's own n).
-    Raises ValueError with the offending field named."""
+    Raises ValueError with the offending field named. A logits processor runs code in the engine:
+    a request may name only those in `allowed_logits_processors`."""
     if request.best_of is not None and request.best_of != request.n:
         raise ValueError(f"best_of is not supported (it must equal n={request.n}), got {request.best_of}")
     if request.response_format is not None and request.response_format.get("type") != "text":
@@ -146,6 +150,10 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> Sa
             raise ValueError("suffix is not supported")
         if request.echo and request.logprobs is not None:
             raise ValueError("echo together with logprobs is not supported")
+    refused = [p for p in request.logits_processors or () if p not in allowed_logits_processors]
+    if refused:
+        raise ValueError(f"logits_processors must name processors this server allows "
+                         f"({sorted(allowed_logits_processors) or 'none'}), got {refused!r}")
     logit_bias = None
     if request.logit_bias is not None:
         try:
@@ -173,6 +181,7 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> Sa
         bad_words=request.bad_words,
         allowed_token_ids=request.allowed_token_ids,
         no_repeat_ngram_size=request.no_repeat_ngram_size,
+        logits_processors=request.logits_processors,
         output_kind=RequestOutputKind.DELTA,
         **optional,
     )

@@ -4,13 +4,14 @@ OpenAI bodies and server-sent events, and every error takes OpenAI's error shape
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
+from conveyor.frontend.async_llm import YIELD_EVERY
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -116,8 +117,12 @@ async def merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
             return
         await queue.put(done)
 
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    tasks = []
     try:
+        for i, stream in enumerate(streams):
+            tasks.append(asyncio.create_task(pump(stream)))
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # the new streams add their requests, then others get the loop
         left = len(tasks)
         while left:
             item = await queue.get()
@@ -136,13 +141,18 @@ async def merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
 class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI bodies."""
 
-    def __init__(self, engine, model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine, model_name: str, metrics: ServerMetrics,
+                 allowed_logits_processors: Collection[str] = ()):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
+        self.allowed_logits_processors = frozenset(allowed_logits_processors)
         self._token_text: dict[int, str] = {}
 
     # -- engine requests --
+
+    def sampling_params(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        return to_sampling_params(body, self.allowed_logits_processors)
 
     async def generate(self, prompts: list, params: SamplingParams, priority: int,
                        request_id: str) -> AsyncIterator[Piece]:
@@ -260,7 +270,7 @@ class OpenAIServing:
     # -- completions --
 
     async def completion(self, body: CompletionRequest) -> CompletionResponse:
-        params, prompts = to_sampling_params(body), body.prompts()
+        params, prompts = self.sampling_params(body), body.prompts()
         request_id = random_id("cmpl")
         choices, outputs, usage = await self._collect(prompts, params, body.priority, request_id)
         return CompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
@@ -271,7 +281,7 @@ class OpenAIServing:
             for i, c in choices])
 
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
-        params, prompts = to_sampling_params(body), body.prompts()
+        params, prompts = self.sampling_params(body), body.prompts()
         request_id = random_id("cmpl")
         offsets = {}
 
@@ -301,7 +311,7 @@ class OpenAIServing:
                 yield event
 
     async def _events(self, pieces: AsyncIterator, render, chunk, include_usage: bool,
-                      opening: list[str] = ()) -> AsyncIterator[str]:
+                      opening: Iterable[str] = ()) -> AsyncIterator[str]:
         """A streamed response: `opening`, then each piece as `render` makes it (None: nothing to
         send), then usage if asked for, and [DONE]. Errors before the first output propagate, so
         they still get an HTTP status; later ones become an error event."""
@@ -325,7 +335,7 @@ class OpenAIServing:
     # -- chat completions --
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
-        params = to_sampling_params(body)
+        params = self.sampling_params(body)
         prompt = await self._chat_prompt(body)
         request_id = random_id("chatcmpl")
         choices, _, usage = await self._collect([prompt], params, body.priority, request_id)
@@ -336,7 +346,7 @@ class OpenAIServing:
             for i, c in choices])
 
     async def chat_events(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
-        params = to_sampling_params(body)
+        params = self.sampling_params(body)
         prompt = await self._chat_prompt(body)
         request_id = random_id("chatcmpl")
 
@@ -351,8 +361,9 @@ class OpenAIServing:
             return chunk([ChatStreamChoice(index=piece.index, delta=DeltaMessage(content=c.text), logprobs=logprobs,
                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
 
-        opening = [chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-                   for i in range(body.n)]
+        # lazy: made once the first output shows the request (its n included) was accepted
+        opening = (chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                   for i in range(body.n))
         events = self._events(self.generate([prompt], params, body.priority, request_id), render, chunk,
                               body.include_usage, opening)
         async with aclosing(events):

@@ -13,6 +13,23 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
+class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How much work one request may ask for; AsyncLLM refuses a request beyond them (a ValueError,
+    a 400 over HTTP). Each field is also a `conveyor serve` option (`--max-n`, ...)."""
+
+    max_n: int = 128  # samples of one request: n, best_of, the beam width
+    max_logprobs: int = 20  # logprobs and prompt_logprobs (top_logprobs over HTTP)
+    max_stop: int = 64  # stop strings
+    max_logit_bias: int = 1024  # logit_bias entries
+    max_bad_words: int = 256
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            low = 0 if name == "max_logprobs" else 1
+            _check(isinstance(value, int) and low <= value <= 2**31 - 1, name, value, f"in [{low}, 2147483647]")
+
+
 class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     model: str
     tokenizer: str | None = None
@@ -38,6 +55,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # (see worker_cores): the kernel otherwise queues the core behind a worker's thread while a
     # core sits idle, for up to milliseconds at a time.
     bind_cores: bool = True
+    request_limits: RequestLimits = msgspec.field(default_factory=RequestLimits)  # the frontend's
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,

@@ -257,9 +257,9 @@ class Scheduler:
         outputs = []
         samples = self.in_flight.pop(result.step_id)
         for i, (request_id, token_ids) in enumerate(zip(result.request_ids, result.sampled_token_ids)):
-            request, num_preemptions = samples[request_id]
-            if request.status != RequestStatus.RUNNING or request.num_preemptions != num_preemptions:
-                continue  # finished, aborted or preempted since the step was scheduled
+            request = self._awaiting(samples, request_id)
+            if request is None:
+                continue
             request.num_output_placeholders -= 1
             request.append_output_token_ids(token_ids)
             status = self._check_stop(request)
@@ -279,7 +279,23 @@ class Scheduler:
                 output.finish_reason = FINISH_REASONS[status]
                 output.stop_reason = request.stop_reason
             outputs.append((request, output))
+        for request_id, error in (result.errors or {}).items():  # a request that failed alone
+            request = self._awaiting(samples, request_id)
+            if request is None:
+                continue
+            self.running.remove(request)
+            self._free(request, RequestStatus.FINISHED_ERROR)
+            outputs.append((request, EngineCoreOutput(request_id, [], finish_reason="error", error=error)))
         return outputs
+
+    @staticmethod
+    def _awaiting(samples: dict[str, tuple[Request, int]], request_id: str) -> Request | None:
+        """The request a step's result is for, unless it finished, was aborted or was preempted
+        since the step was scheduled."""
+        request, num_preemptions = samples[request_id]
+        if request.status != RequestStatus.RUNNING or request.num_preemptions != num_preemptions:
+            return None
+        return request
 
     def _check_stop(self, request: Request) -> RequestStatus | None:
         params = request.sampling_params

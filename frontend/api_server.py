@@ -16,7 +16,7 @@ import contextlib
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Collection
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -166,7 +166,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_, e: EngineDeadError):
-        return error_response(503, str(e), code="engine_dead")
+        return error_response(503, e.summary, code="engine_dead")
 
     @app.exception_handler(Exception)
     async def internal(_, e: Exception):
@@ -200,14 +200,17 @@ def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], served_mo
 
 def build_app(engine, served_model_name: str, api_key: str | None = None, *, lifespan=None,
               public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False,
+              allowed_logits_processors: Collection[str] = ()) -> FastAPI:
     """The OpenAI-compatible app over `engine` (an AsyncLLM). With `engine=None`, `lifespan` must set
     `app.state.serving.engine` before the first request (run_server does).
 
     `public_metrics`: serve /metrics without the API key (for scrapers that send none).
-    `trust_request_chat_template`: render a chat template a request brings (it is code)."""
+    `trust_request_chat_template`: render a chat template a request brings (it is code).
+    `allowed_logits_processors`: the only logits processors requests may name."""
     app = FastAPI(title="Conveyor", lifespan=lifespan)
     serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name),
+                            allowed_logits_processors,
                             trust_request_chat_template=trust_request_chat_template)
     app.state.serving = serving
     install_error_handlers(app)
@@ -366,7 +369,8 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
 
     app = build_app(None, args.served_model_name or args.model, args.api_key, lifespan=lifespan,
                     public_metrics=args.public_metrics, max_request_bytes=args.max_request_body,
-                    trust_request_chat_template=args.trust_request_chat_template)
+                    trust_request_chat_template=args.trust_request_chat_template,
+                    allowed_logits_processors=getattr(args, "allowed_logits_processors", None) or ())
     config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
                             timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level=getattr(args, "log_level", "info"), access_log=False)

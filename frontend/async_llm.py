@@ -17,24 +17,26 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 
-from conveyor.config import EngineConfig, resolve_max_model_len
+from conveyor.config import EngineConfig, RequestLimits, resolve_max_model_len
 from conveyor.frontend.beam_search import beam_search
 from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState, deliver_threadsafe
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
-from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.frontend.sampling_params import (INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
+                                               child_seed, resolve_logits_processor)
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
 TOKENIZE_OFF_LOOP_CHARS = 256  # longer prompts are tokenized on a thread, off the event loop
+YIELD_EVERY = 16  # requests added in a row before yielding to the event loop (n > 1, many prompts)
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -51,6 +53,12 @@ def eos_token_ids(model: str, tokenizer) -> list[int]:
     if eos is None:
         return []
     return [eos] if isinstance(eos, int) else list(eos)
+
+
+def check_priority(priority: int) -> None:
+    """A priority the engine's messages can carry (msgpack: int64)."""
+    if not (isinstance(priority, int) and not isinstance(priority, bool) and INT64_MIN <= priority <= INT64_MAX):
+        raise ValueError(f"priority must be an int in [{INT64_MIN}, {INT64_MAX}], got {priority!r}")
 
 
 def _release(client: CoreClient, executor: ThreadPoolExecutor) -> None:
@@ -107,20 +115,26 @@ class AsyncLLM:
         priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs (`async for`). Nothing is sent to the engine before the
-        first iteration; closing the stream early aborts the request. (A plain function returning
-        the stream, not a generator wrapping it: one layer less on every output of every request.)"""
+        first iteration; closing the stream early aborts the request. A request beyond the
+        engine's `request_limits` raises ValueError. (A plain function returning the stream, not a
+        generator wrapping it: one layer less on every output of every request.)"""
         params = sampling_params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if params.use_beam_search:
             return self._beam_search(prompt, params, request_id, priority)
         if params.n > 1:
             return self._generate_n(prompt, params, request_id, priority)
-        return self._generate_one(prompt, params, request_id, priority)
+        return self._generate_one(prompt, params, request_id, priority, self.config.request_limits)
 
     async def _beam_search(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
+        params.check_limits(self.config.request_limits)
         yield await beam_search(self, prompt, params, request_id, priority)
 
-    async def _generate_one(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
+    async def _generate_one(self, prompt, params, request_id, priority,
+                            limits: RequestLimits | None) -> AsyncIterator[RequestOutput]:
+        """One engine request; `limits` None only for the engine's own requests (beam search's)."""
+        if limits is not None:
+            params.check_limits(limits)
         state = await self.add_request(prompt, params, request_id, priority)
         try:
             while True:
@@ -135,13 +149,18 @@ class AsyncLLM:
     async def _generate_n(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
         """`n` samples of one prompt: one engine request each (the prefix cache computes the
         prompt once), merged into one RequestOutput with a CompletionOutput per sample."""
+        params.check_limits(self.config.request_limits)
         n, kind = params.n, params.output_kind
         states: list[RequestState] = []
         waiting: dict[asyncio.Future, int] = {}
         try:
             for i in range(n):
-                child = msgspec.structs.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-                states.append(await self.add_request(prompt, child, f"{i}_{request_id}", priority))
+                child = msgspec.structs.replace(params, n=1, seed=child_seed(params.seed, i))
+                state = await self.add_request(prompt, child, f"{i}_{request_id}", priority)
+                states.append(state)
+                prompt = {"prompt": state.prompt, "prompt_token_ids": state.prompt_token_ids}  # tokenized once
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)  # the loop serves others (and notices a caller that left)
             latest: list[RequestOutput | None] = [None] * n
             waiting.update({asyncio.ensure_future(state.mailbox.get()): i for i, state in enumerate(states)})
             while waiting:
@@ -172,12 +191,12 @@ class AsyncLLM:
         finally:
             for future in waiting:
                 future.cancel()
-            for state in states:
-                await self.abort(state.request_id)
+            await self.abort([state.request_id for state in states])
 
     async def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str,
                           priority: int = 0) -> RequestState:
         self._check_alive()
+        check_priority(priority)
         if isinstance(prompt, str) and len(prompt) > TOKENIZE_OFF_LOOP_CHARS:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.input_executor, self.process_inputs, prompt, params)
@@ -200,14 +219,17 @@ class AsyncLLM:
         a thread for long prompts, so the event loop only does bookkeeping."""
         text, token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
+        for path in params.logits_processors or ():
+            resolve_logits_processor(path)  # a bad one fails here, not in the engine
         params = self._bind(params)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
         return text, token_ids, params, detokenizer
 
-    async def abort(self, request_id: str) -> None:
-        state = self.output_processor.remove(request_id)
-        if state is not None:
-            self.client.abort([request_id])
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        unfinished = [i for i in ids if self.output_processor.remove(i) is not None]
+        if unfinished:
+            self.client.abort(unfinished)
 
     async def get_stats(self) -> dict:
         return await asyncio.wrap_future(self.client.call("stats"))

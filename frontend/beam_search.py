@@ -33,7 +33,8 @@ async def beam_search(llm, prompt, params: SamplingParams, request_id: str, prio
     stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)
     num_candidates = max(2, 1 + len(stop_ids)) * width
     metrics = RequestMetrics(arrival_time=time.time())
-    step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=num_candidates,
+    per_beam = min(num_candidates, llm.hf_config.vocab_size)  # all of them could come from one beam
+    step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=per_beam,
                                  detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
 
     running = [Beam([], 0.0)]  # transformers starts with width copies, all but one at -1e9
@@ -85,7 +86,8 @@ def _can_improve(running: list[Beam], finished: list[Beam], width: int, generate
 
 
 async def _next_logprobs(llm, token_ids, params, request_id, priority) -> list[tuple[int, float]]:
-    async for output in llm.generate({"prompt_token_ids": token_ids}, params, request_id, priority):
+    # the engine's own request: it may ask for more logprobs than a caller may (request_limits)
+    async for output in llm._generate_one({"prompt_token_ids": token_ids}, params, request_id, priority, None):
         pass
     position = output.outputs[0].logprobs[0]
     return [(token, entry.logprob) for token, entry in position.items()]

@@ -16,7 +16,9 @@ import re
 import sys
 from typing import Any
 
-from conveyor.config import GiB
+import msgspec
+
+from conveyor.config import GiB, RequestLimits
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
@@ -69,10 +71,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                                                       "cores / tensor-parallel size)")
     g.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="on a CPU, do not bind workers and the engine core to cores of their own")
+    limits = parser.add_argument_group("request limits", "how much one request may ask for")
+    for f in msgspec.structs.fields(RequestLimits):
+        limits.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+                            help=f"default {f.default}")
 
 
 def engine_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ENGINE_ARGS if getattr(args, name, None) is not None}
+    kwargs = {name: getattr(args, name) for name in ENGINE_ARGS if getattr(args, name, None) is not None}
+    limits = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(RequestLimits)
+              if getattr(args, f.name, None) is not None}
+    return {**kwargs, "request_limits": RequestLimits(**limits)}
 
 
 def resolve_model(name: str) -> str:
@@ -106,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a chat template that a request brings (chat_template, or chat_template_kwargs"
                         "'s); a template is code, so this is for trusted clients only (it renders under a time limit)")
+    s.add_argument("--allowed-logits-processors", nargs="+", default=[], metavar="PATH",
+                   help="import paths ('pkg.module:fn') that requests may name in logits_processors; "
+                        "they run in the engine's processes (default: none)")
     m = serve.add_argument_group("multi-process")
     m.add_argument("--api-server-count", type=int, default=1, metavar="K",
                    help="API-server processes sharing one engine core and the HTTP port (default 1)")
@@ -193,9 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         args.served_model_name = args.served_model_name or args.model
-    args.model = resolve_model(args.model)
-    if args.tokenizer is not None:
-        args.tokenizer = resolve_model(args.tokenizer)
+    try:
+        args.model = resolve_model(args.model)
+        if args.tokenizer is not None:
+            args.tokenizer = resolve_model(args.tokenizer)
+    except (OSError, ValueError) as e:  # what the hub raises for a bad id, a missing repo, no network
+        print(f"conveyor {args.command}: no local model directory there, nor on the Hugging Face hub: {e}",
+              file=sys.stderr)
+        return 2
     if args.command == "generate":
         try:
             return asyncio.run(generate(args))

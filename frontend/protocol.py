@@ -8,6 +8,7 @@ implement (best_of != n, suffix, tools, a non-text response_format) are refused 
 
 import time
 import uuid
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,6 +87,7 @@ class SamplingFields(Strict):
     no_repeat_ngram_size: int = Field(0, ge=0, le=INT64_MAX, description="never repeat an n-gram of this size (0: off)")
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="with --scheduling-policy priority, "
                                                                      "lower runs first")
+    logits_processors: list[str] | None = Field(None, description="logits processors by import path; only those the server allows (--allowed-logits-processors)")
 
     @property
     def include_usage(self) -> bool:
@@ -148,9 +150,11 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = Field(None, description="not supported")
 
 
-def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def to_sampling_params(request: CompletionRequest | ChatCompletionRequest,
+                       allowed_logits_processors: Collection[str] = ()) -> SamplingParams:
     """SamplingParams of one engine request (n=1 of the server-level fan-out or the engine's own n).
-    Raises ValueError with the offending field named."""
+    Raises ValueError with the offending field named. A logits processor runs code in the engine:
+    a request may name only those in `allowed_logits_processors`."""
     if request.best_of is not None and request.best_of != request.n:
         raise ValueError(f"best_of is not supported (it must equal n={request.n}), got {request.best_of}")
     if request.response_format is not None and request.response_format.get("type") != "text":
@@ -170,6 +174,10 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> Sa
             raise ValueError("suffix is not supported")
         if request.echo and request.logprobs is not None:
             raise ValueError("echo together with logprobs is not supported")
+    refused = [p for p in request.logits_processors or () if p not in allowed_logits_processors]
+    if refused:
+        raise ValueError(f"logits_processors must name processors this server allows "
+                         f"({sorted(allowed_logits_processors) or 'none'}), got {refused!r}")
     logit_bias = None
     if request.logit_bias is not None:
         try:
@@ -197,6 +205,7 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> Sa
         bad_words=request.bad_words,
         allowed_token_ids=request.allowed_token_ids,
         no_repeat_ngram_size=request.no_repeat_ngram_size,
+        logits_processors=request.logits_processors,
         output_kind=RequestOutputKind.DELTA,
         **optional,
     )

@@ -7,14 +7,21 @@ on decode, so validation is plain comparisons and normalisation is idempotent.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
-MAX_LOGPROBS = 20
+from conveyor.config import RequestLimits
+
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (as vLLM)
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# What the later stages hold: counts, lengths and token ids go into int32 tensors, floats into
+# float32 ones, seeds into a torch.Generator (int64, vLLM's range), everything through msgpack.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -38,11 +45,32 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_token_id(x: Any) -> bool:
+    return _is_int(x) and 0 <= x <= INT32_MAX
+
+
 def _check_int_list(name: str, value: Any) -> None:
     if not isinstance(value, list) or not all(_is_int(t) for t in value):
         raise ValueError(f"{name} must be a list of ints, got {value!r}")
-    if any(t < 0 for t in value):
-        raise ValueError(f"{name} must hold token ids >= 0, got {value!r}")
+    if not all(_is_token_id(t) for t in value):
+        raise ValueError(f"{name} must hold token ids in [0, {INT32_MAX}], got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not (_is_int(value) and low <= value <= high):
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+
+
+def _check_float(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # False for nan
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample `index` of an n > 1 request: seed + index, wrapped into int64."""
+    if seed is None:
+        return None
+    return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -93,6 +121,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if _is_int(self.temperature):
             self.temperature = float(self.temperature)
         self._validate()
+        # float32 has no top_p this small (the sampler would drop every token); any top_p below
+        # the most likely token's probability keeps that token alone
+        self.top_p = max(self.top_p, FLOAT32_TINY)
         self._derive_stop_ids()
 
     # -- derived views ---------------------------------------------------------------------------
@@ -144,8 +175,26 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if bad:
                 raise ValueError(
                     f"{name} holds token ids outside the vocabulary [0, {vocab_size}): {bad}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > vocab_size:
+                raise ValueError(f"{name} must be in [0, {vocab_size}] (the vocabulary size), got {value}")
         self._derive_stop_ids()
         return self
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        """Refuse a request that asks for more work than `limits` allow one request."""
+        counts = [("n", self.n, "max_n", ""),
+                  ("logprobs", self.logprobs or 0, "max_logprobs", ""),
+                  ("prompt_logprobs", self.prompt_logprobs or 0, "max_logprobs", ""),
+                  ("stop", len(self.stop), "max_stop", " strings"),
+                  ("logit_bias", len(self.logit_bias or ()), "max_logit_bias", " entries"),
+                  ("bad_words", len(self.bad_words or ()), "max_bad_words", " words")]
+        for name, value, limit_name, unit in counts:
+            limit = getattr(limits, limit_name)
+            if value > limit:
+                what = f"hold at most {limit}{unit}" if unit else f"be at most {limit}"
+                raise ValueError(f"{name} must {what} (request limit {limit_name}), got {value}")
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -154,6 +203,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if not self.ignore_eos and self.eos_token_id is not None and self.eos_token_id not in ids:
             ids.append(self.eos_token_id)
         self.all_stop_token_ids = ids
+        allowed = self.allowed_token_ids
+        if allowed is not None and self.min_tokens and set(allowed) <= set(ids):
+            raise ValueError(
+                f"min_tokens must be 0 when allowed_token_ids holds only stop tokens ({allowed}): "
+                f"no other token could be sampled, got {self.min_tokens}")
 
     def _validate(self) -> None:
         for name in ("n", "top_k", "no_repeat_ngram_size", "min_tokens"):
@@ -172,34 +226,29 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
 
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if not 0.0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be in [0, inf), got {self.temperature}")
+        _check_int("n", self.n, 1, INT32_MAX)
+        _check_float("temperature", self.temperature, 0.0, FLOAT32_MAX)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and not (_is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX):
-            raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1] or None, got {self.seed!r}")
-        if not 0.0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be in (0, inf), got {self.repetition_penalty}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.no_repeat_ngram_size < 0:
+        if not 0 <= self.top_k <= INT32_MAX:
             raise ValueError(
-                f"no_repeat_ngram_size must be >= 0 (0 = disabled), got {self.no_repeat_ngram_size}")
+                f"top_k must be -1 (disabled), 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k}")
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, INT64_MIN, INT64_MAX)
+        _check_float("repetition_penalty", self.repetition_penalty, FLOAT32_TINY, FLOAT32_MAX)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        # beam search divides by generated_length ** length_penalty, with lengths up to 2**31
+        _check_float("length_penalty", self.length_penalty, -10.0, 10.0)
+        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, INT32_MAX)
 
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or not all(
-                    _is_int(k) and k >= 0 and _is_number(v) and -100.0 <= v <= 100.0
+                    _is_token_id(k) and _is_number(v) and -100.0 <= v <= 100.0
                     for k, v in self.logit_bias.items()):
                 raise ValueError(
-                    "logit_bias must map token ids >= 0 to biases in [-100, 100], "
+                    f"logit_bias must map token ids in [0, {INT32_MAX}] to biases in [-100, 100], "
                     f"got {self.logit_bias!r}")
         if self.allowed_token_ids is not None:
             _check_int_list("allowed_token_ids", self.allowed_token_ids)
@@ -211,16 +260,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
         if self.bad_words_token_ids is not None and (
                 not isinstance(self.bad_words_token_ids, list)
-                or not all(isinstance(ids, list) and ids and all(_is_int(t) and t >= 0 for t in ids)
+                or not all(isinstance(ids, list) and ids and all(_is_token_id(t) for t in ids)
                            for ids in self.bad_words_token_ids)):
             raise ValueError(
-                "bad_words_token_ids must be a list of non-empty token id lists, "
+                f"bad_words_token_ids must be a list of non-empty lists of token ids in [0, {INT32_MAX}], "
                 f"got {self.bad_words_token_ids!r}")
 
-        if self.max_tokens is not None and not (_is_int(self.max_tokens) and self.max_tokens >= 1):
-            raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
+        _check_int("min_tokens", self.min_tokens, 0, INT32_MAX)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
@@ -230,13 +278,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if any(s == "" for s in self.stop):
             raise ValueError(f"stop must not contain empty strings, got {self.stop!r}")
         _check_int_list("stop_token_ids", self.stop_token_ids)
-        if self.eos_token_id is not None and not (_is_int(self.eos_token_id) and self.eos_token_id >= 0):
-            raise ValueError(f"eos_token_id must be an int >= 0 or None, got {self.eos_token_id!r}")
+        if self.eos_token_id is not None and not _is_token_id(self.eos_token_id):
+            raise ValueError(
+                f"eos_token_id must be a token id in [0, {INT32_MAX}] or None, got {self.eos_token_id!r}")
 
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
-                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+            if value is not None:
+                _check_int(name, value, 0, INT32_MAX)
         if not isinstance(self.output_kind, RequestOutputKind):
             try:
                 self.output_kind = RequestOutputKind(self.output_kind)
@@ -257,8 +306,6 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(
                 "logits_processors must be a list of import paths 'pkg.module:callable' or "
                 f"'pkg.module.callable', got {self.logits_processors!r}")
-
-
 def _tokenize_bad_words(tokenizer: Any, bad_words: list[str]) -> list[list[int]]:
     """Token ids of each bad word, with and without a leading space (as vLLM does), so the word is
     banned both at the start of the text and in the middle of it."""
@@ -272,3 +319,22 @@ def _tokenize_bad_words(tokenizer: Any, bad_words: list[str]) -> list[list[int]]
         if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
             out.append(spaced)
     return out
+
+
+_processors: dict[str, Callable] = {}
+
+
+def resolve_logits_processor(path: str) -> Callable:
+    """'pkg.module:callable' or 'pkg.module.callable' -> the callable (imported once per path).
+    The frontend resolves every entry before a request leaves it, so a bad one fails there."""
+    fn = _processors.get(path)
+    if fn is None:
+        module, _, name = path.partition(":") if ":" in path else path.rpartition(".")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"logits_processors entry {path!r} cannot be imported: {e}") from e
+        if not callable(fn):
+            raise ValueError(f"logits_processors entry {path!r} is not callable")
+        _processors[path] = fn
+    return fn

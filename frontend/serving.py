@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from conveyor.frontend.async_llm import YIELD_EVERY
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -133,7 +134,7 @@ def sse_error(e: Exception) -> str:
     if isinstance(e, APIError):
         body = error_body(e.status, e.message, e.param, e.code)
     elif isinstance(e, EngineDeadError):
-        body = error_body(503, str(e), code="engine_dead")
+        body = error_body(503, e.summary, code="engine_dead")
     elif isinstance(e, ValueError):
         body = error_body(400, str(e))
     else:
@@ -157,8 +158,12 @@ async def merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
             return
         await queue.put(done)
 
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    tasks = []
     try:
+        for i, stream in enumerate(streams):
+            tasks.append(asyncio.create_task(pump(stream)))
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # the new streams add their requests, then others get the loop
         left = len(tasks)
         while left:
             item = await queue.get()
@@ -177,10 +182,12 @@ async def merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
 class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI bodies."""
 
-    def __init__(self, engine, model_name: str, metrics: ServerMetrics, trust_request_chat_template: bool = False):
+    def __init__(self, engine, model_name: str, metrics: ServerMetrics,
+                 allowed_logits_processors: Collection[str] = (), trust_request_chat_template: bool = False):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
+        self.allowed_logits_processors = frozenset(allowed_logits_processors)
         self.trust_request_chat_template = trust_request_chat_template
         self._token_text: dict[int, str] = {}
         self._chars_per_token = 0
@@ -192,6 +199,9 @@ class OpenAIServing:
         return await asyncio.get_running_loop().run_in_executor(self.slow_lane if slow else None, fn)
 
     # -- engine requests --
+
+    def sampling_params(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        return to_sampling_params(body, self.allowed_logits_processors)
 
     async def generate(self, prompts: list, params: SamplingParams, priority: int,
                        request_id: str) -> AsyncIterator[Piece]:
@@ -378,7 +388,7 @@ class OpenAIServing:
     # -- completions --
 
     async def completion(self, body: CompletionRequest) -> CompletionResponse:
-        params = to_sampling_params(body)
+        params = self.sampling_params(body)
         prompts = await self.completion_prompts(body, params)
         request_id = random_id("cmpl")
         choices, outputs, usage = await self._collect(prompts, params, body.priority, request_id)
@@ -390,7 +400,7 @@ class OpenAIServing:
             for i, c in choices])
 
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
-        params = to_sampling_params(body)
+        params = self.sampling_params(body)
         prompts = await self.completion_prompts(body, params)
         request_id = random_id("cmpl")
         offsets = {}
@@ -421,7 +431,7 @@ class OpenAIServing:
                 yield event
 
     async def _events(self, pieces: AsyncIterator, render, chunk, include_usage: bool,
-                      opening: list[str] = ()) -> AsyncIterator[str]:
+                      opening: Iterable[str] = ()) -> AsyncIterator[str]:
         """A streamed response: `opening`, then each piece as `render` makes it (None: nothing to
         send), then usage if asked for, and [DONE]. Errors before the first output propagate, so
         they still get an HTTP status; later ones become an error event."""
@@ -445,7 +455,7 @@ class OpenAIServing:
     # -- chat completions --
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
-        params = to_sampling_params(body)
+        params = self.sampling_params(body)
         prompt = await self._chat_prompt(body)
         request_id = random_id("chatcmpl")
         choices, _, usage = await self._collect([prompt], params, body.priority, request_id)
@@ -456,7 +466,7 @@ class OpenAIServing:
             for i, c in choices])
 
     async def chat_events(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
-        params = to_sampling_params(body)
+        params = self.sampling_params(body)
         prompt = await self._chat_prompt(body)
         request_id = random_id("chatcmpl")
 
@@ -471,8 +481,9 @@ class OpenAIServing:
             return chunk([ChatStreamChoice(index=piece.index, delta=DeltaMessage(content=c.text), logprobs=logprobs,
                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
 
-        opening = [chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-                   for i in range(body.n)]
+        # lazy: made once the first output shows the request (its n included) was accepted
+        opening = (chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                   for i in range(body.n))
         events = self._events(self.generate([prompt], params, body.priority, request_id), render, chunk,
                               body.include_usage, opening)
         async with aclosing(events):

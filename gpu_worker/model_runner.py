@@ -123,21 +123,29 @@ class ModelRunner:
         sampled_ids: list[list[int]] = []
         request_ids: list[str] = []
         logprobs = None
+        errors = {}
         if logits_indices:
             logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
             out = self.sampler(logits, [s.sampling for s in sampling_states])
-            for state, token in zip(sampling_states, out.sampled_token_ids):
+            sampled_logprobs = []
+            for state, token, lp in zip(sampling_states, out.sampled_token_ids, out.logprobs):
+                # kept even by a request that failed: a step scheduled meanwhile computes its position
                 state.token_ids.append(token)
                 state.sampling.output_token_ids.append(token)
+                if state.sampling.error is not None:
+                    errors[state.request_id] = state.sampling.error
+                    continue
                 request_ids.append(state.request_id)
                 sampled_ids.append([token])
-            if any(lp is not None for lp in out.logprobs):
-                logprobs = out.logprobs
+                sampled_logprobs.append(lp)
+            if any(lp is not None for lp in sampled_logprobs):
+                logprobs = sampled_logprobs
         prompt_logprobs = {}
         for state in sampling_states:
             if state.prompt_logprobs is not None:
                 prompt_logprobs[state.request_id], state.prompt_logprobs = state.prompt_logprobs, None
-        return ModelRunnerOutput(step.step_id, request_ids, sampled_ids, logprobs, prompt_logprobs or None)
+        return ModelRunnerOutput(step.step_id, request_ids, sampled_ids, logprobs, prompt_logprobs or None,
+                                 errors=errors or None)
 
     def collect_prompt_logprobs(self, hidden, states, num_tokens) -> None:
         """For requests that asked for prompt logprobs: the logprob of each prompt token given the

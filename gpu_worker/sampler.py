@@ -13,19 +13,21 @@ preemptions, nor on the rank that samples them.
 
 from __future__ import annotations
 
-import importlib
+import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from conveyor.ipc.messages import Logprobs  # one position: chosen token, rank, top-N
-from conveyor.frontend.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from conveyor.frontend.sampling_params import GREEDY_TEMPERATURE, SamplingParams, resolve_logits_processor
 from conveyor.seeds import derive_seed
+
+logger = logging.getLogger(__name__)
 
 _LOGPROBS_CHUNK = 512  # rows per log_softmax pass in compute_logprobs (bounds memory for prompts)
 _TOP_P_CANDIDATES = 256  # top-p first looks at this many most likely tokens per row
-_processor_cache: dict[str, Callable] = {}
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
@@ -47,6 +49,7 @@ class SamplingState:
     allowed_mask: torch.Tensor | None = field(default=None, repr=False)  # [V] bool, True = banned
     ngrams: dict[tuple[int, ...], set[int]] | None = field(default=None, repr=False)
     ngrams_seen: int = field(default=0, repr=False)  # sequence length already folded into ngrams
+    error: str | None = None  # why this request cannot go on: it fails alone, the batch goes on
 
 
 @dataclass(slots=True)
@@ -184,6 +187,8 @@ def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState]) -
                           torch.tensor(bias_vals, dtype=logits.dtype, device=device), accumulate=True)
     if ban_rows:
         logits[_index(ban_rows, device), _index(ban_cols, device)] = float("-inf")
+    if allowed_rows or len(ban_rows) >= vocab:
+        _fail_rows_left_without_tokens(logits, states, allowed_rows, ban_rows)
     if penalty_rows:
         rows = [states[i] for i in penalty_rows]
         prompt_mask = torch.stack([_prompt_mask(st, vocab, device) for st in rows])
@@ -194,14 +199,40 @@ def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState]) -
         _update_rows(logits, penalty_rows,
                      lambda x: apply_penalties(x, prompt_mask, counts, rep, pres, freq))
     for i in processor_rows:
-        st = states[i]
+        _apply_user_processors(logits, states[i], i)
+    return logits
+
+
+def _fail_rows_left_without_tokens(logits: torch.Tensor, states: list[SamplingState],
+                                   allowed_rows: list[int], ban_rows: list[int]) -> None:
+    """A request whose own constraints ban every token fails, rather than sample a banned one."""
+    vocab = logits.shape[1]
+    rows = set(allowed_rows) | {i for i, count in Counter(ban_rows).items() if count >= vocab}
+    for i in sorted(rows):
+        allowed = states[i].params.allowed_token_ids
+        row = logits[i] if allowed is None else logits[i, _index(allowed, logits.device)]
+        if bool(torch.isneginf(row).all()):
+            states[i].error = ("no token is left to sample: allowed_token_ids, bad_words, min_tokens and "
+                               "no_repeat_ngram_size together ban every one")
+
+
+def _apply_user_processors(logits: torch.Tensor, st: SamplingState, i: int) -> None:
+    """Row `i` through the request's own processors; one that raises fails this request alone."""
+    if st.error is not None:
+        return
+    paths, path = st.params.logits_processors, None
+    try:
         if st.processors is None:
-            st.processors = [resolve_logits_processor(path) for path in st.params.logits_processors]
+            st.processors = []
+            for path in paths:
+                st.processors.append(resolve_logits_processor(path))
         row = logits[i]
-        for fn in st.processors:
+        for path, fn in zip(paths, st.processors):
             row = fn(st.output_token_ids, row)
         logits[i] = row
-    return logits
+    except Exception as e:
+        logger.warning("logits processor %r failed", path, exc_info=True)
+        st.error = f"logits processor {path!r} failed: {type(e).__name__}: {e}"
 
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
@@ -215,21 +246,6 @@ def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_coun
     logits -= frequency_penalty.unsqueeze(1) * output_counts
     logits -= presence_penalty.unsqueeze(1) * output_mask
     return logits
-
-
-def resolve_logits_processor(path: str) -> LogitsProcessor:
-    """'pkg.module:callable' or 'pkg.module.callable' -> the callable (imported once per path)."""
-    fn = _processor_cache.get(path)
-    if fn is None:
-        module, sep, name = path.partition(":") if ":" in path else path.rpartition(".")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ValueError(f"logits_processors entry {path!r} cannot be imported: {e}") from e
-        if not callable(fn):
-            raise ValueError(f"logits_processors entry {path!r} is not callable")
-        _processor_cache[path] = fn
-    return fn
 
 
 # -- sampling filters (temperature and after) ----------------------------------------------------

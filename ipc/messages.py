@@ -196,6 +196,7 @@ class ModelRunnerOutput(Message, tag="mro"):
     logprobs: list[Logprobs | None] | None = None
     prompt_logprobs: dict[str, list[Logprobs | None]] | None = None
     model_time: float = 0.0
+    errors: dict[str, str] | None = None  # requests that failed alone this step (not in request_ids)
 
 
 class WorkerReady(Message, tag="ready"):

@@ -5,6 +5,7 @@ zmq sends without copying. Nothing here pickles, and nothing imports torch until
 (the engine-core process never needs it).
 """
 
+import math
 from typing import Any
 
 import msgspec
@@ -44,6 +45,9 @@ class Decoder:
         self._frames: list[Any] = []
 
     def decode(self, frames: list[Any]) -> Any:
+        """The message in `frames`; malformed frames raise msgspec.DecodeError, nothing else."""
+        if not frames:
+            raise msgspec.DecodeError("no frames to decode")
         self._frames = frames
         try:
             return self._decoder.decode(frames[0])
@@ -52,12 +56,18 @@ class Decoder:
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:
         if code != TENSOR_EXT:
-            raise ValueError(f"unknown msgpack extension type {code}")
+            raise msgspec.DecodeError(f"unknown msgpack extension type {code}")
         import torch  # only processes that receive tensors pay for importing torch
 
-        dtype, shape, index = msgspec.msgpack.decode(data)
+        dtype_name, shape, index = msgspec.msgpack.decode(data, type=tuple[str, list[int], int])
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype) or any(d < 0 for d in shape) or not 0 < index < len(self._frames):
+            raise msgspec.DecodeError(f"malformed tensor header: {dtype_name!r}, shape {shape}, frame {index}")
         buffer = self._frames[index]
+        if math.prod(shape) * dtype.itemsize != len(buffer):
+            raise msgspec.DecodeError(f"tensor frame {index} holds {len(buffer)} bytes, not a {dtype_name} "
+                                      f"tensor of shape {shape}")
         if not len(buffer):
-            return torch.empty(shape, dtype=getattr(torch, dtype))
+            return torch.empty(shape, dtype=dtype)
         raw = np.frombuffer(buffer, dtype=np.uint8)
-        return torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).reshape(shape)
+        return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)

@@ -34,6 +34,13 @@ def test_kv_cache_memory_takes_human_sizes():
     assert parse_size("2GiB") == 2 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
 
 
+def test_serve_of_a_model_that_is_nowhere_fails_in_one_line(capsys):
+    assert main(["serve", "/nonexistent/model/dir"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("conveyor serve: no local model directory there, nor on the")
+
+
 def test_generate_streams_text_and_exits_zero_leaving_no_process(llama_dir):
     proc = subprocess.Popen(
         CONVEYOR + ["generate", llama_dir, "Once upon a time", "--max-tokens", "8", "--temperature", "0",

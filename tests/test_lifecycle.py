@@ -62,13 +62,14 @@ async def test_killed_core_fails_every_pending_and_later_call(llama_dir):
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=5)
 
 
-async def test_exception_inside_forward_reaches_callers_with_its_cause(llama_dir):
+async def test_exception_inside_forward_reaches_callers_with_its_cause(llama_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256)
     core, workers = engine_pids(llm)
     try:
-        # A logits processor that raises runs inside the worker's step.
-        params = SamplingParams(max_tokens=5, logits_processors=["conveyor_test_missing_module:boom"])
-        with pytest.raises(EngineDeadError, match="conveyor_test_missing_module"):
+        # This logits processor makes the worker's next step raise, outside any processor.
+        params = SamplingParams(max_tokens=5, logits_processors=["user_logits_processors:break_the_worker"])
+        with pytest.raises(EngineDeadError, match="conveyor_test_worker_fault"):
             await asyncio.wait_for(stream_all(llm, [5, 6, 7], params), timeout=10)
     finally:
         llm.shutdown()

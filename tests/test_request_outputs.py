@@ -104,7 +104,8 @@ async def test_invalid_parameters_fail_alone(engine):
     assert out.finished and len(out.outputs[0].token_ids) == 5
 
 
-@pytest.mark.parametrize("width,length_penalty,early_stopping", [(3, 1.0, False), (2, 0.5, True), (4, 2.0, False)])
+@pytest.mark.parametrize("width,length_penalty,early_stopping",
+                         [(3, 1.0, False), (2, 0.5, True), (4, 2.0, False), (12, 1.0, False)])
 async def test_beam_search_equals_transformers(engine, llama_dir, width, length_penalty, early_stopping):
     prompt = list(range(7, 30))
     params = SamplingParams(n=width, use_beam_search=True, max_tokens=10, length_penalty=length_penalty,
@@ -120,6 +121,12 @@ async def test_beam_search_equals_transformers(engine, llama_dir, width, length_
             row.pop()
         expected.append(row)
     assert [c.token_ids for c in out.outputs] == expected
+
+
+async def test_beam_width_past_the_request_limit_is_refused_naming_it(engine):
+    params = SamplingParams(n=129, use_beam_search=True, max_tokens=2)
+    with pytest.raises(ValueError, match=r"^n must be at most 128 \(request limit max_n\), got 129$"):
+        await final(engine, PROMPT, params)
 
 
 async def test_logits_processor_named_by_import_path_runs_in_the_worker(llama_dir, monkeypatch):

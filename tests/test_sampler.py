@@ -196,6 +196,32 @@ def test_unimportable_logits_processor_raises_naming_it():
         resolve_logits_processor("no_such_module_xyz:fn")
 
 
+def test_logits_processor_that_raises_fails_only_its_own_request(tmp_path, monkeypatch):
+    (tmp_path / "my_bad_procs.py").write_text(
+        "def divide_by_zero(output_token_ids, logits):\n"
+        "    return logits / (1 // 0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    states = [state(temperature=0.0), state(logits_processors=["my_bad_procs:divide_by_zero"]),
+              state(temperature=0.0, logits_processors=["no_such_module_xyz:fn"])]
+    logits = rand_logits(3)
+    out = Sampler(V)(logits.clone(), states)
+    assert states[0].error is None and out.sampled_token_ids[0] == logits[0].argmax().item()
+    assert states[1].error == ("logits processor 'my_bad_procs:divide_by_zero' failed: "
+                               "ZeroDivisionError: integer division or modulo by zero")
+    assert states[2].error.startswith("logits processor 'no_such_module_xyz:fn' failed: ValueError")
+
+
+@pytest.mark.parametrize("kw", [
+    {"allowed_token_ids": [4], "no_repeat_ngram_size": 1},  # 4 was sampled: 4 may not repeat
+    {"allowed_token_ids": [4, 7], "bad_words_token_ids": [[4], [7]]},
+    {"bad_words_token_ids": [[t] for t in range(V)]},
+])
+def test_request_whose_constraints_ban_every_token_fails_instead_of_sampling_a_banned_one(kw):
+    states = [state(output=[4], **kw), state(temperature=0.0)]
+    Sampler(V)(rand_logits(2), states)
+    assert states[0].error.startswith("no token is left to sample") and states[1].error is None
+
+
 # -- sampling filters equal transformers' warpers --------------------------------------------------
 
 def filters(params, omit_unused=False):

@@ -1,8 +1,8 @@
 import msgspec
 import pytest
 
-from conveyor.frontend.sampling_params import (MAX_LOGPROBS, RequestOutputKind, SamplingParams,
-                                               SamplingType)
+from conveyor.config import RequestLimits
+from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams, SamplingType, child_seed
 
 INVALID = [
     ("n", 0), ("n", 1.5),
@@ -24,13 +24,23 @@ INVALID = [
     ("early_stopping", "never"),
     ("stop", [""]), ("stop", ["ok", 1]), ("stop", 5),
     ("stop_token_ids", [-1]), ("stop_token_ids", [1.0]),
-    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1),
-    ("prompt_logprobs", -1), ("prompt_logprobs", MAX_LOGPROBS + 1),
+    ("logprobs", -1), ("prompt_logprobs", -1),
     ("output_kind", 7),
     ("length_penalty", "long"),
     ("logits_processors", ["noimportpath"]), ("logits_processors", "pkg.mod:fn"),
     ("bad_words_token_ids", [[]]),
     ("eos_token_id", -1),
+    # beyond what the later stages hold: int32 tensors, float32 tensors, int64 seeds, msgpack
+    ("n", 2**31), ("top_k", 2**31), ("top_k", 2**64), ("no_repeat_ngram_size", 2**31),
+    ("no_repeat_ngram_size", 2**70), ("max_tokens", 2**31), ("min_tokens", 2**31),
+    ("logprobs", 2**31), ("prompt_logprobs", 2**64),
+    ("seed", 2**63), ("seed", 2**64 - 1), ("seed", -(2**63) - 1),
+    ("logit_bias", {2**31: 1.0}), ("logit_bias", {2**64: 1.0}), ("logit_bias", {5: float("nan")}),
+    ("allowed_token_ids", [2**31]), ("allowed_token_ids", [2**70]), ("stop_token_ids", [2**64]),
+    ("bad_words_token_ids", [[2**64]]), ("eos_token_id", 2**31),
+    ("temperature", 1e39), ("temperature", float("nan")), ("top_p", float("nan")), ("min_p", float("nan")),
+    ("repetition_penalty", float("inf")), ("repetition_penalty", 1e39), ("repetition_penalty", 1e-300),
+    ("presence_penalty", float("nan")), ("length_penalty", float("inf")), ("length_penalty", 11.0),
 ]
 
 
@@ -157,3 +167,51 @@ def test_bind_tokenizer_rejects_token_ids_outside_vocab(name, value):
 def test_bind_tokenizer_accepts_larger_model_vocab():
     p = SamplingParams(allowed_token_ids=[10]).bind_tokenizer(_WordTokenizer(), 0, vocab_size=16)
     assert p.allowed_token_ids == [10]
+
+
+@pytest.mark.parametrize("name", ["logprobs", "prompt_logprobs"])
+def test_bind_tokenizer_rejects_more_logprobs_than_the_vocab_holds(name):
+    with pytest.raises(ValueError, match=rf"^{name} must be in \[0, 8\] \(the vocabulary size\), got 9$"):
+        SamplingParams(**{name: 9}).bind_tokenizer(_WordTokenizer(), eos_token_id=0)
+
+
+def test_min_tokens_with_only_stop_tokens_allowed_is_rejected():
+    with pytest.raises(ValueError, match=r"^min_tokens must be 0 when allowed_token_ids holds only stop tokens"):
+        SamplingParams(min_tokens=2, allowed_token_ids=[0]).bind_tokenizer(_WordTokenizer(), eos_token_id=0)
+    with pytest.raises(ValueError, match=r"^min_tokens must be 0"):
+        SamplingParams(min_tokens=1, allowed_token_ids=[5, 6], stop_token_ids=[5, 6])
+    assert SamplingParams(min_tokens=2, allowed_token_ids=[0, 1]).bind_tokenizer(_WordTokenizer(), 0)
+    assert SamplingParams(min_tokens=2, allowed_token_ids=[0], ignore_eos=True).bind_tokenizer(_WordTokenizer(), 0)
+
+
+def test_top_p_below_float32_range_keeps_only_the_top_token():
+    assert SamplingParams(top_p=1e-300).top_p == pytest.approx(1.1754943508222875e-38)
+    assert SamplingParams(top_p=0.5).top_p == 0.5
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("n", 129, r"^n must be at most 128 \(request limit max_n\), got 129$"),
+    ("logprobs", 21, r"^logprobs must be at most 20 \(request limit max_logprobs\), got 21$"),
+    ("prompt_logprobs", 21, r"^prompt_logprobs must be at most 20 \(request limit max_logprobs\)"),
+    ("stop", [f"s{i}" for i in range(65)], r"^stop must hold at most 64 strings \(request limit max_stop\), got 65$"),
+    ("logit_bias", {i: 1.0 for i in range(1025)}, r"^logit_bias must hold at most 1024 entries"),
+    ("bad_words", [f"w{i}" for i in range(257)], r"^bad_words must hold at most 256 words"),
+])
+def test_request_beyond_the_default_limits_is_refused_naming_the_field_and_limit(name, value, message):
+    SamplingParams(**{name: value})  # valid on its own: only the engine's limits refuse it
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{name: value}).check_limits(RequestLimits())
+
+
+def test_request_limits_are_configurable():
+    SamplingParams(n=500).check_limits(RequestLimits(max_n=500))
+    with pytest.raises(ValueError, match=r"^n must be at most 4 "):
+        SamplingParams(n=5).check_limits(RequestLimits(max_n=4))
+    with pytest.raises(ValueError, match=r"^max_n must be in \[1, 2147483647\], got 0$"):
+        RequestLimits(max_n=0)
+
+
+def test_child_seeds_of_n_samples_stay_within_int64():
+    assert [child_seed(7, i) for i in range(3)] == [7, 8, 9]
+    assert child_seed(2**63 - 1, 1) == -(2**63)
+    assert child_seed(None, 3) is None

@@ -30,7 +30,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from conveyor.frontend.cli import DEFAULT_MAX_REQUEST_BYTES
+from conveyor.config import RequestLimits
+from conveyor.frontend.cli import DEFAULT_MAX_REQUEST_BYTES, engine_args
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -181,27 +182,39 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], served_model_name: str) -> None:
+def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], served_model_name: str,
+                    limits: RequestLimits) -> None:
     """Put the schemas of the bodies that `json_body` names into /openapi.json, with the one model
-    name that exists."""
+    name that exists and this server's request limits."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             _, defs = models_json_schema([(m, "validation") for m in models],
                                          ref_template="#/components/schemas/{model}")
             for model in models:
-                defs["$defs"][model.__name__]["properties"]["model"]["anyOf"] = [
-                    {"type": "string", "enum": [served_model_name]}, {"type": "null"}]
+                properties = defs["$defs"][model.__name__]["properties"]
+                properties["model"]["anyOf"] = [{"type": "string", "enum": [served_model_name]}, {"type": "null"}]
+                for field, limit in (("n", limits.max_n), ("best_of", limits.max_n),
+                                     ("logprobs", limits.max_logprobs), ("top_logprobs", limits.max_logprobs)):
+                    if field in properties:
+                        _set_maximum(properties[field], limit)
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
         return app.openapi_schema
 
     app.openapi = openapi
 
 
+def _set_maximum(field_schema: dict[str, Any], maximum: int) -> None:
+    for branch in field_schema.get("anyOf", [field_schema]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = maximum
+
+
 def build_app(engine, served_model_name: str, api_key: str | None = None, *, lifespan=None,
               public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               trust_request_chat_template: bool = False,
-              allowed_logits_processors: Collection[str] = ()) -> FastAPI:
+              allowed_logits_processors: Collection[str] = (),
+              request_limits: RequestLimits = RequestLimits()) -> FastAPI:
     """The OpenAI-compatible app over `engine` (an AsyncLLM). With `engine=None`, `lifespan` must set
     `app.state.serving.engine` before the first request (run_server does).
 
@@ -215,7 +228,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
     app.state.serving = serving
     install_error_handlers(app)
     describe_bodies(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest),
-                    served_model_name)
+                    served_model_name, request_limits)
     app.add_middleware(LimitRequestBody, max_bytes=max_request_bytes)
     if api_key is not None:
         open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
@@ -343,7 +356,6 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
     `engine_address`: use the engine core running there instead of starting one. `sockets`: accept
     on these listening sockets (shared with other API servers) instead of binding --host/--port."""
     from conveyor.frontend.async_llm import AsyncLLM
-    from conveyor.frontend.cli import engine_args
 
     server: _Server | None = None
     died = False
@@ -370,7 +382,8 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
     app = build_app(None, args.served_model_name or args.model, args.api_key, lifespan=lifespan,
                     public_metrics=args.public_metrics, max_request_bytes=args.max_request_body,
                     trust_request_chat_template=args.trust_request_chat_template,
-                    allowed_logits_processors=getattr(args, "allowed_logits_processors", None) or ())
+                    allowed_logits_processors=getattr(args, "allowed_logits_processors", None) or (),
+                    request_limits=engine_args(args)["request_limits"])
     config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
                             timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level=getattr(args, "log_level", "info"), access_log=False)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conveyor.frontend.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from conveyor.frontend.sampling_params import INT32_MAX, RequestOutputKind, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -39,7 +39,6 @@ class ErrorResponse(BaseModel):
 
 # ---- shared request fields ----
 
-MAX_N = 128  # choices per prompt (OpenAI's limit)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Integers cross to the engine as msgpack (int64); larger ones are refused here, not at encoding.
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX, description="a token id of the model's vocabulary")]
@@ -53,8 +52,8 @@ class StreamOptions(Strict):
 class SamplingFields(Strict):
     """What completions and chat completions share, OpenAI's fields first, then extensions."""
     model: str | None = Field(None, description="the served model name (any other is a 404)")
-    n: int = Field(1, ge=1, le=MAX_N, description="choices to generate for each prompt")
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only n itself is supported")
+    n: int = Field(1, ge=1, le=INT32_MAX, description="choices to generate for each prompt")
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX, description="only n itself is supported")
     stop: str | list[str] | None = Field(None, description="text that ends a choice (not included in it)")
     temperature: float | None = Field(None, ge=0, description="sampling temperature; 0 is greedy (default 1)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling: the smallest set of tokens "
@@ -99,7 +98,7 @@ class CompletionRequest(SamplingFields):
         description="a text, texts, a list of token ids, or lists of token ids")
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="most tokens to generate per choice "
                                                                        "(null: up to max_model_len)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many "
+    logprobs: int | None = Field(None, ge=0, le=INT32_MAX, description="log-probabilities of this many "
                                                                           "most likely tokens per position")
     echo: bool = Field(False, description="start each choice's text with the prompt")
     suffix: str | None = Field(None, description="not supported")
@@ -140,7 +139,7 @@ class ChatCompletionRequest(SamplingFields):
                                               description="most tokens to generate per choice (null: up to "
                                                           "max_model_len)")
     logprobs: bool = Field(False, description="return the log-probability of each generated token")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="and of this many most likely "
+    top_logprobs: int | None = Field(None, ge=0, le=INT32_MAX, description="and of this many most likely "
                                                                               "tokens per position")
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn")
     continue_final_message: bool = Field(False, description="continue the last message instead")

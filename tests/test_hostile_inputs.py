@@ -4,6 +4,7 @@ ValueError (a 400 over HTTP) naming the field, and the engine serves on."""
 
 import asyncio
 import os
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -197,6 +198,7 @@ async def test_logits_processor_failing_over_http_is_an_error_for_that_request(h
 class DeadEngine:
     is_dead = False
     max_model_len = 16
+    tokenizer = SimpleNamespace(get_vocab=lambda: {"a": 0})  # for the server's prompt-length check
 
     async def generate(self, *args, **kwargs):
         raise EngineDeadError('engine is dead: WorkerFailure: worker rank 0 failed:\nTraceback (most recent call '

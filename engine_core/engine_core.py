@@ -47,7 +47,14 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.sockets import HEARTBEAT_S, PEER_TIMEOUT_S, make_socket, new_ipc_dir, remove_ipc_dir
+from conveyor.ipc.sockets import (
+    HEARTBEAT_S,
+    PEER_TIMEOUT_S,
+    check_output_address,
+    make_socket,
+    new_ipc_dir,
+    remove_ipc_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,8 @@ class EngineCore:
             error = f"request_id {message.request_id!r} is already in use"
         elif not message.prompt_token_ids:
             error = "prompt must contain at least one token"
+        elif (error := out_of_vocabulary(message, self.executor.vocab_size)) is not None:
+            pass
         elif max_tokens < 1:
             error = self.scheduler.check_fits(len(message.prompt_token_ids), 1)
         else:
@@ -102,13 +111,16 @@ class EngineCore:
         ))
         return None
 
-    def abort(self, request_ids: list[str]) -> list[Request]:
-        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+    def abort(self, request_ids: list[str], client_index: int) -> list[Request]:
+        """Those of `request_ids` that belong to the frontend `client_index` (no other frontend's)."""
+        requests = self.scheduler.requests
+        ids = [i for i in request_ids if (r := requests.get(i)) is not None and r.client_index == client_index]
+        return self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
     def abort_client(self, client_index: int) -> list[Request]:
         """Every request of a frontend that left or went silent."""
         ids = [r.request_id for r in self.scheduler.requests.values() if r.client_index == client_index]
-        return self.abort(ids)
+        return self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.in_flight)
@@ -246,6 +258,12 @@ class EngineCoreProc:
     def _handle(self, message, block_hashes: list[int] | None) -> None:
         if isinstance(message, IoThreadFailed):
             raise RuntimeError(f"engine core {message.thread} thread failed: {message.error!r}") from message.error
+        try:
+            self._handle_frontend(message, block_hashes)
+        except Exception:  # whatever a frontend's message does wrong fails that message alone
+            logger.exception("dropped a %s message that failed", type(message).__name__)
+
+    def _handle_frontend(self, message, block_hashes: list[int] | None) -> None:
         client = message.client_index
         if self.clients.get(client) is not None:  # any message, Heartbeat included, shows it alive
             self.clients[client] = time.monotonic()
@@ -257,8 +275,11 @@ class EngineCoreProc:
             if error is not None:
                 self._send(client, [error])
         elif isinstance(message, Abort):
-            self.core.abort(message.request_ids)
+            self.core.abort(message.request_ids, client)
         elif isinstance(message, Hello):
+            if client in self.clients and self.clients[client] is None:  # the spawning frontend's index
+                logger.warning("dropped a Hello that claims client index %d, the spawning frontend's", client)
+                return
             self.clients[client] = time.monotonic()
             self.outputs.put((client, self.ready))
         elif isinstance(message, Goodbye):
@@ -323,7 +344,7 @@ class EngineCoreProc:
             sock.close(linger=0)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        decoder = Decoder(EngineCoreInput)
+        decoder = Decoder(EngineCoreInput, tensors=False)
         config = self.payload.config
         while not self.stopping.is_set():
             if not sock.poll(IDLE_CHECK_S * 1000):
@@ -332,12 +353,16 @@ class EngineCoreProc:
             block_hashes = None
             try:
                 message = decoder.decode(frames)
+                if isinstance(message, Hello):
+                    check_output_address(message.output_address)
                 if isinstance(message, EngineCoreRequest) and config.enable_prefix_caching:
                     block_hashes = prompt_block_hashes(message.prompt_token_ids, config.block_size, message.lora_id,
                                                        message.cache_salt)
-            # a peer of another version, or garbage on the port (token ids beyond int64 included)
-            except (msgspec.DecodeError, ValueError, OverflowError) as exc:
-                logger.warning("dropped a malformed message: %s", exc)
+            # garbage on the port, a peer of another version, a truncated or mistyped message, a
+            # missing side frame, token ids beyond int64: the message fails, never the core
+            except Exception as exc:
+                logger.warning("dropped a malformed message (%d frames): %s: %s", len(frames), type(exc).__name__,
+                               exc)
                 continue
             if isinstance(message, Hello):  # connect now: heartbeats flow even while the model loads
                 self.outputs.put((message.client_index, message))
@@ -364,8 +389,7 @@ class EngineCoreProc:
                 client, message = item
                 if isinstance(message, Hello):
                     if client not in self.output_sockets:
-                        self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, message.output_address,
-                                                                  bind=False)
+                        self._connect(client, message.output_address)
                 elif message is _FORGET:
                     sock = self.output_sockets.pop(client, None)
                     if sock is not None:
@@ -382,6 +406,25 @@ class EngineCoreProc:
                 if now - last_sent.get(client, 0.0) >= HEARTBEAT_S:
                     sock.send_multipart(encoder.encode(Heartbeat(client)), copy=False)
                     last_sent[client] = now
+
+    def _connect(self, client: int, address: str) -> None:
+        try:
+            self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, address, bind=False)
+        except zmq.ZMQError as exc:  # it never hears from us, and is forgotten after its silence
+            logger.warning("cannot reach frontend %d at %s: %s", client, address, exc)
+
+
+def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None:
+    """Why a request's token ids do not fit the model (the workers would fail on them), or None."""
+    params = message.sampling_params
+    fields = [("prompt_token_ids", message.prompt_token_ids), ("stop_token_ids and eos_token_id", params.all_stop_token_ids),
+              ("allowed_token_ids", params.allowed_token_ids or ()), ("logit_bias", list(params.logit_bias or ())),
+              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids])]
+    for name, ids in fields:
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            return f"{name} must hold token ids in [0, {vocab_size}), got {bad[:8]}"
+    return None
 
 
 def run_headless(config: EngineConfig, address: str) -> int:

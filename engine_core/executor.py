@@ -59,6 +59,7 @@ class Executor:
         self.num_blocks = min(r.num_gpu_blocks for r in ready)
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
+        self.vocab_size = ready[0].vocab_size
         self.spin_s = config.ring_spin_s(self.device_type)
         if self.device_type == "cpu" and (cores := config.core_process_cores()) is not None:
             bind_process(cores, "the engine core")  # off the workers' cores, which are bound already

@@ -39,8 +39,13 @@ class Encoder:
 
 
 class Decoder:
-    def __init__(self, type_: Any = Any) -> None:
-        self._decoder = msgspec.msgpack.Decoder(type_, ext_hook=self._ext_hook)
+    """Decodes `type_` from frames. Anything malformed (garbage, a truncated body, wrong types, a
+    tensor whose side frame is missing or does not fit its shape) raises `msgspec.DecodeError` or
+    `ValueError`. With `tensors=False` a tensor is malformed too: a process that never receives
+    one (the engine core) neither imports torch for one nor holds its memory."""
+
+    def __init__(self, type_: Any = Any, tensors: bool = True) -> None:
+        self._decoder = msgspec.msgpack.Decoder(type_, ext_hook=self._ext_hook if tensors else _no_tensors)
         self._frames: list[Any] = []
 
     def decode(self, frames: list[Any]) -> Any:
@@ -55,9 +60,21 @@ class Decoder:
             raise ValueError(f"unknown msgpack extension type {code}")
         import torch  # only processes that receive tensors pay for importing torch
 
-        dtype, shape, index = msgspec.msgpack.decode(data)
-        buffer = self._frames[index]
-        if not len(buffer):
-            return torch.empty(shape, dtype=getattr(torch, dtype))
-        raw = np.frombuffer(buffer, dtype=np.uint8)
-        return torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).reshape(shape)
+        dtype_name, shape, index = msgspec.msgpack.decode(data, type=tuple[str, list[int], int])
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"tensor of unknown dtype {dtype_name!r}")
+        if not 0 < index < len(self._frames):
+            raise ValueError(f"tensor side frame {index} is missing ({len(self._frames)} frames)")
+        buffer = memoryview(self._frames[index])
+        try:
+            if not buffer.nbytes and 0 in shape:
+                return torch.empty(shape, dtype=dtype)
+            raw = np.frombuffer(buffer, dtype=np.uint8)
+            return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
+        except (RuntimeError, ValueError) as exc:  # the bytes do not fill the shape
+            raise ValueError(f"tensor side frame {index} does not fit {dtype_name}{shape}: {exc}") from None
+
+
+def _no_tensors(code: int, data: memoryview) -> Any:
+    raise ValueError(f"unexpected msgpack extension type {code} (no tensors are accepted here)")

@@ -58,6 +58,12 @@ def bound_address(sock: zmq.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def check_output_address(address: str) -> None:
+    """A frontend's output address, as its Hello names it: the core connects there."""
+    if not address.startswith(("tcp://", "ipc://")) or len(address) <= 6:
+        raise ValueError(f"output_address must be tcp://HOST:PORT or ipc://PATH, got {address!r}")
+
+
 def output_address_toward(engine_address: str, directory: str | None) -> str:
     """Where a frontend should bind its output socket so that the core at `engine_address` can
     connect to it: ipc in `directory` for a local core (ipc://), else tcp on the interface that

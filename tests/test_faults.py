@@ -1,0 +1,159 @@
+"""The fault matrix: what each fault does to callers, to bystander requests and to the machine.
+
+Every case asserts that callers get a clear error within a generous bound, that requests of others
+carry on where the engine survives, and that no process and nothing in /dev/shm is left where it
+does not. Rows that live elsewhere: SIGKILL of a worker or of the core, and an exception inside
+the forward (test_lifecycle.py); SIGKILL of the process that spawned the core, an API server
+included (test_lifecycle.py: test_children_exit_when_parent_is_sigkilled), and of one API server
+of `--api-server-count` (test_multiprocess.py).
+"""
+
+import asyncio
+import secrets
+import time
+
+import msgspec
+import pytest
+import torch
+import zmq
+
+from conveyor import AsyncLLM, SamplingParams
+from conveyor.ipc.messages import (
+    Abort,
+    EngineCoreOutputMessage,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineReady,
+    Hello,
+    UtilityCall,
+)
+from conveyor.ipc.serial import Decoder, Encoder
+from conveyor.ipc.sockets import bound_address, make_socket
+from procs import wait_until
+from test_multiprocess import Headless, stop
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)  # runs across a case's fault
+
+
+class RawPeer:
+    """A bare ZeroMQ peer of the core's input port, as anything that reaches the port could be."""
+
+    def __init__(self, address: str):
+        self.ctx = zmq.Context()
+        self.push = make_socket(self.ctx, zmq.PUSH, address, bind=False)
+        self.pull = make_socket(self.ctx, zmq.PULL, "tcp://127.0.0.1:0", bind=True)
+        self.encoder, self.decoder = Encoder(), Decoder(EngineCoreOutputMessage)
+        self.index = secrets.randbits(62) + 1
+
+    def send(self, message) -> None:
+        self.send_frames(self.encoder.encode(message))
+
+    def send_frames(self, frames: list) -> None:
+        self.push.send_multipart(frames, copy=False)
+
+    def receive(self, kind: type, timeout: float):
+        """The next message of `kind` from the core (heartbeats skipped), or None."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.pull.poll(left * 1000):
+                message = self.decoder.decode(self.pull.recv_multipart())
+                if isinstance(message, kind):
+                    return message
+        return None
+
+    def hello(self) -> EngineReady | None:
+        self.send(Hello(self.index, bound_address(self.pull)))
+        return self.receive(EngineReady, timeout=10)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+@pytest.fixture(scope="module")
+def core(llama_dir):
+    """A headless core that outlives every case it serves; its log lines are collected."""
+    core = Headless(llama_dir)
+    yield core
+    stop(core.proc)
+
+
+@pytest.fixture(scope="module")
+def bystander(core, llama_dir):
+    """A well-behaved frontend of `core`, whose requests must not notice the faults."""
+    llm = AsyncLLM(llama_dir, engine_address=core.address)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture
+def peer(core):
+    peer = RawPeer(core.address)
+    yield peer
+    peer.close()
+
+
+def tokens(out) -> list[int]:
+    return out.outputs[0].token_ids
+
+
+async def run(llm: AsyncLLM, prompt: list[int], params=GREEDY):
+    async for out in llm.generate({"prompt_token_ids": prompt}, params):
+        pass
+    return out
+
+
+# ---- a malformed message on the core's input socket ---------------------------------------------
+
+def tensor_call(frames_kept: int) -> list:
+    """A UtilityCall carrying a tensor, with only the first `frames_kept` of its frames."""
+    return Encoder().encode(UtilityCall(1, "stats", [torch.arange(4)], 7))[:frames_kept]
+
+
+REQUEST = Encoder().encode(EngineCoreRequest("r", [5, 6, 7], GREEDY, 0.0, 7))[0]
+MALFORMED = {
+    "garbage": [b"\x93not a message"],
+    "empty": [b""],
+    "truncated": [REQUEST[: len(REQUEST) // 2]],
+    "wrong field types": [msgspec.msgpack.encode(["req", 5, "not token ids", {}, "not a time"])],
+    "unknown tag": [msgspec.msgpack.encode(["no-such-message", 1])],
+    "tensor without its side frame": tensor_call(1),
+    "tensor where none belongs": tensor_call(2),
+    "Hello with a malformed output address": Encoder().encode(Hello(7, "nowhere")),
+}
+
+
+@pytest.mark.parametrize("frames", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_message_is_dropped_and_logged_and_the_core_serves_on(core, bystander, peer, frames):
+    running = asyncio.create_task(run(bystander, [5, 6, 7], LONG))
+    dropped = sum("dropped a malformed message" in line for line in core.log)
+    peer.send_frames(frames)
+    assert wait_until(lambda: sum("dropped a malformed message" in line for line in core.log) > dropped,
+                      timeout=30), "".join(core.log[-20:])
+    assert len(tokens(await asyncio.wait_for(run(bystander, [8, 9]), timeout=60))) == GREEDY.max_tokens
+    assert len(tokens(await asyncio.wait_for(running, timeout=120))) == LONG.max_tokens
+
+
+async def test_a_request_with_token_ids_beyond_the_vocabulary_fails_alone(bystander, peer):
+    assert peer.hello() is not None
+    running = asyncio.create_task(run(bystander, [5, 6, 7], LONG))
+    peer.send(EngineCoreRequest("beyond", [5, 10**6], GREEDY, time.time(), peer.index))
+    answer = await asyncio.to_thread(peer.receive, EngineCoreOutputs, 30)
+    assert answer is not None and answer.outputs[0].finish_reason == "error"
+    assert "prompt_token_ids must hold token ids in [0, 1024)" in answer.outputs[0].error
+    assert len(tokens(await asyncio.wait_for(running, timeout=120))) == LONG.max_tokens
+
+
+async def test_a_frontend_cannot_abort_another_frontends_request(bystander, peer):
+    assert peer.hello() is not None
+    stream = bystander.generate({"prompt_token_ids": [5, 6, 7]}, LONG, request_id="mine")
+    await anext(stream)
+    peer.send(Abort(["mine"], peer.index))
+
+    async def rest():
+        async for out in stream:
+            pass
+        return out
+
+    out = await asyncio.wait_for(rest(), timeout=120)
+    assert out.outputs[0].finish_reason == "length" and len(tokens(out)) == LONG.max_tokens

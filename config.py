@@ -11,6 +11,7 @@ from conveyor.ipc.shm_ring import SPIN_S
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+MIN_SECRET_CHARS = 16
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -38,6 +39,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # (see worker_cores): the kernel otherwise queues the core behind a worker's thread while a
     # core sits idle, for up to milliseconds at a time.
     bind_cores: bool = True
+    # Shared by a --headless core and its frontends; their tcp links then run CurveZMQ
+    # (ipc/sockets.py). Required where the core listens beyond loopback.
+    engine_secret: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
@@ -56,9 +60,18 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                self.attention_backend, "auto, torch or triton")
+        if self.engine_secret is not None and len(self.engine_secret) < MIN_SECRET_CHARS:
+            raise ValueError(f"engine_secret must be at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand "
+                             f"-hex 16`), got {len(self.engine_secret)}")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
                    self.max_num_batched_tokens, ">= max_model_len when chunked prefill is off")
+
+    def __repr__(self) -> str:
+        fields = msgspec.structs.asdict(self)
+        if self.engine_secret is not None:
+            fields["engine_secret"] = "<hidden>"
+        return f"EngineConfig({', '.join(f'{name}={value!r}' for name, value in fields.items())})"
 
     @property
     def tokenizer_path(self) -> str:

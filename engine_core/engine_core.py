@@ -48,9 +48,12 @@ from conveyor.ipc.messages import (
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import (
+    HANDSHAKE_FAILED,
     HEARTBEAT_S,
     PEER_TIMEOUT_S,
+    check_engine_secret,
     check_output_address,
+    handshake_failure,
     make_socket,
     new_ipc_dir,
     remove_ipc_dir,
@@ -59,6 +62,7 @@ from conveyor.ipc.sockets import (
 logger = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 0.5  # how often an idle core checks that its workers are alive
+REFUSAL_LOG_S = 10.0
 
 
 class EngineCore:
@@ -186,11 +190,28 @@ class IoThreadFailed:
         self.thread, self.error = thread, error
 
 
+class RefusalLog:
+    """Connections the input socket refused, logged at most once per REFUSAL_LOG_S (a frontend
+    with another secret retries ten times a second)."""
+
+    def __init__(self, address: str):
+        self.address, self.count, self.last_logged = address, 0, -REFUSAL_LOG_S
+
+    def note(self, failure: str) -> None:
+        self.count += 1
+        if (now := time.monotonic()) - self.last_logged >= REFUSAL_LOG_S:
+            logger.warning("refused %d connection(s) to %s: the handshake failed (%s): a peer without the engine "
+                           "secret or with another one, or not a Conveyor frontend", self.count, self.address, failure)
+            self.count, self.last_logged = 0, now
+
+
 class EngineCoreProc:
     """EngineCore behind sockets: the process's busy loop and its two I/O threads."""
 
     def __init__(self, payload: CorePayload):
         self.payload = payload
+        # a tcp link's sockets run CurveZMQ with the secret, this side as the server (ipc/sockets.py)
+        self.secret = payload.config.engine_secret if payload.input_address.startswith("tcp://") else None
         self.ctx = zmq.Context(1)
         self.inputs: queue.Queue = queue.Queue()  # (message, its prompt's block hashes or None)
         self.outputs: queue.Queue = queue.Queue()
@@ -209,7 +230,8 @@ class EngineCoreProc:
         # Listen at once: frontends that connect while the model loads get heartbeats meanwhile.
         # (Bound here, so a taken port fails the constructor; from now on only the thread uses it.)
         try:
-            input_socket = make_socket(self.ctx, zmq.PULL, payload.input_address, bind=True)
+            input_socket = make_socket(self.ctx, zmq.PULL, payload.input_address, bind=True, secret=self.secret,
+                                       curve_server=True)
         except zmq.ZMQError as exc:
             self._die(exc)
             raise RuntimeError(f"engine core cannot listen at {payload.input_address}: {exc}") from exc
@@ -335,18 +357,25 @@ class EngineCoreProc:
     def _input_loop(self, sock: zmq.Socket) -> None:
         """Receive and decode; for a new request, also hash its prompt's blocks for the prefix
         cache (about 1 µs a block), which the busy loop would otherwise do while scheduling it."""
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
         try:
-            self._receive(sock)
+            self._receive(sock, monitor)
         except BaseException as exc:
             logger.exception("engine core input thread failed")
             self.inputs.put((IoThreadFailed("input", exc), None))
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
 
-    def _receive(self, sock: zmq.Socket) -> None:
+    def _receive(self, sock: zmq.Socket, monitor: zmq.Socket) -> None:
         decoder = Decoder(EngineCoreInput, tensors=False)
         config = self.payload.config
+        refused = RefusalLog(self.payload.input_address)
         while not self.stopping.is_set():
+            while monitor.poll(0):  # peers refused at the handshake never reach the socket: log them
+                if (failure := handshake_failure(monitor)) is not None:
+                    refused.note(failure)
             if not sock.poll(IDLE_CHECK_S * 1000):
                 continue
             frames = sock.recv_multipart(copy=False)
@@ -409,7 +438,8 @@ class EngineCoreProc:
 
     def _connect(self, client: int, address: str) -> None:
         try:
-            self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, address, bind=False)
+            self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, address, bind=False, secret=self.secret,
+                                                      curve_server=True)
         except zmq.ZMQError as exc:  # it never hears from us, and is forgotten after its silence
             logger.warning("cannot reach frontend %d at %s: %s", client, address, exc)
 
@@ -429,13 +459,16 @@ def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None
 
 def run_headless(config: EngineConfig, address: str) -> int:
     """`conveyor serve --headless`: this process is the engine core (its workers are its children),
-    serving frontends that connect to `address` from any host, until SIGINT or SIGTERM."""
+    serving frontends that connect to `address` from any host, until SIGINT or SIGTERM. Beyond
+    loopback, `config.engine_secret` is required (ValueError)."""
+    check_engine_secret(address, config.engine_secret)
     ipc_dir = new_ipc_dir()  # for the workers' sockets
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     proc = None
     try:
         proc = EngineCoreProc(CorePayload(config, address, None, ipc_dir))
-        logger.info("engine core ready: frontends connect to %s", address)
+        logger.info("engine core ready: frontends connect to %s%s", address,
+                    " with the engine secret (CurveZMQ)" if proc.secret else "")
         proc.run()
     except (SystemExit, KeyboardInterrupt):
         return 0

@@ -51,3 +51,20 @@ def engine_ipc_dirs() -> set[str]:
     """The engines' private directories that exist now (not the benchmark tools' temp dirs)."""
     return {path for path in glob.glob(os.path.join(ipc_root(), "conveyor-*"))
             if not os.path.basename(path).startswith("conveyor-bench-")}
+
+
+def ipc_dirs_of(pids: list[int]) -> set[str]:
+    """The engines' private directories whose files (shared-memory rings, even unlinked ones) these
+    processes have mapped: an engine's own, unlike `engine_ipc_dirs`, which other engines on the
+    machine change too."""
+    root, found = ipc_root(), set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                paths = [line.split(maxsplit=5)[-1].strip() for line in f if "/conveyor-" in line]
+        except OSError:
+            continue
+        for path in paths:
+            if path.startswith(root + "/conveyor-"):
+                found.add(os.path.join(root, path[len(root) + 1:].split("/")[0]))
+    return found

@@ -9,7 +9,10 @@ of `--api-server-count` (test_multiprocess.py).
 """
 
 import asyncio
+import os
 import secrets
+import signal
+import subprocess
 import time
 
 import msgspec
@@ -17,7 +20,7 @@ import pytest
 import torch
 import zmq
 
-from conveyor import AsyncLLM, SamplingParams
+from conveyor import AsyncLLM, EngineStartupError, SamplingParams
 from conveyor.ipc.messages import (
     Abort,
     EngineCoreOutputMessage,
@@ -29,20 +32,25 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import bound_address, make_socket
-from procs import wait_until
-from test_multiprocess import Headless, stop
+from procs import descendants_of, ipc_dirs_of, wait_until
+from test_cli import CONVEYOR
+from test_multiprocess import CORE_ENGINE, Headless, free_port, stop
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)  # runs across a case's fault
 
 
-class RawPeer:
-    """A bare ZeroMQ peer of the core's input port, as anything that reaches the port could be."""
+SECRET = "a secret of the fault tests"
 
-    def __init__(self, address: str):
+
+class RawPeer:
+    """A bare ZeroMQ peer of the core's input port, as anything that reaches the port could be
+    (with the secret: a frontend that knows it, misbehaving)."""
+
+    def __init__(self, address: str, secret: str | None = SECRET):
         self.ctx = zmq.Context()
-        self.push = make_socket(self.ctx, zmq.PUSH, address, bind=False)
-        self.pull = make_socket(self.ctx, zmq.PULL, "tcp://127.0.0.1:0", bind=True)
+        self.push = make_socket(self.ctx, zmq.PUSH, address, bind=False, secret=secret)
+        self.pull = make_socket(self.ctx, zmq.PULL, "tcp://127.0.0.1:0", bind=True, secret=secret)
         self.encoder, self.decoder = Encoder(), Decoder(EngineCoreOutputMessage)
         self.index = secrets.randbits(62) + 1
 
@@ -62,9 +70,9 @@ class RawPeer:
                     return message
         return None
 
-    def hello(self) -> EngineReady | None:
+    def hello(self, timeout: float = 10) -> EngineReady | None:
         self.send(Hello(self.index, bound_address(self.pull)))
-        return self.receive(EngineReady, timeout=10)
+        return self.receive(EngineReady, timeout)
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
@@ -72,16 +80,27 @@ class RawPeer:
 
 @pytest.fixture(scope="module")
 def core(llama_dir):
-    """A headless core that outlives every case it serves; its log lines are collected."""
-    core = Headless(llama_dir)
+    """A headless core with a secret, which outlives every case it serves; its log lines are
+    collected. It leaves nothing behind when it stops."""
+    core = Headless(llama_dir, env={"CONVEYOR_ENGINE_SECRET": SECRET})
+    assert any("with the engine secret (CurveZMQ)" in line for line in core.log)
+    workers = descendants_of(core.proc.pid)
+    dirs = ipc_dirs_of(workers)
+    assert dirs
     yield core
-    stop(core.proc)
+    core.proc.send_signal(signal.SIGTERM)
+    try:
+        assert core.proc.wait(30) == 0
+    finally:
+        stop(core.proc)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), timeout=10)
+    assert not any(os.path.exists(path) for path in dirs)
 
 
 @pytest.fixture(scope="module")
 def bystander(core, llama_dir):
     """A well-behaved frontend of `core`, whose requests must not notice the faults."""
-    llm = AsyncLLM(llama_dir, engine_address=core.address)
+    llm = AsyncLLM(llama_dir, engine_address=core.address, engine_secret=SECRET)
     yield llm
     llm.shutdown()
 
@@ -101,6 +120,39 @@ async def run(llm: AsyncLLM, prompt: list[int], params=GREEDY):
     async for out in llm.generate({"prompt_token_ids": prompt}, params):
         pass
     return out
+
+
+# ---- a peer without the secret ------------------------------------------------------------------
+
+def test_a_peer_without_the_secret_gets_no_answer_and_is_logged(core):
+    peer = RawPeer(core.address, secret=None)
+    try:
+        assert peer.hello(timeout=3) is None
+    finally:
+        peer.close()
+    assert wait_until(lambda: any("refused" in line and "engine secret" in line for line in core.log), timeout=10)
+
+
+def test_a_frontend_with_another_secret_fails_to_start_saying_so(core, llama_dir):
+    with pytest.raises(EngineStartupError, match="refused the handshake"):
+        AsyncLLM(llama_dir, engine_address=core.address, engine_secret="not the secret of the tests")
+
+
+def test_a_frontend_of_a_core_beyond_loopback_needs_a_secret(llama_dir):
+    with pytest.raises(ValueError, match="engine_secret must be set"):
+        AsyncLLM(llama_dir, engine_address="tcp://192.0.2.1:5570")
+
+
+def test_a_core_listening_beyond_loopback_needs_a_secret(llama_dir):
+    env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_ENGINE_SECRET"}
+    proc = subprocess.Popen(CONVEYOR + ["serve", llama_dir, "--headless", "--host", "0.0.0.0", "--engine-port",
+                                        str(free_port()), *CORE_ENGINE], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    assert proc.returncode != 0 and "engine_secret must be set" in err
 
 
 # ---- a malformed message on the core's input socket ---------------------------------------------

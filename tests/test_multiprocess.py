@@ -33,13 +33,13 @@ def free_port() -> int:
 class Headless:
     """A `conveyor serve --headless` process; its log lines are collected as they come."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             CONVEYOR + ["serve", model, "--headless", "--engine-port", str(self.port), "--log-level", "info"]
             + CORE_ENGINE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-            env={**os.environ, "CONVEYOR_PEER_TIMEOUT_S": str(PEER_TIMEOUT_S)})
+            env={**os.environ, "CONVEYOR_PEER_TIMEOUT_S": str(PEER_TIMEOUT_S), **(env or {})})
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
         assert wait_until(lambda: any("engine core ready" in line for line in self.log) or self.proc.poll() is not None,

@@ -447,7 +447,8 @@ class EngineCoreProc:
 def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None:
     """Why a request's token ids do not fit the model (the workers would fail on them), or None."""
     params = message.sampling_params
-    fields = [("prompt_token_ids", message.prompt_token_ids), ("stop_token_ids and eos_token_id", params.all_stop_token_ids),
+    fields = [("prompt_token_ids", message.prompt_token_ids),
+              ("stop_token_ids and eos_token_id", params.all_stop_token_ids),
               ("allowed_token_ids", params.allowed_token_ids or ()), ("logit_bias", list(params.logit_bias or ())),
               ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids])]
     for name, ids in fields:

@@ -26,7 +26,7 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "
 ENGINE_ARGS = ("tokenizer", "dtype", "tensor_parallel_size", "max_model_len", "block_size", "max_num_seqs",
                "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling",
                "kv_cache_memory", "num_kv_blocks", "scheduling_policy", "device", "seed", "worker_threads",
-               "bind_cores", "engine_secret")
+               "bind_cores", "engine_secret", "step_timeout")
 
 
 def parse_size(text: str) -> int:
@@ -67,6 +67,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                                                       "cores / tensor-parallel size)")
     g.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="on a CPU, do not bind workers and the engine core to cores of their own")
+    g.add_argument("--step-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds a model step may take before the engine counts a worker as hung and stops, "
+                        "naming it (default 600)")
 
 
 def engine_args(args: argparse.Namespace) -> dict[str, Any]:

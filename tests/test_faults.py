@@ -15,12 +15,15 @@ import signal
 import subprocess
 import time
 
+import httpx
 import msgspec
 import pytest
 import torch
 import zmq
 
-from conveyor import AsyncLLM, EngineStartupError, SamplingParams
+from conveyor import AsyncLLM, EngineDeadError, EngineStartupError, SamplingParams
+from conveyor.config import EngineConfig
+from conveyor.engine_core.executor import Executor, WorkerFailure
 from conveyor.ipc.messages import (
     Abort,
     EngineCoreOutputMessage,
@@ -29,12 +32,14 @@ from conveyor.ipc.messages import (
     EngineReady,
     Hello,
     UtilityCall,
+    WorkerOutput,
 )
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import bound_address, make_socket
-from procs import descendants_of, ipc_dirs_of, wait_until
-from test_cli import CONVEYOR
-from test_multiprocess import CORE_ENGINE, Headless, free_port, stop
+from idle import wait_idle
+from procs import children_of, descendants_of, engine_pids, ipc_dirs_of, wait_until
+from test_cli import CONVEYOR, ENGINE, read_port, start_serve
+from test_multiprocess import CORE_ENGINE, Headless, _cmdlines, _healthy, free_port, stop
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)  # runs across a case's fault
@@ -117,7 +122,11 @@ def tokens(out) -> list[int]:
 
 
 async def run(llm: AsyncLLM, prompt: list[int], params=GREEDY):
-    async for out in llm.generate({"prompt_token_ids": prompt}, params):
+    return await drain(llm.generate({"prompt_token_ids": prompt}, params))
+
+
+async def drain(stream):
+    async for out in stream:
         pass
     return out
 
@@ -209,3 +218,49 @@ async def test_a_frontend_cannot_abort_another_frontends_request(bystander, peer
 
     out = await asyncio.wait_for(rest(), timeout=120)
     assert out.outputs[0].finish_reason == "length" and len(tokens(out)) == LONG.max_tokens
+
+
+# ---- a worker that hangs, or talks nonsense -----------------------------------------------------
+
+def worker_of_rank(core: int, rank: int) -> int:
+    for pid in children_of(core):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"CONVEYOR_PROCESS_NAME=worker-{rank}".encode() in f.read().split(b"\0"):
+                return pid
+    raise LookupError(f"no worker of rank {rank}")
+
+
+async def test_a_hung_worker_ends_the_engine_naming_its_rank_and_leaves_nothing(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=64, tensor_parallel_size=2, step_timeout=2)
+    core, workers = engine_pids(llm)
+    ipc_dir = llm.client.ipc_dir
+    try:
+        stream = llm.generate({"prompt_token_ids": [5, 6, 7]}, LONG)
+        await anext(stream)
+        os.kill(worker_of_rank(core, 1), signal.SIGSTOP)
+        with pytest.raises(EngineDeadError, match=r"worker rank 1 hung \(stopped\): .* 2 s \(step_timeout\)"):
+            await asyncio.wait_for(drain(stream), timeout=30)
+    finally:
+        llm.shutdown()
+        for pid in workers:  # whatever the engine left: kill it, so the assertions below fail cleanly
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in [core, *workers]), timeout=10)
+    assert not os.path.exists(ipc_dir)
+
+
+class OneMessageRing:
+    def __init__(self, frames: list):
+        self.frames = frames
+
+    def recv(self, timeout, alive, spin_s):
+        return self.frames
+
+
+def test_a_malformed_message_from_a_worker_is_a_failure_naming_its_rank():
+    executor = Executor.__new__(Executor)  # no processes: only the ring it reads
+    executor.config, executor.spin_s, executor.workers = EngineConfig(model="unused"), 0.0, []
+    executor.decoder = Decoder(WorkerOutput)
+    executor.results = [OneMessageRing([b"\x93garbage"])]
+    with pytest.raises(WorkerFailure, match="worker rank 0 sent a malformed message"):
+        executor.collect()

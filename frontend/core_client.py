@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import msgspec
 import zmq
 
 from conveyor.config import EngineConfig
@@ -72,7 +73,7 @@ class CoreClient:
         self.ipc_dir = new_ipc_dir() if engine_address is None or engine_address.startswith("ipc://") else None
         self.ctx = zmq.Context(1)
         self.encoder = Encoder()
-        self.decoder = Decoder(EngineCoreOutputMessage)
+        self.decoder = Decoder(EngineCoreOutputMessage, tensors=False)
         self.send_lock = threading.Lock()
         self.calls: dict[int, Future] = {}
         self.call_ids = itertools.count()
@@ -123,8 +124,8 @@ class CoreClient:
         deadline = time.monotonic() + timeout
         while True:  # heartbeats say the core lives while it loads; EngineReady ends the wait
             if self.output_socket.poll(POLL_MS):
-                message = self.decoder.decode(self.output_socket.recv_multipart(copy=False))
-                self.last_received = time.monotonic()
+                if (message := self._receive()) is None:
+                    continue
                 if isinstance(message, EngineReady):
                     return message
                 if isinstance(message, EngineDead):
@@ -187,8 +188,8 @@ class CoreClient:
                 if not self.output_socket.poll(POLL_MS):
                     self._check_core()
                     continue
-                message = self.decoder.decode(self.output_socket.recv_multipart(copy=False))
-                self.last_received = time.monotonic()
+                if (message := self._receive()) is None:
+                    continue
                 if isinstance(message, EngineCoreOutputs):
                     self.on_outputs(message)
                 elif isinstance(message, UtilityResult):
@@ -203,6 +204,18 @@ class CoreClient:
             if not self.closing:
                 logger.exception("output thread failed")
                 self._die(f"frontend output thread failed: {exc!r}")
+
+    def _receive(self) -> EngineCoreOutputMessage | None:
+        """The next message from the core; None for one that does not decode (from a peer that is
+        not the core: only a link without a secret lets one in), which is dropped."""
+        frames = self.output_socket.recv_multipart(copy=False)
+        try:
+            message = self.decoder.decode(frames)
+        except (msgspec.DecodeError, ValueError) as exc:
+            logger.warning("dropped a malformed message on the output socket: %s", exc)
+            return None
+        self.last_received = time.monotonic()
+        return message
 
     def _check_core(self) -> None:
         """On a quiet link: is the core still there?"""

@@ -220,6 +220,83 @@ async def test_a_frontend_cannot_abort_another_frontends_request(bystander, peer
     assert out.outputs[0].finish_reason == "length" and len(tokens(out)) == LONG.max_tokens
 
 
+# ---- faults one engine survives (an engine of the test's own process) ---------------------------
+
+SHORT_PEER_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    """A small KV cache (16 blocks of 16 tokens), shared by the cases it survives; its core forgets
+    a silent frontend after SHORT_PEER_TIMEOUT_S. It leaves nothing behind when it shuts down."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CONVEYOR_PEER_TIMEOUT_S", str(SHORT_PEER_TIMEOUT_S))
+        llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=16, max_num_seqs=256)
+    core, workers = engine_pids(llm)
+    yield llm
+    llm.shutdown()
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in [core, *workers]), timeout=10)
+    assert not os.path.exists(llm.client.ipc_dir)
+
+
+async def test_a_request_larger_than_the_kv_cache_fails_alone(engine):
+    prompts = [list(range(3 + i, 43 + i)) for i in range(4)]  # 4 x (40 + 40) tokens: more than the cache
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    alone = [tokens(await run(engine, prompt, params)) for prompt in prompts]
+    bystanders = [asyncio.create_task(run(engine, prompt, params)) for prompt in prompts]
+    too_large = await asyncio.wait_for(run(engine, list(range(3, 203)), SamplingParams(max_tokens=100)), timeout=60)
+    assert too_large.outputs[0].finish_reason == "error" and "exceed the whole KV cache" in too_large.error_message
+    assert [tokens(out) for out in await asyncio.wait_for(asyncio.gather(*bystanders), timeout=120)] == alone
+    stats = await wait_idle(engine)
+    assert stats["num_running"] == stats["num_waiting"] == 0 and stats["kv_cache_usage"] == 0
+
+
+async def test_a_thousand_callers_leaving_mid_stream_leave_the_engine_idle_and_bystanders_whole(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    alone = tokens(await run(engine, [9, 8, 7], params))
+    bystander = asyncio.create_task(run(engine, [9, 8, 7], params))
+    started = [asyncio.Event() for _ in range(1000)]
+
+    async def leave_mid_stream(i: int) -> None:
+        async for _ in engine.generate({"prompt_token_ids": [3 + i % 500, 4, 5]}, LONG):
+            started[i].set()
+
+    callers = [asyncio.create_task(leave_mid_stream(i)) for i in range(1000)]
+    for caller, event in zip(callers, started):
+        await asyncio.wait_for(event.wait(), timeout=60)
+        caller.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    assert tokens(await asyncio.wait_for(bystander, timeout=60)) == alone
+    stats = await wait_idle(engine, timeout=30)
+    assert stats["num_running"] == stats["num_waiting"] == 0 and stats["kv_cache_usage"] == 0
+    assert not engine.output_processor.states
+
+
+async def test_a_hello_claiming_the_spawning_frontends_index_is_dropped(engine):
+    peer = RawPeer(bound_address(engine.client.input_socket), secret=None)
+    try:
+        peer.send(Hello(0, bound_address(peer.pull)))
+        running = asyncio.create_task(run(engine, [5, 6, 7], LONG))
+        await asyncio.sleep(SHORT_PEER_TIMEOUT_S + 1)  # the core would now forget a silent client 0
+        assert len(tokens(await asyncio.wait_for(running, timeout=60))) == LONG.max_tokens
+        assert len(tokens(await asyncio.wait_for(run(engine, [8, 9]), timeout=60))) == GREEDY.max_tokens
+    finally:
+        peer.close()
+
+
+async def test_a_malformed_message_on_a_frontends_output_socket_is_dropped(engine):
+    intruder = zmq.Context()
+    sock = make_socket(intruder, zmq.PUSH, bound_address(engine.client.output_socket), bind=False)
+    try:
+        running = asyncio.create_task(run(engine, [5, 6, 7], LONG))
+        for frames in MALFORMED.values():
+            sock.send_multipart(frames)
+        assert len(tokens(await asyncio.wait_for(running, timeout=60))) == LONG.max_tokens
+        assert not engine.is_dead
+    finally:
+        intruder.destroy(linger=0)
+
+
 # ---- a worker that hangs, or talks nonsense -----------------------------------------------------
 
 def worker_of_rank(core: int, rank: int) -> int:
@@ -264,3 +341,31 @@ def test_a_malformed_message_from_a_worker_is_a_failure_naming_its_rank():
     executor.results = [OneMessageRing([b"\x93garbage"])]
     with pytest.raises(WorkerFailure, match="worker rank 0 sent a malformed message"):
         executor.collect()
+
+
+# ---- SIGKILL of the `--api-server-count` supervisor ----------------------------------------------
+
+def test_a_killed_api_server_supervisor_takes_its_children_down_and_leaves_nothing(llama_dir):
+    proc = start_serve(llama_dir, "--api-server-count", "2", "--port", "0", "--served-model-name", "tiny", *ENGINE)
+    everything: list[int] = []
+    try:
+        port = read_port(proc, timeout=180)
+        assert wait_until(lambda: len(_cmdlines(proc.pid, "conveyor.frontend.launcher")) == 2, timeout=60)
+        assert wait_until(lambda: _healthy(port, 1), timeout=120)
+        everything = descendants_of(proc.pid)
+        dirs = ipc_dirs_of(everything)
+        assert dirs
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with pytest.raises(httpx.TransportError):  # the stream breaks off: no [DONE]
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                proc.kill()  # the supervisor alone, as the OOM killer would
+                assert "data: [DONE]" not in list(lines)
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in everything), timeout=10)
+        assert not any(os.path.exists(path) for path in dirs)
+    finally:
+        stop(proc)
+        for pid in everything:
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)

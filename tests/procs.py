@@ -54,17 +54,22 @@ def engine_ipc_dirs() -> set[str]:
 
 
 def ipc_dirs_of(pids: list[int]) -> set[str]:
-    """The engines' private directories whose files (shared-memory rings, even unlinked ones) these
-    processes have mapped: an engine's own, unlike `engine_ipc_dirs`, which other engines on the
-    machine change too."""
-    root, found = ipc_root(), set()
+    """The engines' private directories these processes hold files in (shared-memory rings they
+    map, even unlinked ones; ipc:// sockets they bind): an engine's own, unlike `engine_ipc_dirs`,
+    which other engines on the machine change too."""
+    paths, inodes = [], set()
     for pid in pids:
         try:
             with open(f"/proc/{pid}/maps") as f:
-                paths = [line.split(maxsplit=5)[-1].strip() for line in f if "/conveyor-" in line]
+                paths += [line.split(maxsplit=5)[-1].strip() for line in f if "/conveyor-" in line]
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
         except OSError:
             continue
-        for path in paths:
-            if path.startswith(root + "/conveyor-"):
-                found.add(os.path.join(root, path[len(root) + 1:].split("/")[0]))
-    return found
+    with open("/proc/net/unix") as f:
+        paths += [fields[7] for fields in map(str.split, f) if len(fields) == 8 and fields[6] in inodes]
+    prefix = os.path.join(ipc_root(), "conveyor-")
+    return {path[:path.index("/", len(prefix))] for path in paths if path.startswith(prefix) and
+            "/" in path[len(prefix):]}

@@ -11,6 +11,7 @@ from conveyor.ipc.shm_ring import SPIN_S
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+MIN_SECRET_CHARS = 16
 
 
 class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -56,6 +57,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     # core sits idle, for up to milliseconds at a time.
     bind_cores: bool = True
     request_limits: RequestLimits = msgspec.field(default_factory=RequestLimits)  # the frontend's
+    # Shared by a --headless core and its frontends; their tcp links then run CurveZMQ
+    # (ipc/sockets.py). Required where the core listens beyond loopback.
+    engine_secret: str | None = None
+    # Seconds a step may take before the engine counts a worker as hung and dies naming it. The
+    # default matches torch.distributed's collective timeout: a long prefill on a CPU takes minutes.
+    step_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
@@ -74,6 +81,16 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                self.attention_backend, "auto, torch or triton")
+        _check(self.step_timeout > 0, "step_timeout", self.step_timeout, "> 0 seconds")
+        if self.engine_secret is not None and len(self.engine_secret) < MIN_SECRET_CHARS:
+            raise ValueError(f"engine_secret must be at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand "
+                             f"-hex 16`), got {len(self.engine_secret)}")
+
+    def __repr__(self) -> str:
+        fields = msgspec.structs.asdict(self)
+        if self.engine_secret is not None:
+            fields["engine_secret"] = "<hidden>"
+        return f"EngineConfig({', '.join(f'{name}={value!r}' for name, value in fields.items())})"
 
     @property
     def tokenizer_path(self) -> str:

@@ -47,12 +47,23 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.sockets import HEARTBEAT_S, PEER_TIMEOUT_S, make_socket, new_ipc_dir, remove_ipc_dir
+from conveyor.ipc.sockets import (
+    HANDSHAKE_FAILED,
+    HEARTBEAT_S,
+    PEER_TIMEOUT_S,
+    check_engine_secret,
+    check_output_address,
+    handshake_failure,
+    make_socket,
+    new_ipc_dir,
+    remove_ipc_dir,
+)
 from conveyor.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 0.5  # how often an idle core checks that its workers are alive
+REFUSAL_LOG_S = 10.0
 
 
 class EngineCore:
@@ -84,6 +95,8 @@ class EngineCore:
             error = f"request_id {message.request_id!r} is already in use"
         elif not message.prompt_token_ids:
             error = "prompt must contain at least one token"
+        elif (error := out_of_vocabulary(message, self.executor.vocab_size)) is not None:
+            pass
         elif max_tokens < 1:
             error = self.scheduler.check_fits(len(message.prompt_token_ids), 1)
         else:
@@ -109,13 +122,16 @@ class EngineCore:
         ))
         return None
 
-    def abort(self, request_ids: list[str]) -> list[Request]:
-        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+    def abort(self, request_ids: list[str], client_index: int) -> list[Request]:
+        """Those of `request_ids` that belong to the frontend `client_index` (no other frontend's)."""
+        requests = self.scheduler.requests
+        ids = [i for i in request_ids if (r := requests.get(i)) is not None and r.client_index == client_index]
+        return self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
     def abort_client(self, client_index: int) -> list[Request]:
         """Every request of a frontend that left or went silent."""
         ids = [r.request_id for r in self.scheduler.requests.values() if r.client_index == client_index]
-        return self.abort(ids)
+        return self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.in_flight)
@@ -181,11 +197,28 @@ class IoThreadFailed:
         self.thread, self.error = thread, error
 
 
+class RefusalLog:
+    """Connections the input socket refused, logged at most once per REFUSAL_LOG_S (a frontend
+    with another secret retries ten times a second)."""
+
+    def __init__(self, address: str):
+        self.address, self.count, self.last_logged = address, 0, -REFUSAL_LOG_S
+
+    def note(self, failure: str) -> None:
+        self.count += 1
+        if (now := time.monotonic()) - self.last_logged >= REFUSAL_LOG_S:
+            logger.warning("refused %d connection(s) to %s: the handshake failed (%s): a peer without the engine "
+                           "secret or with another one, or not a Conveyor frontend", self.count, self.address, failure)
+            self.count, self.last_logged = 0, now
+
+
 class EngineCoreProc:
     """EngineCore behind sockets: the process's busy loop and its two I/O threads."""
 
     def __init__(self, payload: CorePayload):
         self.payload = payload
+        # a tcp link's sockets run CurveZMQ with the secret, this side as the server (ipc/sockets.py)
+        self.secret = payload.config.engine_secret if payload.input_address.startswith("tcp://") else None
         self.ctx = zmq.Context(1)
         self.inputs: queue.Queue = queue.Queue()  # (message, its prompt's block hashes or None)
         self.outputs: queue.Queue = queue.Queue()
@@ -204,7 +237,8 @@ class EngineCoreProc:
         # Listen at once: frontends that connect while the model loads get heartbeats meanwhile.
         # (Bound here, so a taken port fails the constructor; from now on only the thread uses it.)
         try:
-            input_socket = make_socket(self.ctx, zmq.PULL, payload.input_address, bind=True)
+            input_socket = make_socket(self.ctx, zmq.PULL, payload.input_address, bind=True, secret=self.secret,
+                                       curve_server=True)
         except zmq.ZMQError as exc:
             self._die(exc)
             raise RuntimeError(f"engine core cannot listen at {payload.input_address}: {exc}") from exc
@@ -253,6 +287,12 @@ class EngineCoreProc:
     def _handle(self, message, block_hashes: list[int] | None) -> None:
         if isinstance(message, IoThreadFailed):
             raise RuntimeError(f"engine core {message.thread} thread failed: {message.error!r}") from message.error
+        try:
+            self._handle_frontend(message, block_hashes)
+        except Exception:  # whatever a frontend's message does wrong fails that message alone
+            logger.exception("dropped a %s message that failed", type(message).__name__)
+
+    def _handle_frontend(self, message, block_hashes: list[int] | None) -> None:
         client = message.client_index
         if self.clients.get(client) is not None:  # any message, Heartbeat included, shows it alive
             self.clients[client] = time.monotonic()
@@ -264,8 +304,11 @@ class EngineCoreProc:
             if error is not None:
                 self._send(client, [error])
         elif isinstance(message, Abort):
-            self.core.abort(message.request_ids)
+            self.core.abort(message.request_ids, client)
         elif isinstance(message, Hello):
+            if client in self.clients and self.clients[client] is None:  # the spawning frontend's index
+                logger.warning("dropped a Hello that claims client index %d, the spawning frontend's", client)
+                return
             self.clients[client] = time.monotonic()
             self.outputs.put((client, self.ready))
         elif isinstance(message, Goodbye):
@@ -321,30 +364,41 @@ class EngineCoreProc:
     def _input_loop(self, sock: zmq.Socket) -> None:
         """Receive and decode; for a new request, also hash its prompt's blocks for the prefix
         cache (about 1 µs a block), which the busy loop would otherwise do while scheduling it."""
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
         try:
-            self._receive(sock)
+            self._receive(sock, monitor)
         except BaseException as exc:
             logger.exception("engine core input thread failed")
             self.inputs.put((IoThreadFailed("input", exc), None))
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
 
-    def _receive(self, sock: zmq.Socket) -> None:
-        decoder = Decoder(EngineCoreInput)
+    def _receive(self, sock: zmq.Socket, monitor: zmq.Socket) -> None:
+        decoder = Decoder(EngineCoreInput, tensors=False)
         config = self.payload.config
+        refused = RefusalLog(self.payload.input_address)
         while not self.stopping.is_set():
+            while monitor.poll(0):  # peers refused at the handshake never reach the socket: log them
+                if (failure := handshake_failure(monitor)) is not None:
+                    refused.note(failure)
             if not sock.poll(IDLE_CHECK_S * 1000):
                 continue
             frames = sock.recv_multipart(copy=False)
             block_hashes = None
             try:
                 message = decoder.decode(frames)
+                if isinstance(message, Hello):
+                    check_output_address(message.output_address)
                 if isinstance(message, EngineCoreRequest) and config.enable_prefix_caching:
                     block_hashes = prompt_block_hashes(message.prompt_token_ids, config.block_size, message.lora_id,
                                                        message.cache_salt)
-            # a peer of another version, or garbage on the port (token ids beyond int64 included)
-            except (msgspec.DecodeError, ValueError, OverflowError) as exc:
-                logger.warning("dropped a malformed message: %s", exc)
+            # garbage on the port, a peer of another version, a truncated or mistyped message, a
+            # missing side frame, token ids beyond int64: the message fails, never the core
+            except Exception as exc:
+                logger.warning("dropped a malformed message (%d frames): %s: %s", len(frames), type(exc).__name__,
+                               exc)
                 continue
             if isinstance(message, Hello):  # connect now: heartbeats flow even while the model loads
                 self.outputs.put((message.client_index, message))
@@ -371,8 +425,7 @@ class EngineCoreProc:
                 client, message = item
                 if isinstance(message, Hello):
                     if client not in self.output_sockets:
-                        self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, message.output_address,
-                                                                  bind=False)
+                        self._connect(client, message.output_address)
                 elif message is _FORGET:
                     sock = self.output_sockets.pop(client, None)
                     if sock is not None:
@@ -390,16 +443,40 @@ class EngineCoreProc:
                     sock.send_multipart(encoder.encode(Heartbeat(client)), copy=False)
                     last_sent[client] = now
 
+    def _connect(self, client: int, address: str) -> None:
+        try:
+            self.output_sockets[client] = make_socket(self.ctx, zmq.PUSH, address, bind=False, secret=self.secret,
+                                                      curve_server=True)
+        except zmq.ZMQError as exc:  # it never hears from us, and is forgotten after its silence
+            logger.warning("cannot reach frontend %d at %s: %s", client, address, exc)
+
+
+def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None:
+    """Why a request's token ids do not fit the model (the workers would fail on them), or None."""
+    params = message.sampling_params
+    fields = [("prompt_token_ids", message.prompt_token_ids),
+              ("stop_token_ids and eos_token_id", params.all_stop_token_ids),
+              ("allowed_token_ids", params.allowed_token_ids or ()), ("logit_bias", list(params.logit_bias or ())),
+              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids])]
+    for name, ids in fields:
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            return f"{name} must hold token ids in [0, {vocab_size}), got {bad[:8]}"
+    return None
+
 
 def run_headless(config: EngineConfig, address: str) -> int:
     """`conveyor serve --headless`: this process is the engine core (its workers are its children),
-    serving frontends that connect to `address` from any host, until SIGINT or SIGTERM."""
+    serving frontends that connect to `address` from any host, until SIGINT or SIGTERM. Beyond
+    loopback, `config.engine_secret` is required (ValueError)."""
+    check_engine_secret(address, config.engine_secret)
     ipc_dir = new_ipc_dir()  # for the workers' sockets
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     proc = None
     try:
         proc = EngineCoreProc(CorePayload(config, address, None, ipc_dir))
-        logger.info("engine core ready: frontends connect to %s", address)
+        logger.info("engine core ready: frontends connect to %s%s", address,
+                    " with the engine secret (CurveZMQ)" if proc.secret else "")
         proc.run()
     except (SystemExit, KeyboardInterrupt):
         return 0

@@ -1,9 +1,15 @@
 """The core's handle on its workers: starts one process per tensor-parallel rank, broadcasts each
 step to all of them, and collects rank 0's result, noticing at once when a worker dies. Each rank
-has a shared-memory ring each way (ipc/shm_ring.py): steps and calls in, results and errors out."""
+has a shared-memory ring each way (ipc/shm_ring.py): steps and calls in, results and errors out.
+
+A worker that does not answer in time (a step: `step_timeout`) has hung: every worker is killed,
+as none can be trusted to finish what it holds, and `WorkerFailure` names the hung rank. So does
+a malformed message from a worker: the engine cannot drop a step's result and go on."""
 
 import os
 import subprocess
+
+import msgspec
 
 from conveyor.config import EngineConfig, bind_process
 from conveyor.ipc.messages import (
@@ -17,7 +23,7 @@ from conveyor.ipc.messages import (
     WorkerReady,
     WorkerResult,
 )
-from conveyor.ipc.process import describe_exit, spawn, terminate
+from conveyor.ipc.process import describe_exit, is_stopped, spawn, terminate
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.shm_ring import RingTimeout, ShmRing
 
@@ -53,19 +59,20 @@ class Executor:
             self.results.append(ShmRing(os.path.join(ipc_dir, f"worker-out-{rank}"), create=True))
             payload = WorkerPayload(config, rank, self.inputs[rank].path, self.results[rank].path, dist_init_file)
             self.workers.append(spawn("conveyor.gpu_worker.worker", payload, f"worker-{rank}", env=worker_env()))
-        ready = [self._receive(WorkerReady, startup_timeout, rank) for rank in range(len(self.workers))]
+        ready = [self._receive(WorkerReady, startup_timeout, rank, "start") for rank in range(len(self.workers))]
         for ring in self.inputs + self.results:
             ring.unlink()  # every worker has them open by now
         self.num_blocks = min(r.num_gpu_blocks for r in ready)
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
+        self.vocab_size = ready[0].vocab_size
         self.spin_s = config.ring_spin_s(self.device_type)
         if self.device_type == "cpu" and (cores := config.core_process_cores()) is not None:
             bind_process(cores, "the engine core")  # off the workers' cores, which are bound already
 
     def collective_call(self, method: str, *args, timeout: float = 600.0) -> list:
         self._broadcast(WorkerCall(method, list(args)))
-        return [self._receive(WorkerResult, timeout, rank).result for rank in range(len(self.workers))]
+        return [self._receive(WorkerResult, timeout, rank, method).result for rank in range(len(self.workers))]
 
     def submit(self, step: SchedulerOutput) -> None:
         """Queue a step on every worker; they run steps in the order submitted."""
@@ -73,23 +80,44 @@ class Executor:
 
     def collect(self) -> ModelRunnerOutput:
         """The result of the oldest step submitted and not yet collected."""
-        return self._receive(ModelRunnerOutput)
+        return self._receive(ModelRunnerOutput, self.config.step_timeout, 0, "a step", " (step_timeout)")
 
     def _broadcast(self, message) -> None:
         frames = self.encoder.encode(message)
         for ring in self.inputs:
             ring.send(frames, alive=self.check_alive)
 
-    def _receive(self, expected: type, timeout: float | None = None, rank: int = 0):
-        frames = self.results[rank].recv(timeout, alive=self.check_alive, spin_s=self.spin_s)
+    def _receive(self, expected: type, timeout: float, rank: int, what: str, setting: str = ""):
+        try:
+            frames = self.results[rank].recv(timeout, alive=self.check_alive, spin_s=self.spin_s)
+        except RingTimeout:  # it stopped in the middle of its answer
+            frames = None
         if frames is None:
-            raise WorkerFailure(f"workers did not answer within {timeout:.0f} s")
-        message = self.decoder.decode(frames)
+            raise self._hung(f"no answer to {what} within {timeout:g} s{setting}")
+        try:
+            message = self.decoder.decode(frames)
+        except (msgspec.DecodeError, ValueError) as exc:
+            self.kill()
+            raise WorkerFailure(f"worker rank {rank} sent a malformed message: {exc}") from None
         if isinstance(message, WorkerError):
             raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
         if not isinstance(message, expected):
             raise WorkerFailure(f"expected {expected.__name__} from a worker, got {type(message).__name__}")
         return message
+
+    def _hung(self, what: str) -> WorkerFailure:
+        """Kill the workers; the error names the ranks that hung: those stopped (SIGSTOP, a
+        debugger), else all (rank 0 answers for every rank, and one that hangs holds the others
+        at their next collective)."""
+        stopped = [rank for rank, proc in enumerate(self.workers) if is_stopped(proc.pid)]
+        ranks = stopped or list(range(len(self.workers)))
+        self.kill()
+        who = f"worker rank {ranks[0]}" if len(ranks) == 1 else f"worker ranks {', '.join(map(str, ranks))}"
+        return WorkerFailure(f"{who} hung{' (stopped)' if stopped else ''}: {what}")
+
+    def kill(self) -> None:
+        for proc in self.workers:
+            proc.kill()
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.workers):
@@ -99,7 +127,7 @@ class Executor:
                     while (frames := self.results[rank].recv(0.2, spin_s=0.0)) is not None:
                         if isinstance(message := self.decoder.decode(frames), WorkerError):
                             raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
-                except RingTimeout:
+                except (RingTimeout, msgspec.DecodeError, ValueError):
                     pass  # it died in the middle of a message
                 raise WorkerFailure(describe_exit(f"worker rank {rank}", proc.returncode))
 

@@ -30,7 +30,7 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "
 ENGINE_ARGS = ("tokenizer", "dtype", "tensor_parallel_size", "max_model_len", "block_size", "max_num_seqs",
                "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling",
                "kv_cache_memory", "num_kv_blocks", "scheduling_policy", "device", "seed", "worker_threads",
-               "bind_cores")
+               "bind_cores", "engine_secret", "step_timeout")
 
 
 def parse_size(text: str) -> int:
@@ -71,6 +71,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                                                       "cores / tensor-parallel size)")
     g.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="on a CPU, do not bind workers and the engine core to cores of their own")
+    g.add_argument("--step-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds a model step may take before the engine counts a worker as hung and stops, "
+                        "naming it (default 600)")
     limits = parser.add_argument_group("request limits", "how much one request may ask for")
     for f in msgspec.structs.fields(RequestLimits):
         limits.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
@@ -128,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--engine-address", metavar="HOST:PORT",
                    help="run API servers for the --headless core there (its engine arguments apply; "
                         "MODEL still names the tokenizer to load)")
+    m.add_argument("--engine-secret", metavar="SECRET", default=os.environ.get("CONVEYOR_ENGINE_SECRET"),
+                   help="shared by a --headless core and the API servers of --engine-address: their tcp links "
+                        "then authenticate and encrypt (CurveZMQ); required beyond loopback; at least 16 "
+                        "characters (default: $CONVEYOR_ENGINE_SECRET, which, unlike the command line, other "
+                        "users cannot read)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted")
 

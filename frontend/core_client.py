@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import msgspec
 import zmq
 
 from conveyor.config import EngineConfig
@@ -36,9 +37,12 @@ from conveyor.ipc.messages import (
 from conveyor.ipc.process import describe_exit, kill_process_group, spawn, terminate
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import (
+    HANDSHAKE_FAILED,
     HEARTBEAT_S,
     PEER_TIMEOUT_S,
     bound_address,
+    check_engine_secret,
+    handshake_failure,
     ipc_address,
     make_socket,
     new_ipc_dir,
@@ -59,12 +63,17 @@ class CoreClient:
                  on_dead: Callable[[EngineDeadError], None], engine_address: str | None = None):
         self.on_outputs, self.on_dead = on_outputs, on_dead
         self.engine_address = engine_address
+        remote = engine_address is not None and engine_address.startswith("tcp://")
+        if remote:
+            check_engine_secret(engine_address, config.engine_secret)
+        # our sockets toward a tcp core run CurveZMQ with the secret, as its clients (ipc/sockets.py)
+        secret = config.engine_secret if remote else None
         # sockets on this host: a spawned core's, or ours toward a core at an ipc:// address (one at
         # tcp:// needs none, so a frontend killed outright leaves nothing behind)
         self.ipc_dir = new_ipc_dir() if engine_address is None or engine_address.startswith("ipc://") else None
         self.ctx = zmq.Context(1)
         self.encoder = Encoder()
-        self.decoder = Decoder(EngineCoreOutputMessage)
+        self.decoder = Decoder(EngineCoreOutputMessage, tensors=False)
         self.send_lock = threading.Lock()
         self.calls: dict[int, Future] = {}
         self.call_ids = itertools.count()
@@ -72,6 +81,7 @@ class CoreClient:
         self.closing = False
         self.proc: subprocess.Popen | None = None
         self.output_thread: threading.Thread | None = None
+        self.handshake_monitor: zmq.Socket | None = None  # a shared core's refusal, until it is ready
         self.last_sent = self.last_received = time.monotonic()
         try:
             if engine_address is None:
@@ -84,8 +94,9 @@ class CoreClient:
             else:
                 self.client_index = secrets.randbits(62) + 1  # frontends pick theirs independently
                 address = output_address_toward(engine_address, self.ipc_dir)
-                self.output_socket = make_socket(self.ctx, zmq.PULL, address, bind=True)
-                self.input_socket = make_socket(self.ctx, zmq.PUSH, engine_address, bind=False)
+                self.output_socket = make_socket(self.ctx, zmq.PULL, address, bind=True, secret=secret)
+                self.input_socket = make_socket(self.ctx, zmq.PUSH, engine_address, bind=False, secret=secret)
+                self.handshake_monitor = self.input_socket.get_monitor_socket(HANDSHAKE_FAILED)
         except BaseException:
             self.shutdown()
             raise
@@ -102,6 +113,10 @@ class CoreClient:
         except BaseException:
             self.shutdown()
             raise
+        if self.handshake_monitor is not None:
+            self.input_socket.disable_monitor()
+            self.handshake_monitor.close(linger=0)
+            self.handshake_monitor = None
         self.output_thread = threading.Thread(target=self._output_loop, daemon=True, name="conveyor-output")
         self.output_thread.start()
 
@@ -109,8 +124,8 @@ class CoreClient:
         deadline = time.monotonic() + timeout
         while True:  # heartbeats say the core lives while it loads; EngineReady ends the wait
             if self.output_socket.poll(POLL_MS):
-                message = self.decoder.decode(self.output_socket.recv_multipart(copy=False))
-                self.last_received = time.monotonic()
+                if (message := self._receive()) is None:
+                    continue
                 if isinstance(message, EngineReady):
                     return message
                 if isinstance(message, EngineDead):
@@ -118,6 +133,7 @@ class CoreClient:
                 if not isinstance(message, Heartbeat):
                     raise EngineStartupError(f"unexpected first message from the engine core: {type(message).__name__}")
                 continue
+            self._check_handshake()
             self._beat_if_quiet()  # a shared core may still be loading: it must not forget us meanwhile
             # A core that fails to start sends its reason first: give that a moment to land.
             if self.proc is not None and self.proc.poll() is not None and not self.output_socket.poll(500):
@@ -127,6 +143,12 @@ class CoreClient:
                                          f"within {PEER_TIMEOUT_S:g} s")
             if time.monotonic() > deadline:
                 raise EngineStartupError(f"engine did not start within {timeout:.0f} s")
+
+    def _check_handshake(self) -> None:
+        while self.handshake_monitor is not None and self.handshake_monitor.poll(0):
+            if (failure := handshake_failure(self.handshake_monitor)) is not None:
+                raise EngineStartupError(f"the engine core at {self.engine_address} refused the handshake "
+                                         f"({failure}): give it and this frontend the same engine secret")
 
     # ---- sending ----
 
@@ -166,8 +188,8 @@ class CoreClient:
                 if not self.output_socket.poll(POLL_MS):
                     self._check_core()
                     continue
-                message = self.decoder.decode(self.output_socket.recv_multipart(copy=False))
-                self.last_received = time.monotonic()
+                if (message := self._receive()) is None:
+                    continue
                 if isinstance(message, EngineCoreOutputs):
                     self.on_outputs(message)
                 elif isinstance(message, UtilityResult):
@@ -182,6 +204,18 @@ class CoreClient:
             if not self.closing:
                 logger.exception("output thread failed")
                 self._die(f"frontend output thread failed: {exc!r}")
+
+    def _receive(self) -> EngineCoreOutputMessage | None:
+        """The next message from the core; None for one that does not decode (from a peer that is
+        not the core: only a link without a secret lets one in), which is dropped."""
+        frames = self.output_socket.recv_multipart(copy=False)
+        try:
+            message = self.decoder.decode(frames)
+        except (msgspec.DecodeError, ValueError) as exc:
+            logger.warning("dropped a malformed message on the output socket: %s", exc)
+            return None
+        self.last_received = time.monotonic()
+        return message
 
     def _check_core(self) -> None:
         """On a quiet link: is the core still there?"""

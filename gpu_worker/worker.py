@@ -87,7 +87,7 @@ def worker_main() -> None:
         gc.collect()
         gc.freeze()  # the model's objects never become garbage: keep collections short
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
-                                                device.type)))
+                                                device.type, runner.hf_config.vocab_size)))
         with torch.inference_mode():
             run_steps(runner, inputs, outputs, config.ring_spin_s(device.type), rank)
     except Exception:

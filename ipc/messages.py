@@ -204,6 +204,7 @@ class WorkerReady(Message, tag="ready"):
     num_gpu_blocks: int
     max_model_len: int  # the engine's limit, resolved against the model's config where it is loaded
     device_type: str = "cpu"  # where the rank runs the model: cpu | cuda
+    vocab_size: int = 0  # the model's: the core refuses requests with token ids beyond it
 
 
 class WorkerResult(Message, tag="wresult"):

@@ -108,6 +108,15 @@ def terminate(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait(timeout)
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, a debugger); False where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def describe_exit(name: str, returncode: int | None) -> str:
     if returncode is None:
         return f"{name} is still running"

@@ -40,8 +40,13 @@ class Encoder:
 
 
 class Decoder:
-    def __init__(self, type_: Any = Any) -> None:
-        self._decoder = msgspec.msgpack.Decoder(type_, ext_hook=self._ext_hook)
+    """Decodes `type_` from frames. Anything malformed (garbage, a truncated body, wrong types, a
+    tensor whose side frame is missing or does not fit its shape) raises `msgspec.DecodeError`.
+    With `tensors=False` a tensor is malformed too: a process that never receives
+    one (the engine core) neither imports torch for one nor holds its memory."""
+
+    def __init__(self, type_: Any = Any, tensors: bool = True) -> None:
+        self._decoder = msgspec.msgpack.Decoder(type_, ext_hook=self._ext_hook if tensors else _no_tensors)
         self._frames: list[Any] = []
 
     def decode(self, frames: list[Any]) -> Any:
@@ -71,3 +76,7 @@ class Decoder:
             return torch.empty(shape, dtype=dtype)
         raw = np.frombuffer(buffer, dtype=np.uint8)
         return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
+
+
+def _no_tensors(code: int, data: memoryview) -> Any:
+    raise msgspec.DecodeError(f"unexpected msgpack extension type {code} (no tensors are accepted here)")

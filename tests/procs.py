@@ -53,24 +53,25 @@ def engine_ipc_dirs() -> set[str]:
             if not os.path.basename(path).startswith("conveyor-bench-")}
 
 
-def ipc_dirs_held_by(pids: list[int]) -> set[str]:
-    """The engines' private directories in which any of `pids` holds a socket, a file or a mapping."""
-    prefix = os.path.join(ipc_root(), "conveyor-")
-    bound = {}  # unix socket inode -> its path
-    with open("/proc/net/unix") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7].startswith(prefix):
-                bound[fields[6]] = fields[7]
-    paths = set()
+def ipc_dirs_of(pids: list[int]) -> set[str]:
+    """The engines' private directories in which any of `pids` holds something: a shared-memory ring
+    it maps (even an unlinked one), a file it has open, an ipc:// socket it binds. An engine's own,
+    unlike `engine_ipc_dirs`, which other engines on the machine change too."""
+    paths, inodes = [], set()
     for pid in pids:
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                paths.add(bound.get(link[len("socket:["):-1], "") if link.startswith("socket:[") else link)
             with open(f"/proc/{pid}/maps") as f:
-                paths.update(line.split(maxsplit=5)[-1].strip() for line in f)
+                paths += [line.split(maxsplit=5)[-1].strip() for line in f if "/conveyor-" in line]
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+                else:
+                    paths.append(target)
         except OSError:
-            pass  # gone meanwhile
-    return {os.path.join(ipc_root(), path[len(ipc_root()) + 1:].split(os.sep)[0])
-            for path in paths if path.startswith(prefix)}
+            continue  # gone meanwhile
+    with open("/proc/net/unix") as f:
+        paths += [fields[7] for fields in map(str.split, f) if len(fields) == 8 and fields[6] in inodes]
+    prefix = os.path.join(ipc_root(), "conveyor-")
+    return {path[:path.index("/", len(prefix))] for path in paths if path.startswith(prefix) and
+            "/" in path[len(prefix):]}

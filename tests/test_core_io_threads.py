@@ -27,6 +27,20 @@ class BrokenSocket:
     def close(self, linger=None):
         self.closed = True
 
+    def get_monitor_socket(self, events):
+        return QuietSocket()
+
+    def disable_monitor(self):
+        pass
+
+
+class QuietSocket:
+    def poll(self, timeout_ms):
+        return False
+
+    def close(self, linger=None):
+        pass
+
 
 def bare_proc() -> EngineCoreProc:
     """The I/O threads' state without sockets, model or threads."""

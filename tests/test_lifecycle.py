@@ -49,6 +49,7 @@ async def test_killed_worker_fails_every_pending_and_later_call(llama_dir):
     finally:
         llm.shutdown()
     assert wait_until(lambda: not group_alive(core), timeout=5)
+    assert not os.path.exists(llm.client.ipc_dir)
 
 
 async def test_killed_core_fails_every_pending_and_later_call(llama_dir):
@@ -60,6 +61,7 @@ async def test_killed_core_fails_every_pending_and_later_call(llama_dir):
     finally:
         llm.shutdown()
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=5)
+    assert not os.path.exists(llm.client.ipc_dir)
 
 
 async def test_exception_inside_forward_reaches_callers_with_its_cause(llama_dir, monkeypatch):
@@ -74,6 +76,7 @@ async def test_exception_inside_forward_reaches_callers_with_its_cause(llama_dir
     finally:
         llm.shutdown()
     assert wait_until(lambda: not group_alive(core), timeout=5)
+    assert not os.path.exists(llm.client.ipc_dir)
 
 
 def test_shutdown_stops_every_child_and_removes_ipc_files(llama_dir):

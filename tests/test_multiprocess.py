@@ -16,7 +16,7 @@ import pytest
 
 from conveyor import AsyncLLM, EngineDeadError, SamplingParams
 from conveyor.frontend import core_client
-from procs import descendants_of, engine_ipc_dirs, ipc_dirs_held_by, wait_until
+from procs import descendants_of, engine_ipc_dirs, ipc_dirs_of, wait_until
 from test_cli import CONVEYOR, ENGINE, read_port, start_serve
 
 PEER_TIMEOUT_S = 2.0  # both sides' silence limit in these tests (CONVEYOR_PEER_TIMEOUT_S)
@@ -34,13 +34,13 @@ def free_port() -> int:
 class Headless:
     """A `conveyor serve --headless` process; its log lines are collected as they come."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             CONVEYOR + ["serve", model, "--headless", "--engine-port", str(self.port), "--log-level", "info"]
             + CORE_ENGINE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-            env={**os.environ, "CONVEYOR_PEER_TIMEOUT_S": str(PEER_TIMEOUT_S)})
+            env={**os.environ, "CONVEYOR_PEER_TIMEOUT_S": str(PEER_TIMEOUT_S), **(env or {})})
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
         assert wait_until(lambda: any("engine core ready" in line for line in self.log) or self.proc.poll() is not None,
@@ -305,9 +305,9 @@ def assert_sigkill_leaves_no_ipc_dirs(proc: subprocess.Popen, held: int) -> None
     """SIGKILL the supervisor `proc` once its processes hold `held` ipc directories: none may remain."""
     try:
         read_port(proc, timeout=180)
-        assert wait_until(lambda: len(ipc_dirs_held_by(descendants_of(proc.pid))) == held, timeout=120)
+        assert wait_until(lambda: len(ipc_dirs_of(descendants_of(proc.pid))) == held, timeout=120)
         everything = descendants_of(proc.pid)
-        dirs = ipc_dirs_held_by(everything)
+        dirs = ipc_dirs_of(everything)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in everything), timeout=10)

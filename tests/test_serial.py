@@ -35,3 +35,16 @@ def test_messages_need_no_tensor_frames():
 def test_objects_that_are_not_messages_or_tensors_are_refused():
     with pytest.raises(TypeError, match="cannot encode"):
         Encoder().encode({"x": object()})
+
+
+def test_a_tensor_without_its_side_frame_or_not_fitting_it_is_a_value_error():
+    frames = Encoder().encode({"a": torch.arange(6)})
+    with pytest.raises(ValueError, match="side frame 1 is missing"):
+        Decoder().decode(frames[:1])
+    with pytest.raises(ValueError, match="does not fit int64"):
+        Decoder().decode([frames[0], b"123"])
+
+
+def test_a_decoder_without_tensors_refuses_one():
+    with pytest.raises(ValueError, match="no tensors are accepted"):
+        Decoder(tensors=False).decode(Encoder().encode({"a": torch.arange(6)}))

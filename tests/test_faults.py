@@ -11,7 +11,6 @@ of `--api-server-count` (test_multiprocess.py).
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import time

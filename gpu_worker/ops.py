@@ -5,12 +5,16 @@ Every op takes token-major tensors ([T, ...]); `attention` follows the paged-cac
 docs/architecture.md. This is the only place that decides which implementation runs.
 """
 
+import functools
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
 from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attention
+
+logger = logging.getLogger(__name__)
 
 
 class TorchOps:
@@ -130,6 +134,11 @@ class CpuOps(TorchOps):
                                             meta.query_start_loc, scale, sliding_window)
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
 def select_ops(device: torch.device, dtype: torch.dtype, backend: str = "auto"):
     """`auto`: Triton on CUDA; on a CPU the C kernels, or torch where they cannot be built or do not
     cover the dtype. `torch` forces plain torch ops (the reference path). `triton` on a CPU is
@@ -140,9 +149,12 @@ def select_ops(device: torch.device, dtype: torch.dtype, backend: str = "auto"):
         else:
             from conveyor.kernels import cpu
 
-            kernels = cpu.load()
+            kernels = cpu.load()  # warns once where they cannot be built
             if kernels is not None and kernels.supports(dtype):
                 return CpuOps(kernels)
+            if kernels is not None:
+                _warn_once(f"Conveyor's C kernels for the CPU do not cover {dtype}, so every CPU op runs in "
+                           "plain torch, which is slower; float32 and bfloat16 have them")
             backend = "torch"
     if backend == "torch":
         return TorchOps

@@ -166,3 +166,22 @@ def test_kernels_built_without_avx512_agree_too(tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert os.listdir(tmp_path / "cpu_kernels")  # built afresh for that target
+
+
+def test_a_failed_kernel_build_warns_once_with_the_compilers_error(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_kernels, "_library", False)  # not tried yet in this process
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "cc --conveyor-no-such-option")
+    assert cpu_kernels.load() is None and cpu_kernels.load() is None
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "plain torch" in warning.getMessage() and "conveyor-no-such-option" in warning.getMessage()
+
+
+def test_a_dtype_without_c_kernels_warns_once_that_ops_run_in_torch(caplog):
+    from conveyor.gpu_worker import ops as ops_module
+
+    ops_module._warn_once.cache_clear()
+    assert select_ops(torch.device("cpu"), torch.float16) is TorchOps
+    assert select_ops(torch.device("cpu"), torch.float16) is TorchOps
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "torch.float16" in warning.getMessage() and "plain torch" in warning.getMessage()

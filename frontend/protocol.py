@@ -71,6 +71,7 @@ class SamplingFields(Strict):
     allowed_token_ids: list[int] | None = None
     no_repeat_ngram_size: int = 0
     priority: int = 0
+    cache_salt: str | None = None  # prefix-cache blocks are shared only among requests of one salt
 
     @property
     def include_usage(self) -> bool:
@@ -84,13 +85,14 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
 
-    def prompts(self) -> list[str | list[int]]:
+    def prompts(self) -> list[dict[str, Any]]:
+        """The engine's prompts, each with the request's cache_salt."""
         p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
         if not p:
             raise ValueError("prompt must not be empty")
-        return list(p)
+        prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else p
+        return [salted({"prompt": one} if isinstance(one, str) else {"prompt_token_ids": one}, self.cache_salt)
+                for one in prompts]
 
 
 class TextPart(Strict):
@@ -122,6 +124,10 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+
+
+def salted(prompt: dict[str, Any], cache_salt: str | None) -> dict[str, Any]:
+    return prompt if cache_salt is None else {**prompt, "cache_salt": cache_salt}
 
 
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:

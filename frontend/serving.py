@@ -19,7 +19,7 @@ from conveyor.frontend.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChatResponseMessage, ChatStreamChoice, CompletionChoice,
                                         CompletionLogprobs, CompletionRequest, CompletionResponse,
                                         DeltaMessage, ErrorInfo, ErrorResponse, PromptTokensDetails, TopLogprob,
-                                        Usage, random_id, to_sampling_params)
+                                        Usage, random_id, salted, to_sampling_params)
 from conveyor.frontend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class OpenAIServing:
         text, ids = await self.render_chat(body.messages, body.add_generation_prompt and not
                                            body.continue_final_message, body.continue_final_message,
                                            body.chat_template_kwargs)
-        return {"prompt": text, "prompt_token_ids": ids}
+        return salted({"prompt": text, "prompt_token_ids": ids}, body.cache_salt)
 
     def prompt_text(self, output: RequestOutput) -> str:
         if output.prompt is not None:

@@ -37,6 +37,14 @@ def test_generate_takes_one_sampling_params_per_prompt(llm):
         llm.generate(["one prompt", "another prompt"], params + params[:1], use_tqdm=False)
 
 
+def test_prompt_dicts_carry_a_cache_salt_that_scopes_the_prefix_cache(llm):
+    (prompt,) = make_prompts(llm.tokenizer.vocab_size, lens=(40,), seed=13)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    cached = [llm.generate({"prompt_token_ids": prompt, "cache_salt": salt}, params, use_tqdm=False)[0]
+              .num_cached_tokens for salt in ("a", "b", "a")]
+    assert cached == [0, 0, 32]
+
+
 def test_offline_requests_build_only_their_final_output(llm, monkeypatch):
     """Cumulative outputs (the default kind) would copy every token so far, each step; offline
     callers only get the last one, so no other is built. The caller's params stay as they were."""

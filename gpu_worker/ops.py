@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attention
+from conveyor.gpu_worker.sampler import apply_penalties
 
 logger = logging.getLogger(__name__)
 
 
 class TorchOps:
     name = "torch"
+    penalties = staticmethod(apply_penalties)  # the sampler's
 
     @staticmethod
     def process_weights(model: torch.nn.Module, gemv=None, gemv_max_rows: int = 0) -> None:

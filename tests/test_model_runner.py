@@ -172,6 +172,12 @@ def test_triton_backend_matches_transformers_under_the_interpreter(arch, tiny_mo
     assert [tokens for tokens, _ in got] == [tokens[:4] for tokens, _ in expected[:3]]
 
 
+def test_triton_runner_applies_penalties_with_the_triton_kernel(tiny_models):
+    from conveyor.gpu_worker.triton_ops import TritonOps
+
+    assert make_runner(tiny_models["llama"], attention_backend="triton").sampler.penalties is TritonOps.penalties
+
+
 def test_bf16_linears_are_prepacked_with_a_gemv_for_small_batches_and_agree_with_f_linear(
         tiny_models, references, monkeypatch):
     prompts, _ = references["llama"]

@@ -25,9 +25,10 @@ class TorchOps:
     @staticmethod
     def process_weights(model: torch.nn.Module, gemv=None, gemv_max_rows: int = 0) -> None:
         """After loading: on a CPU, prepack bf16/fp16 linear weights for oneDNN (the same numbers
-        as F.linear, faster). float32 stays on F.linear, which transformers matches bit for bit.
-        With a `gemv`, batches of up to `gemv_max_rows` tokens use it on the plain weights, which
-        are then kept as well (twice the linear weights' memory)."""
+        as F.linear, faster), or, where oneDNN has no kernel for the dtype, have them multiply in
+        float32. float32 stays on F.linear, which transformers matches bit for bit. With a `gemv`,
+        batches of up to `gemv_max_rows` tokens use it on the plain weights, which packing then
+        keeps as well (twice the linear weights' memory)."""
         dtype = next(model.parameters()).dtype
         if dtype == torch.float32 or next(model.parameters()).device.type != "cpu":
             return

@@ -73,6 +73,15 @@ def freeze_startup_garbage() -> None:
     gc.freeze()
 
 
+def cache_salt_of(prompt: PromptType) -> str | None:
+    """A prompt dict's `cache_salt`: requests share cached prefix blocks only with requests of the
+    same salt (vLLM's field), so tenants cannot probe each other's prompts through the cache."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"cache_salt must be a non-empty string if given, got {salt!r}")
+    return salt
+
+
 class AsyncLLM:
     """`engine_address` (tcp://HOST:PORT or ipc://PATH) connects to an engine core that is already
     running there (`conveyor serve --headless`, or the launcher of `--api-server-count`) instead of
@@ -197,7 +206,9 @@ class AsyncLLM:
                           priority: int = 0) -> RequestState:
         self._check_alive()
         check_priority(priority)
-        if isinstance(prompt, str) and len(prompt) > TOKENIZE_OFF_LOOP_CHARS:
+        cache_salt = cache_salt_of(prompt)
+        to_encode = prompt.get("prompt") if isinstance(prompt, dict) and "prompt_token_ids" not in prompt else prompt
+        if isinstance(to_encode, str) and len(to_encode) > TOKENIZE_OFF_LOOP_CHARS:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.input_executor, self.process_inputs, prompt, params)
         else:
@@ -208,7 +219,8 @@ class AsyncLLM:
                              OutputMailbox(asyncio.get_running_loop(), params.output_kind), RequestMetrics(arrival))
         self.output_processor.add_request(state)
         try:
-            self.client.add_request(EngineCoreRequest(request_id, token_ids, params, arrival, priority=priority))
+            self.client.add_request(EngineCoreRequest(request_id, token_ids, params, arrival, priority=priority,
+                                                      cache_salt=cache_salt))
         except BaseException:
             self.output_processor.remove(request_id)
             raise

@@ -28,6 +28,7 @@ class Beam:
 async def beam_search(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0) -> RequestOutput:
     width = params.n
     text, prompt_ids = llm.tokenize(prompt)
+    salt = {"cache_salt": prompt["cache_salt"]} if isinstance(prompt, dict) and "cache_salt" in prompt else {}
     max_tokens = params.max_tokens or llm.max_model_len - len(prompt_ids)
     llm.validate(prompt_ids, params)
     stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)
@@ -42,7 +43,8 @@ async def beam_search(llm, prompt, params: SamplingParams, request_id: str, prio
     improvable = True
     for step in range(max_tokens):
         tops = await asyncio.gather(*(
-            _next_logprobs(llm, prompt_ids + beam.tokens, step_params, f"{request_id}-beam{step}.{b}", priority)
+            _next_logprobs(llm, {"prompt_token_ids": prompt_ids + beam.tokens, **salt}, step_params,
+                           f"{request_id}-beam{step}.{b}", priority)
             for b, beam in enumerate(running)
         ))
         candidates = sorted(
@@ -85,9 +87,9 @@ def _can_improve(running: list[Beam], finished: list[Beam], width: int, generate
     return best_possible > min(beam.score for beam in finished)
 
 
-async def _next_logprobs(llm, token_ids, params, request_id, priority) -> list[tuple[int, float]]:
+async def _next_logprobs(llm, prompt: dict, params, request_id, priority) -> list[tuple[int, float]]:
     # the engine's own request: it may ask for more logprobs than a caller may (request_limits)
-    async for output in llm._generate_one({"prompt_token_ids": token_ids}, params, request_id, priority, None):
+    async for output in llm._generate_one(prompt, params, request_id, priority, None):
         pass
     position = output.outputs[0].logprobs[0]
     return [(token, entry.logprob) for token, entry in position.items()]

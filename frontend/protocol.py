@@ -87,6 +87,8 @@ class SamplingFields(Strict):
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="with --scheduling-policy priority, "
                                                                      "lower runs first")
     logits_processors: list[str] | None = Field(None, description="logits processors by import path; only those the server allows (--allowed-logits-processors)")
+    cache_salt: str | None = Field(None, description="prefix-cache blocks are shared only among requests "
+                                                     "of one salt (non-empty)")
 
     @property
     def include_usage(self) -> bool:
@@ -103,13 +105,14 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="start each choice's text with the prompt")
     suffix: str | None = Field(None, description="not supported")
 
-    def prompts(self) -> list[str | list[int]]:
+    def prompts(self) -> list[dict[str, Any]]:
+        """The engine's prompts, each with the request's cache_salt."""
         p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
         if not p:
             raise ValueError("prompt must not be empty")
-        return list(p)
+        prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else p
+        return [salted({"prompt": one} if isinstance(one, str) else {"prompt_token_ids": one}, self.cache_salt)
+                for one in prompts]
 
 
 class TextPart(Strict):
@@ -147,6 +150,10 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = Field(None, description="a chat template of the request's own: refused unless "
                                                         "the server trusts request templates")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported")
+
+
+def salted(prompt: dict[str, Any], cache_salt: str | None) -> dict[str, Any]:
+    return prompt if cache_salt is None else {**prompt, "cache_salt": cache_salt}
 
 
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest,

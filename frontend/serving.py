@@ -23,7 +23,7 @@ from conveyor.frontend.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChatResponseMessage, ChatStreamChoice, CompletionChoice,
                                         CompletionLogprobs, CompletionRequest, CompletionResponse,
                                         DeltaMessage, ErrorInfo, ErrorResponse, PromptTokensDetails, TopLogprob,
-                                        TokenizeRequest, Usage, random_id, to_sampling_params)
+                                        TokenizeRequest, Usage, random_id, salted, to_sampling_params)
 from conveyor.frontend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -265,18 +265,19 @@ class OpenAIServing:
         """The engine prompts of a completion request; a long text is tokenized here, on the slow
         lane, and checked against max_model_len there."""
         prompts = body.prompts()
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
+        for prompt in prompts:
+            text = prompt.get("prompt")
+            if text is None:
                 continue
-            self.check_chars(len(prompt), "prompt")
-            if len(prompt) > SLOW_PROMPT_CHARS:
-                prompts[i] = await self._off_loop(lambda p=prompt: self._tokenized(p, params), slow=True)
+            self.check_chars(len(text), "prompt")
+            if len(text) > SLOW_PROMPT_CHARS:
+                prompt["prompt_token_ids"] = await self._off_loop(lambda t=text: self._tokenized(t, params), slow=True)
         return prompts
 
-    def _tokenized(self, prompt: str, params: SamplingParams) -> dict:
-        ids = self.engine.tokenizer.encode(prompt)
+    def _tokenized(self, text: str, params: SamplingParams) -> list[int]:
+        ids = self.engine.tokenizer.encode(text)
         self.engine.validate(ids, params)
-        return {"prompt": prompt, "prompt_token_ids": ids}
+        return ids
 
     async def tokenize(self, body: TokenizeRequest) -> list[int]:
         if (body.prompt is None) == (body.messages is None):
@@ -344,7 +345,7 @@ class OpenAIServing:
         text, ids = await self.render_chat(body.messages, body.add_generation_prompt and not
                                            body.continue_final_message, body.continue_final_message,
                                            body.chat_template_kwargs, self.request_template(body))
-        return {"prompt": text, "prompt_token_ids": ids}
+        return salted({"prompt": text, "prompt_token_ids": ids}, body.cache_salt)
 
     def prompt_text(self, output: RequestOutput) -> str:
         if output.prompt is not None:

@@ -48,7 +48,7 @@ class ModelRunner:
         self.ops = select_ops(self.device, self.dtype, config.attention_backend)
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops)
         self.block_size = config.block_size
-        self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax)
+        self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[torch.Tensor] = []

@@ -5,23 +5,30 @@ Every op takes token-major tensors ([T, ...]); `attention` follows the paged-cac
 docs/architecture.md. This is the only place that decides which implementation runs.
 """
 
+import functools
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
 from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attention
+from conveyor.gpu_worker.sampler import apply_penalties
+
+logger = logging.getLogger(__name__)
 
 
 class TorchOps:
     name = "torch"
+    penalties = staticmethod(apply_penalties)  # the sampler's
 
     @staticmethod
     def process_weights(model: torch.nn.Module, gemv=None, gemv_max_rows: int = 0) -> None:
         """After loading: on a CPU, prepack bf16/fp16 linear weights for oneDNN (the same numbers
-        as F.linear, faster). float32 stays on F.linear, which transformers matches bit for bit.
-        With a `gemv`, batches of up to `gemv_max_rows` tokens use it on the plain weights, which
-        are then kept as well (twice the linear weights' memory)."""
+        as F.linear, faster), or, where oneDNN has no kernel for the dtype, have them multiply in
+        float32. float32 stays on F.linear, which transformers matches bit for bit. With a `gemv`,
+        batches of up to `gemv_max_rows` tokens use it on the plain weights, which packing then
+        keeps as well (twice the linear weights' memory)."""
         dtype = next(model.parameters()).dtype
         if dtype == torch.float32 or next(model.parameters()).device.type != "cpu":
             return
@@ -130,6 +137,11 @@ class CpuOps(TorchOps):
                                             meta.query_start_loc, scale, sliding_window)
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
 def select_ops(device: torch.device, dtype: torch.dtype, backend: str = "auto"):
     """`auto`: Triton on CUDA; on a CPU the C kernels, or torch where they cannot be built or do not
     cover the dtype. `torch` forces plain torch ops (the reference path). `triton` on a CPU is
@@ -140,9 +152,12 @@ def select_ops(device: torch.device, dtype: torch.dtype, backend: str = "auto"):
         else:
             from conveyor.kernels import cpu
 
-            kernels = cpu.load()
+            kernels = cpu.load()  # warns once where they cannot be built
             if kernels is not None and kernels.supports(dtype):
                 return CpuOps(kernels)
+            if kernels is not None:
+                _warn_once(f"Conveyor's C kernels for the CPU do not cover {dtype}, so every CPU op runs in "
+                           "plain torch, which is slower; float32 and bfloat16 have them")
             backend = "torch"
     if backend == "torch":
         return TorchOps

@@ -56,12 +56,31 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+UPCAST_BLOCK_BYTES = 2 << 20  # float32 rows of W converted at a time: they stay in cache for the matmul
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b) in float32, W converted a block of rows at a time, rounded back to x's dtype.
+    Where oneDNN has no bf16 kernel (AVX2 CPUs), torch's own bf16 matmul of more than a few rows
+    is 5-15 times slower than this."""
+    n, k = weight.shape
+    rows = max(64, UPCAST_BLOCK_BYTES // (4 * k))
+    x32, block = x.float(), torch.empty(min(rows, n), k)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    for start in range(0, n, rows):
+        w32 = block[: min(rows, n - start)].copy_(weight[start:start + rows])
+        out[:, start:start + rows] = F.linear(x32, w32, None if bias is None else bias[start:start + rows].float())
+    return out
+
+
 class LinearBase(nn.Module):
-    """A weight used as y = x W^T: as is (F.linear), or prepacked for oneDNN (`pack`), in which
-    case a few rows of x may go to a GEMV kernel that reads the plain weight kept beside it."""
+    """A weight used as y = x W^T: as is (F.linear), or, once `pack`ed for a CPU, prepacked for
+    oneDNN or else multiplied in float32 (`upcast_linear`); a few rows of x may then go to a GEMV
+    kernel that reads the plain weight."""
 
     weight: nn.Parameter
     packed = False
+    upcast = False
     plain_weight: torch.Tensor | None = None
     gemv = None  # (x, weight, bias) -> y for x of at most gemv_max_rows rows
     gemv_max_rows = 0
@@ -71,15 +90,20 @@ class LinearBase(nn.Module):
             return self.gemv(x, self.plain_weight, bias)
         if self.packed:
             return packed_linear(x, self.weight, bias)
+        if self.upcast:
+            return upcast_linear(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
     def pack(self, gemv=None, gemv_max_rows: int = 0) -> bool:
-        """Once all weights are loaded: replace the weight with its packed form, keeping the plain
-        one too when a `gemv` (for batches of up to `gemv_max_rows` tokens) is given."""
+        """Once all weights are loaded: replace the weight with its packed form (keeping the plain
+        one too when a `gemv`, for batches of up to `gemv_max_rows` tokens, is given), or, where
+        oneDNN cannot pack this dtype, multiply in float32. Returns whether it packed."""
+        if gemv is not None:
+            self.plain_weight, self.gemv, self.gemv_max_rows = self.weight.data, gemv, gemv_max_rows
         packed = pack_linear_weight(self.weight)
-        if packed is not None:
-            if gemv is not None:
-                self.plain_weight, self.gemv, self.gemv_max_rows = self.weight.data, gemv, gemv_max_rows
+        if packed is None:
+            self.upcast = True
+        else:
             self.weight, self.packed = nn.Parameter(packed, requires_grad=False), True
         return self.packed
 
@@ -153,14 +177,17 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the full vocabulary; each rank computes its vocabulary slice, then they are gathered."""
 
     packed_weight: torch.Tensor | None = None
+    upcast = False
     gemv = None
     gemv_max_rows = 0
 
     def pack(self, gemv=None, gemv_max_rows: int = 0) -> bool:
         """Packs a copy: the weight itself may be the (tied) embedding table, which needs its rows
-        (and which the GEMV of small batches reads)."""
+        (and which the GEMV of small batches reads). Where oneDNN cannot pack it, multiplies in
+        float32."""
         self.packed_weight = pack_linear_weight(self.weight)
-        if self.packed_weight is not None and gemv is not None:
+        self.upcast = self.packed_weight is None
+        if gemv is not None:
             self.gemv, self.gemv_max_rows = gemv, gemv_max_rows
         return self.packed_weight is not None
 
@@ -169,6 +196,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = self.gemv(hidden, self.weight)
         elif self.packed_weight is not None:
             logits = packed_linear(hidden, self.packed_weight)
+        elif self.upcast:
+            logits = upcast_linear(hidden, self.weight)
         else:
             logits = F.linear(hidden, self.weight)
         if _tp_size > 1:

@@ -30,6 +30,7 @@ _LOGPROBS_CHUNK = 512  # rows per log_softmax pass in compute_logprobs (bounds m
 _TOP_P_CANDIDATES = 256  # top-p first looks at this many most likely tokens per row
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+PenaltiesFn = Callable[..., object]  # (logits, prompt_mask, output_counts, repetition, presence, frequency)
 
 
 @dataclass(slots=True)
@@ -65,10 +66,13 @@ def make_sampling_state(params: SamplingParams, prompt_token_ids: list[int],
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """`argmax`: of each row of a contiguous [S, V] float32 tensor (the ops' own, if faster)."""
+    def __init__(self, vocab_size: int, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 penalties: PenaltiesFn | None = None):
+        """`argmax` (of each row of a contiguous [S, V] float32 tensor) and `penalties` (the
+        contract of `apply_penalties`): the ops' own versions, where they are faster."""
         self.vocab_size = vocab_size
         self.argmax = argmax or _argmax
+        self.penalties = penalties or apply_penalties
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
         """`logits` [S, V] float32, row i belonging to states[i]; modified in place."""
@@ -88,7 +92,7 @@ class Sampler:
             else:
                 raw = logits.clone() if process or random_rows else logits
         if process:
-            apply_logits_processing(logits, states)
+            apply_logits_processing(logits, states, self.penalties)
 
         tokens = self.argmax(logits) if len(random_rows) < len(states) else None
         if random_rows:
@@ -139,8 +143,11 @@ def compute_logprobs(logits: torch.Tensor, token_ids: Sequence[int] | torch.Tens
 
 # -- logits processing (before temperature) ------------------------------------------------------
 
-def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Apply every per-request processor that precedes temperature to `logits` [S, V] in place."""
+def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState],
+                            penalties: PenaltiesFn | None = None) -> torch.Tensor:
+    """Apply every per-request processor that precedes temperature to `logits` [S, V] in place;
+    the penalties with `penalties` (default: `apply_penalties`)."""
+    penalties = penalties or apply_penalties
     vocab, device = logits.shape[1], logits.device
     allowed_rows: list[int] = []
     ban_rows: list[int] = []
@@ -197,7 +204,7 @@ def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState]) -
                                         dtype=logits.dtype, device=device)
                            for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"))
         _update_rows(logits, penalty_rows,
-                     lambda x: apply_penalties(x, prompt_mask, counts, rep, pres, freq))
+                     lambda x: penalties(x, prompt_mask, counts, rep, pres, freq))
     for i in processor_rows:
         _apply_user_processors(logits, states[i], i)
     return logits

@@ -9,6 +9,7 @@ from conveyor.kernels.attention import paged_attention
 from conveyor.kernels.kv_store import store_kv
 from conveyor.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from conveyor.kernels.rotary import rotary_embedding
+from conveyor.kernels.sampling import apply_penalties
 
 
 class TritonOps:
@@ -21,6 +22,8 @@ class TritonOps:
     @staticmethod
     def argmax(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
+
+    penalties = staticmethod(apply_penalties)  # the sampler's, in place on float32 logits
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

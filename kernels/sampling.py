@@ -1,8 +1,7 @@
-"""Logit processing for the batched sampler, with the semantics of vLLM / Hugging Face.
-
-- `apply_penalties`: a Triton kernel (one pass over `[S, V]` instead of torch's half-dozen).
-- `top_k_top_p_filter`: torch on every device. It needs a per-row sort over the vocabulary;
-  torch's segmented sort is as good as a Triton kernel would be, so there is none.
+"""The sampler's penalties as a Triton kernel (one pass over `[S, V]` instead of torch's
+half-dozen), with the semantics of vLLM / Hugging Face; `TritonOps.penalties` hands it to the
+sampler on CUDA. Top-k / top-p stay in torch (`gpu_worker/sampler.py`): they need a per-row sort
+over the vocabulary, which torch's segmented sort does as well as a Triton kernel would.
 """
 
 from __future__ import annotations
@@ -77,39 +76,3 @@ def apply_penalties_ref(
     logits.copy_(torch.where(logits > 0, logits / rep, logits * rep))
     logits -= frequency_penalty[:, None] * output_counts
     logits -= presence_penalty[:, None] * in_output
-
-
-def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf, in place, what HF's TopKLogitsWarper then TopPLogitsWarper (min_tokens_to_keep=1)
-    would remove, per row; returns logits. top_k 0 or >= V and top_p 1.0 disable a row's filter.
-    One ascending sort per row; it never syncs with the host, so skip the call when no row filters."""
-    check_tensor("logits", logits, ndim=2, dtype=(torch.float32, torch.float16, torch.bfloat16))
-    num_seqs, vocab = logits.shape
-    check_tensor("top_k", top_k, shape=(num_seqs,), dtype=(torch.int32, torch.int64))
-    check_tensor("top_p", top_p, shape=(num_seqs,), dtype=torch.float32)
-    if logits.numel() == 0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k.long(), vocab)
-    kth_largest = sorted_logits.gather(1, (vocab - k)[:, None])
-    sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= (1 - top_p)[:, None]
-    drop[:, -1] = False
-    drop &= (top_p < 1.0)[:, None]
-    sorted_logits.masked_fill_(drop, float("-inf"))
-    return logits.scatter_(1, order, sorted_logits)
-
-
-def top_k_top_p_filter_ref(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """HF's warpers applied row by row (TopK then TopP, min_tokens_to_keep=1), in place; returns logits."""
-    vocab = logits.shape[1]
-    for row, k, p in zip(logits, top_k.tolist(), top_p.tolist()):
-        if 0 < k < vocab:
-            row.masked_fill_(row < torch.topk(row, k)[0][-1], float("-inf"))
-        if p < 1.0:
-            sorted_row, order = torch.sort(row, descending=False)
-            drop = sorted_row.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
-            drop[-1] = False
-            row.masked_fill_(drop.scatter(0, order, drop), float("-inf"))
-    return logits

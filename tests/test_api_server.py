@@ -136,6 +136,24 @@ def test_stop_string_ends_the_text_before_it(live):
     assert out.choices[0].finish_reason == "stop"
 
 
+def cached_tokens(out) -> int:
+    return out.usage.prompt_tokens_details.cached_tokens
+
+
+def test_completions_share_cached_prefixes_only_within_a_cache_salt(live):
+    prompt = list(range(100, 140))  # 40 tokens no other test sends: 2 full blocks of 16 to share
+    cached = [cached_tokens(live.client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                                           extra_body={"cache_salt": salt}))
+              for salt in ("a", "b", "a")]
+    assert cached == [0, 0, 32]
+
+
+@pytest.mark.parametrize("salt", ["", 5])
+def test_bad_cache_salt_is_400_naming_it(live, salt):
+    assert_error(live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "cache_salt": salt}),
+                 400, "cache_salt")
+
+
 # ---- chat ----
 
 def test_chat_completion_applies_the_chat_template(live):
@@ -145,6 +163,14 @@ def test_chat_completion_applies_the_chat_template(live):
     assert out.object == "chat.completion"
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
     assert out.usage.prompt_tokens == templated and out.usage.completion_tokens == 5
+
+
+def test_chats_share_cached_prefixes_only_within_a_cache_salt(live):
+    messages = [{"role": "user", "content": "a salted conversation " * 8}]
+    outs = [live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                                extra_body={"cache_salt": salt}) for salt in ("a", "b", "a")]
+    full_blocks = (outs[0].usage.prompt_tokens - 1) // 16 * 16
+    assert full_blocks > 0 and [cached_tokens(out) for out in outs] == [0, 0, full_blocks]
 
 
 def test_streamed_chat_starts_with_role_and_equals_whole_one(live):

@@ -150,6 +150,15 @@ def test_gemv_matches_f_linear(ops, rows, k):
     torch.testing.assert_close(ops.kernels.gemv(x, w).float(), expected - b.float(), atol=0.05, rtol=1e-2)
 
 
+def test_upcast_linear_matches_a_float32_linear_across_blocks(monkeypatch):
+    from conveyor.gpu_worker import parallel
+
+    monkeypatch.setattr(parallel, "UPCAST_BLOCK_BYTES", 1)  # blocks of 64 rows: 64, 64, 64, 8
+    x, w, b = randn(9, 96, dtype=torch.bfloat16), randn(200, 96, dtype=torch.bfloat16, seed=1), randn(200, dtype=torch.bfloat16, seed=2)
+    expected = torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16()
+    torch.testing.assert_close(parallel.upcast_linear(x, w, b), expected, atol=1e-6, rtol=2**-8)  # one bf16 step
+
+
 def test_gemv_refuses_more_rows_than_it_serves(ops):
     too_many = ops.kernels.gemv_max_rows + 1
     with pytest.raises(ValueError, match="at most"):
@@ -157,12 +166,35 @@ def test_gemv_refuses_more_rows_than_it_serves(ops):
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 targets")
-def test_kernels_built_without_avx512_agree_too(tmp_path):
-    """The portable paths (no AVX512-BF16: other CPUs, CI machines) against the same references."""
-    env = {**os.environ, "CONVEYOR_CPU_ARCH": "x86-64-v2", "CONVEYOR_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not without_avx512",
+@pytest.mark.parametrize("arch,selection", [
+    ("x86-64-v2", "not built_for"),  # the portable C of every kernel (other CPUs)
+    ("x86-64-v3", "gemv and not built_for"),  # AVX2 (CI's EPYCs): the GEMV has a path of its own, the rest is portable C
+])
+def test_kernels_built_for_other_targets_agree_too(tmp_path, arch, selection):
+    """The paths a CPU without AVX512-BF16 runs, against the same references."""
+    env = {**os.environ, "CONVEYOR_CPU_ARCH": arch, "CONVEYOR_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
                              os.path.join(os.path.dirname(__file__), "test_cpu_kernels.py"),
                              os.path.join(os.path.dirname(__file__), "test_torch_attention.py")],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert os.listdir(tmp_path / "cpu_kernels")  # built afresh for that target
+
+
+def test_a_failed_kernel_build_warns_once_with_the_compilers_error(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_kernels, "_library", False)  # not tried yet in this process
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "cc --conveyor-no-such-option")
+    assert cpu_kernels.load() is None and cpu_kernels.load() is None
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "plain torch" in warning.getMessage() and "conveyor-no-such-option" in warning.getMessage()
+
+
+def test_a_dtype_without_c_kernels_warns_once_that_ops_run_in_torch(caplog):
+    from conveyor.gpu_worker import ops as ops_module
+
+    ops_module._warn_once.cache_clear()
+    assert select_ops(torch.device("cpu"), torch.float16) is TorchOps
+    assert select_ops(torch.device("cpu"), torch.float16) is TorchOps
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "torch.float16" in warning.getMessage() and "plain torch" in warning.getMessage()

@@ -62,6 +62,31 @@ async def test_repeated_prompt_hits_prefix_cache(engine, workload):
     assert again.num_cached_tokens == 112  # every full block but the one holding the last prompt token
 
 
+async def cached_tokens_of(engine: AsyncLLM, prompt: list[int], cache_salt: str) -> int:
+    async for out in engine.generate({"prompt_token_ids": prompt, "cache_salt": cache_salt}, greedy(1)):
+        pass
+    return out.num_cached_tokens
+
+
+async def test_prompts_with_different_cache_salts_share_no_cached_blocks(engine):
+    (prompt,) = make_prompts(engine.hf_config.vocab_size, (48,), seed=11)
+    assert await cached_tokens_of(engine, prompt, "tenant-a") == 0
+    assert await cached_tokens_of(engine, prompt, "tenant-b") == 0
+
+
+async def test_prompts_with_the_same_cache_salt_share_cached_blocks(engine):
+    (prompt,) = make_prompts(engine.hf_config.vocab_size, (48,), seed=12)
+    assert await cached_tokens_of(engine, prompt, "tenant-a") == 0
+    assert await cached_tokens_of(engine, prompt, "tenant-a") == 32  # all full blocks but the last token's
+
+
+@pytest.mark.parametrize("salt", ["", 7])
+async def test_cache_salt_must_be_a_non_empty_string(engine, salt):
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string if given, got"):
+        async for _ in engine.generate({"prompt": "Hello", "cache_salt": salt}, greedy(1)):
+            pass
+
+
 LONG = 1800  # tokens: ~1800 one-token steps alone, about a second on this machine
 
 

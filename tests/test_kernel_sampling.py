@@ -1,14 +1,10 @@
-"""apply_penalties (Triton) and top_k_top_p_filter (torch) against references and HF's warpers."""
+"""apply_penalties (Triton) against its reference and HF's repetition penalty, and wired into the sampler."""
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from conveyor.kernels.sampling import apply_penalties, apply_penalties_ref, top_k_top_p_filter, top_k_top_p_filter_ref
+from conveyor.kernels.sampling import apply_penalties, apply_penalties_ref
 
 
 def penalty_inputs(num_seqs=4, vocab=1500, seed=0):  # vocab 1500: two column blocks, ragged
@@ -73,37 +69,21 @@ def test_apply_penalties_bad_layout_raises_value_error(name, bad, message):
         apply_penalties(**args)
 
 
-def test_top_k_top_p_filter_matches_hugging_face_row_by_row():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 200, generator=gen) * 2
-    top_k = torch.tensor([0, 5, 0, 50, 200, 20], dtype=torch.int32)
-    top_p = torch.tensor([1.0, 1.0, 0.7, 0.3, 0.95, 0.5])
-    filtered = top_k_top_p_filter(logits.clone(), top_k, top_p)
-    for row, (k, p) in enumerate(zip(top_k.tolist(), top_p.tolist())):
-        expected = logits[row:row + 1].clone()
-        if 0 < k < 200:
-            expected = TopKLogitsWarper(k)(None, expected)
-        if p < 1.0:
-            expected = TopPLogitsWarper(p)(None, expected)
-        assert torch.equal(filtered[row:row + 1], expected), f"row {row} (top_k {k}, top_p {p})"
-    assert torch.equal(filtered, top_k_top_p_filter_ref(logits.clone(), top_k, top_p))
+def test_sampler_on_triton_ops_penalises_exactly_as_its_torch_path():
+    from conveyor.frontend.sampling_params import SamplingParams
+    from conveyor.gpu_worker.sampler import Sampler, make_sampling_state
+    from conveyor.gpu_worker.triton_ops import TritonOps
 
+    def states():
+        kinds = [dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25), dict(),
+                 dict(repetition_penalty=0.8, frequency_penalty=-0.5)]
+        made = [make_sampling_state(SamplingParams(temperature=0.0, **kw), [1, 2, 3], "cpu") for kw in kinds]
+        for st in made:
+            st.output_token_ids.extend([3, 9, 9, 40])
+        return made
 
-def test_top_k_keeps_every_token_tied_with_the_kth_largest():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0]])
-    filtered = top_k_top_p_filter(logits.clone(), torch.tensor([2]), torch.tensor([1.0]))
-    assert torch.equal(filtered, TopKLogitsWarper(2)(None, logits.clone()))
-    assert filtered.isfinite().sum() == 3
-
-
-def test_disabled_rows_keep_even_tokens_with_zero_probability():
-    logits = torch.tensor([[0.0, -1000.0, 5.0]])
-    filtered = top_k_top_p_filter(logits.clone(), torch.tensor([0]), torch.tensor([1.0]))
-    assert torch.equal(filtered, logits)
-
-
-def test_top_k_top_p_filter_works_in_place_and_keeps_at_least_one_token():
-    logits = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 9.0]])
-    result = top_k_top_p_filter(logits, torch.tensor([1, 0]), torch.tensor([1.0, 0.01]))
-    assert result is logits
-    assert torch.equal(logits.isfinite(), torch.tensor([[False, True, False], [False, False, True]]))
+    logits = penalty_inputs(num_seqs=3, vocab=64)[0]
+    on_triton, on_torch = logits.clone(), logits.clone()
+    tokens = Sampler(64, penalties=TritonOps.penalties)(on_triton, states()).sampled_token_ids
+    assert tokens == Sampler(64)(on_torch, states()).sampled_token_ids
+    assert torch.equal(on_triton, on_torch) and not torch.equal(on_triton, logits)

@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 from conveyor import AsyncLLM, EngineDeadError, EngineStartupError, SamplingParams
+from conveyor.frontend.async_llm import TOKENIZE_OFF_LOOP_CHARS
 from procs import children_of, descendants_of, engine_pids, group_alive, wait_until
 
 LONG = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)  # outlives every wait below
@@ -194,28 +196,25 @@ def test_engine_works_across_successive_event_loops(llama_dir):
         llm.shutdown()
 
 
-async def test_event_loop_stays_responsive_under_load(llama_dir):
-    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=4096, max_num_batched_tokens=2048)
-    worst = 0.0
-    stop = asyncio.Event()
+async def test_long_prompts_are_tokenized_off_the_event_loop(llama_dir, monkeypatch):
+    """What keeps the caller's loop responsive while many long prompts arrive (how long it waits
+    under load is `conveyor bench stalls`' to measure, not a test's)."""
+    llm = AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=512)
+    encoding_threads = []
+    encode = llm.tokenizer.encode
 
-    async def ticker():
-        nonlocal worst
-        while not stop.is_set():
-            before = time.perf_counter()
-            await asyncio.sleep(0.001)
-            worst = max(worst, time.perf_counter() - before - 0.001)
+    def recording_encode(*args, **kwargs):
+        encoding_threads.append(threading.current_thread())
+        return encode(*args, **kwargs)
 
+    monkeypatch.setattr(llm.tokenizer, "encode", recording_encode)
     try:
-        tick = asyncio.create_task(ticker())
-        prompts = [" ".join(f"word{i}x{j}" for j in range(80)) for i in range(64)]
-        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        prompts = [" ".join(f"word{i}x{j}" for j in range(40)) for i in range(8)]
+        assert min(map(len, prompts)) > TOKENIZE_OFF_LOOP_CHARS
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         outs = await asyncio.gather(*(stream_all_text(llm, p, params) for p in prompts))
-        stop.set()
-        await tick
-        assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
-        assert min(len(o.prompt_token_ids) for o in outs) >= 500
-        assert worst < 0.050, f"event loop stalled for {worst * 1000:.1f} ms"
+        assert all(len(o.outputs[0].token_ids) == 2 for o in outs)
+        assert len(encoding_threads) == len(prompts) and threading.current_thread() not in encoding_threads
     finally:
         llm.shutdown()
 

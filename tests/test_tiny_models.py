@@ -49,7 +49,8 @@ def greedy_runs(tiny_models) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_model_dir_loads_with_auto_classes(tiny_models, arch):
-    model = load_model(tiny_models[arch])
+    model, info = AutoModelForCausalLM.from_pretrained(tiny_models[arch], output_loading_info=True)
+    assert not any(info.values()), info  # no tensor missing, unexpected or mismatched
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[arch])
     assert type(model).__name__ == ARCHITECTURES[arch]
     assert model.config.vocab_size == len(tokenizer)

@@ -153,15 +153,6 @@ def run_benchmarks(dtype: torch.dtype, device: torch.device) -> list[Result]:
         lambda: (sampling.apply_penalties_ref(l_b.copy_(logits), prompt_mask, counts, *penalties), l_b)[1],
         (2 * 4 + 1 + 4 + 8) * logits.numel() / 1e9,  # logits r/w, mask, counts, resetting copy
     ))
-    top_k = torch.full((64,), 50, dtype=torch.int32, device=device)
-    top_p = torch.full((64,), 0.9, device=device)
-    l_c, l_d = logits[:64].clone(), logits[:64].clone()
-    results.append(bench_case(
-        "top_k_top_p_filter 64 x 128256 (torch vs HF loop)",
-        lambda: sampling.top_k_top_p_filter(l_c.copy_(logits[:64]), top_k, top_p),
-        lambda: sampling.top_k_top_p_filter_ref(l_d.copy_(logits[:64]), top_k, top_p),
-        4 * 4 * l_c.numel() / 1e9,  # resetting copy, read, write
-    ))
     return results
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig,
-                          PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import (GenerationConfig, LlamaConfig, MistralConfig, PretrainedConfig, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen3Config)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -50,14 +50,16 @@ class ArchSpec:
     architecture: str
     rope_theta: float
     tie_word_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
     extra: tuple[tuple[str, object], ...] = ()
 
 
 ARCHS = {
     "llama": ArchSpec(LlamaConfig, "LlamaForCausalLM", 500000.0, False),
-    "qwen2": ArchSpec(Qwen2Config, "Qwen2ForCausalLM", 1000000.0, True),
-    "qwen3": ArchSpec(Qwen3Config, "Qwen3ForCausalLM", 1000000.0, False),
-    "mistral": ArchSpec(MistralConfig, "MistralForCausalLM", 1000000.0, False, (("sliding_window", 4096),)),
+    "qwen2": ArchSpec(Qwen2Config, "Qwen2ForCausalLM", 1000000.0, True, qkv_bias=True),
+    "qwen3": ArchSpec(Qwen3Config, "Qwen3ForCausalLM", 1000000.0, False, qk_norm=True),
+    "mistral": ArchSpec(MistralConfig, "MistralForCausalLM", 1000000.0, False, extra=(("sliding_window", 4096),)),
 }
 
 
@@ -100,12 +102,8 @@ def make_tiny_model(out_dir: str | os.PathLike, arch: str, *, num_layers: int = 
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie, rope_parameters=rope,
         dtype=dtype, **dict(spec.extra), **ids)
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    config.dtype = dtype
-    _init_weights(model, tie)
-    state = {name: t.to(getattr(torch, dtype)).contiguous() for name, t in model.state_dict().items()
-             if not (tie and name == "lm_head.weight")}
+    weights = _init_weights(_tensor_shapes(config, spec, tie), tie, hidden_size, torch.Generator().manual_seed(seed))
+    state = {name: t.to(getattr(torch, dtype)) for name, t in weights.items()}
 
     config.save_pretrained(out)
     _add_legacy_config_keys(out / "config.json")
@@ -115,31 +113,60 @@ def make_tiny_model(out_dir: str | os.PathLike, arch: str, *, num_layers: int = 
     return out
 
 
-def _init_weights(model: torch.nn.Module, tie: bool) -> None:
+def _tensor_shapes(config: PretrainedConfig, spec: ArchSpec, tie: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint, named and shaped as transformers' model class has it (built
+    here rather than by instantiating that class, which imports torch._dynamo and with it Triton)."""
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for name, rows in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
+            shapes[f"{layer}self_attn.{name}.weight"] = (rows, hidden)
+            if spec.qkv_bias:
+                shapes[f"{layer}self_attn.{name}.bias"] = (rows,)
+        shapes[f"{layer}self_attn.o_proj.weight"] = (hidden, q_size)
+        if spec.qk_norm:
+            shapes[f"{layer}self_attn.q_norm.weight"] = (head_dim,)
+            shapes[f"{layer}self_attn.k_norm.weight"] = (head_dim,)
+        shapes[f"{layer}mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{layer}mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{layer}mlp.down_proj.weight"] = (hidden, inter)
+        shapes[f"{layer}input_layernorm.weight"] = (hidden,)
+        shapes[f"{layer}post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    if not tie:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes
+
+
+def _init_weights(shapes: dict[str, tuple[int, ...]], tie: bool, hidden: int,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random weights whose greedy choices win by wide margins and whose output uses every tensor.
 
     Logits spread with std ~LOGIT_STD. Embeddings are small next to what the layers add, so a tied
     head does not keep echoing the current token. Norm gains are random, so a loader that drops
     them produces different tokens; queries are scaled up so attention is selective.
     """
-    hidden = model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            fan_in = p.shape[-1]
-            if name.endswith("embed_tokens.weight"):
-                p.normal_(0.0, EMBED_STD)
-            elif name == "lm_head.weight":
-                p.normal_(0.0, LOGIT_STD / math.sqrt(fan_in))
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-                if tie and name == "model.norm.weight":
-                    p.mul_(LOGIT_STD / (EMBED_STD * math.sqrt(hidden)))
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            elif name.endswith("q_proj.weight"):
-                p.normal_(0.0, 2.0 / math.sqrt(fan_in))
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(fan_in))
+    weights = {}
+    for name, shape in shapes.items():
+        p = weights[name] = torch.empty(shape)
+        fan_in = shape[-1]
+        if name.endswith("embed_tokens.weight"):
+            p.normal_(0.0, EMBED_STD, generator=generator)
+        elif name == "lm_head.weight":
+            p.normal_(0.0, LOGIT_STD / math.sqrt(fan_in), generator=generator)
+        elif name.endswith("norm.weight"):
+            p.uniform_(0.5, 1.5, generator=generator)
+            if tie and name == "model.norm.weight":
+                p.mul_(LOGIT_STD / (EMBED_STD * math.sqrt(hidden)))
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.1, generator=generator)
+        elif name.endswith("q_proj.weight"):
+            p.normal_(0.0, 2.0 / math.sqrt(fan_in), generator=generator)
+        else:
+            p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+    return weights
 
 
 def _add_legacy_config_keys(path: pathlib.Path) -> None:

@@ -141,7 +141,8 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         head_dim = self.model.layers[0].self_attn.head_dim
-        self.register_buffer("cos_sin_cache", build_cos_sin_cache(config, head_dim), persistent=False)
+        device = self.model.embed_tokens.weight.device
+        self.register_buffer("cos_sin_cache", build_cos_sin_cache(config, head_dim, device), persistent=False)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta, self.cos_sin_cache)

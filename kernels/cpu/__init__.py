@@ -7,7 +7,8 @@ AVX512-BF16 paths are taken where the target has it, portable C elsewhere. The l
 $CONVEYOR_CACHE_DIR (default ~/.cache/conveyor). Loaded after torch, the library's OpenMP calls
 resolve to the libgomp torch already loaded, so both share one thread pool.
 
-Where no compiler works, `load()` returns None (with one warning) and callers keep their torch path.
+Where they cannot be built, `load()` returns None and warns once, with the compiler's error, and
+callers keep their torch path.
 ctypes releases the GIL for the duration of each call.
 """
 
@@ -234,7 +235,8 @@ def load() -> CpuKernels | None:
             try:
                 _library = CpuKernels(_build(compiler))
             except (OSError, subprocess.SubprocessError) as exc:
-                detail = getattr(exc, "stderr", None) or exc
-                logger.warning("CPU kernels unavailable (%s); using the slower torch path", detail)
+                reason = (getattr(exc, "stderr", None) or str(exc)).strip()
+                logger.warning("Conveyor's C kernels for the CPU could not be built, so every CPU op runs in "
+                               "plain torch, which is slower. Reason: %s", reason)
                 _library = None
         return _library

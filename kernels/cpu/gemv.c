@@ -5,7 +5,8 @@
  * is read once and dotted with every row of x. x [M, K], W [N, K], b [N] (or NULL), y [M, N]: all
  * bf16 and contiguous, M <= GEMV_MAX_ROWS. Accumulation is in float32; rows of W are shared out
  * over OpenMP threads. With AVX512-BF16 the dot products use vdpbf16ps (32 products an
- * instruction), elsewhere portable code that the compiler vectorises.
+ * instruction), with AVX2 widening loads and FMAs (8 an instruction), elsewhere portable code
+ * that the compiler vectorises.
  */
 #include "common.h"
 
@@ -25,6 +26,34 @@ static inline void dot_rows(const bf16 *x, const bf16 *w_row, int m_rows, int k,
     }
     for (int m = 0; m < m_rows; m++) {
         float s = _mm512_reduce_add_ps(acc[m]);
+        for (int j = i; j < k; j++) s += load(x, (int64_t)m * k + j, 1) * load(w_row, j, 1);
+        sums[m] = s;
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline __m256 load8_bf16(const bf16 *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Two accumulators a row, so consecutive FMAs do not wait on each other. */
+static inline void dot_rows(const bf16 *x, const bf16 *w_row, int m_rows, int k, float *sums) {
+    __m256 acc0[GEMV_MAX_ROWS], acc1[GEMV_MAX_ROWS];
+    for (int m = 0; m < m_rows; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m256 w0 = load8_bf16(w_row + i), w1 = load8_bf16(w_row + i + 8);
+        for (int m = 0; m < m_rows; m++) {
+            acc0[m] = _mm256_fmadd_ps(load8_bf16(x + (int64_t)m * k + i), w0, acc0[m]);
+            acc1[m] = _mm256_fmadd_ps(load8_bf16(x + (int64_t)m * k + i + 8), w1, acc1[m]);
+        }
+    }
+    for (int m = 0; m < m_rows; m++) {
+        const __m256 v = _mm256_add_ps(acc0[m], acc1[m]);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        float s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
         for (int j = i; j < k; j++) s += load(x, (int64_t)m * k + j, 1) * load(w_row, j, 1);
         sums[m] = s;
     }

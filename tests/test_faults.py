@@ -93,11 +93,7 @@ def core(llama_dir):
     dirs = ipc_dirs_of(workers)
     assert dirs
     yield core
-    core.proc.send_signal(signal.SIGTERM)
-    try:
-        assert core.proc.wait(30) == 0
-    finally:
-        stop(core.proc)
+    core.terminate()
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), timeout=10)
     assert not any(os.path.exists(path) for path in dirs)
 

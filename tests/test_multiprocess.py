@@ -47,6 +47,14 @@ class Headless:
                           timeout=180)
         assert self.proc.poll() is None, "".join(self.log)
 
+    def terminate(self) -> None:
+        """SIGTERM, which the core must answer by exiting cleanly; anything left is killed."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            assert self.proc.wait(30) == 0
+        finally:
+            stop(self.proc)
+
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
@@ -67,11 +75,7 @@ def slow_model(tmp_path_factory) -> str:
 def headless_core(slow_model):
     core = Headless(slow_model)
     yield core
-    core.proc.send_signal(signal.SIGTERM)
-    try:
-        assert core.proc.wait(30) == 0
-    finally:
-        stop(core.proc)
+    core.terminate()
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def encode_for_the_engine(params: SamplingParams, priority: int = 0) -> None:
 
 def sample(params: SamplingParams, output: list[int]) -> None:
     """A step of the sampler: a token of the vocabulary, one the request allows unless it failed."""
-    state = make_sampling_state(params, [1, 2, 3], "cpu")
+    state = make_sampling_state(params, [1, 2, 3], "cpu", seed=0)
     state.output_token_ids.extend(output)
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(0))
     token = Sampler(V)(logits, [state]).sampled_token_ids[0]

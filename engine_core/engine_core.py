@@ -45,7 +45,7 @@ from conveyor.ipc.messages import (
     UtilityCall,
     UtilityResult,
 )
-from conveyor.ipc.process import read_payload, run_child
+from conveyor.ipc.process import read_payload, run_child, summarize_failure
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import (
     HANDSHAKE_FAILED,
@@ -349,7 +349,9 @@ class EngineCoreProc:
             reason = "engine core was shut down"
         else:
             reason = "".join(traceback.format_exception_only(exc)).strip()
-            logger.error("engine core failed:\n%s", traceback.format_exc())
+            # A failure to start is reported by whoever started the core (see core_main, run_headless).
+            logger.log(logging.ERROR if self.ready else logging.DEBUG, "engine core failed:\n%s",
+                       traceback.format_exc())
         self.outputs.put((None, EngineDead(reason)))  # to every client
         self.outputs.put(None)
         self.output_thread.join(timeout=2.0)
@@ -481,7 +483,7 @@ def run_headless(config: EngineConfig, address: str) -> int:
     except (SystemExit, KeyboardInterrupt):
         return 0
     except Exception as exc:
-        logger.error("engine core failed: %s", exc)
+        logger.error("engine core failed: %s", summarize_failure(str(exc)))
         return 1
     finally:
         if proc is not None:
@@ -500,7 +502,10 @@ def core_main() -> None:
         proc.run()
     except SystemExit:
         pass
-    except BaseException:
+    except BaseException as exc:
+        if proc is None and payload.output_address is None:  # no spawning frontend to tell why (the launcher's core)
+            logger.error("engine core failed to start: %s",
+                         summarize_failure("".join(traceback.format_exception_only(exc))))
         os._exit(1)
     finally:
         if proc is not None:

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.config import RequestLimits
-from conveyor.frontend.cli import DEFAULT_MAX_REQUEST_BYTES, engine_args
+from conveyor.frontend.cli import DEFAULT_MAX_REQUEST_BYTES, engine_args, startup_failure
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -216,7 +216,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
               allowed_logits_processors: Collection[str] = (),
               request_limits: RequestLimits = RequestLimits()) -> FastAPI:
     """The OpenAI-compatible app over `engine` (an AsyncLLM). With `engine=None`, `lifespan` must set
-    `app.state.serving.engine` before the first request (run_server does).
+    `app.state.serving.engine` before the first request.
 
     `public_metrics`: serve /metrics without the API key (for scrapers that send none).
     `trust_request_chat_template`: render a chat template a request brings (it is code).
@@ -349,18 +349,22 @@ class _Server(uvicorn.Server):
 
 
 def run_server(args: Any, engine_address: str | None = None, sockets: list | None = None) -> int:
-    """Serve until SIGINT/SIGTERM: stop accepting, let in-flight requests finish within
-    `args.shutdown_timeout` seconds, abort the rest, shut the engine down. Returns the exit status:
-    non-zero when the engine died.
+    """Start the engine, then serve until SIGINT/SIGTERM: stop accepting, let in-flight requests
+    finish within `args.shutdown_timeout` seconds, abort the rest, shut the engine down. Returns the
+    exit status: non-zero when the engine died, or failed to start (reported in one line on stderr).
 
     `engine_address`: use the engine core running there instead of starting one. `sockets`: accept
     on these listening sockets (shared with other API servers) instead of binding --host/--port."""
     from conveyor.frontend.async_llm import AsyncLLM
 
+    try:
+        engine = AsyncLLM(args.model, engine_address=engine_address, **engine_args(args))
+    except Exception as exc:
+        return startup_failure("serve", exc)
     server: _Server | None = None
     died = False
 
-    async def watch(engine) -> None:
+    async def watch() -> None:
         nonlocal died
         while not engine.is_dead:
             await asyncio.sleep(0.5)
@@ -370,29 +374,24 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = AsyncLLM(args.model, engine_address=engine_address, **engine_args(args))
-        app.state.serving.engine = engine
-        watcher = asyncio.create_task(watch(engine))
+        watcher = asyncio.create_task(watch())
         try:
             yield
         finally:
             watcher.cancel()
-            engine.shutdown()
 
-    app = build_app(None, args.served_model_name or args.model, args.api_key, lifespan=lifespan,
-                    public_metrics=args.public_metrics, max_request_bytes=args.max_request_body,
-                    trust_request_chat_template=args.trust_request_chat_template,
-                    allowed_logits_processors=getattr(args, "allowed_logits_processors", None) or (),
-                    request_limits=engine_args(args)["request_limits"])
-    config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
-                            timeout_graceful_shutdown=args.shutdown_timeout,
-                            log_level=getattr(args, "log_level", "info"), access_log=False)
-    server = _Server(config)
     try:
+        app = build_app(engine, args.served_model_name or args.model, args.api_key, lifespan=lifespan,
+                        public_metrics=args.public_metrics, max_request_bytes=args.max_request_body,
+                        trust_request_chat_template=args.trust_request_chat_template,
+                        allowed_logits_processors=getattr(args, "allowed_logits_processors", None) or (),
+                        request_limits=engine.config.request_limits)
+        config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
+                                timeout_graceful_shutdown=args.shutdown_timeout,
+                                log_level=getattr(args, "log_level", "info"), access_log=False)
+        server = _Server(config)
         server.run(sockets=sockets)
     finally:
-        engine = app.state.serving.engine
-        if engine is not None:
-            died = died or engine.is_dead
-            engine.shutdown()
-    return 1 if died or app.state.serving.engine is None else 0
+        died = died or engine.is_dead
+        engine.shutdown()
+    return 1 if died else 0

@@ -97,6 +97,20 @@ def resolve_model(name: str) -> str:
     return snapshot_download(name, allow_patterns=DOWNLOAD_PATTERNS)
 
 
+def startup_failure(command: str, exc: Exception) -> int:
+    """Report why the engine did not start in one line on stderr (the traceback goes to the log
+    at DEBUG); the exit status: 1 when the engine failed, 2 for bad input (arguments, model files)."""
+    logger.debug("conveyor %s failed to start", command, exc_info=exc)
+    from conveyor.frontend.errors import EngineStartupError
+    from conveyor.ipc.process import summarize_failure
+
+    cause = summarize_failure(str(exc))
+    if not isinstance(exc, EngineStartupError | ValueError | OSError):
+        cause = f"failed to start: {type(exc).__name__}: {cause}"
+    print(f"conveyor {command}: {cause}", file=sys.stderr)
+    return 2 if isinstance(exc, ValueError | OSError) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench}")
@@ -170,7 +184,10 @@ async def generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos,
                             output_kind=RequestOutputKind.DELTA)
-    engine = AsyncLLM(args.model, **engine_args(args))
+    try:
+        engine = AsyncLLM(args.model, **engine_args(args))
+    except Exception as exc:
+        return startup_failure("generate", exc)
     try:
         prompt = args.prompt
         if args.chat:
@@ -221,11 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conveyor {args.command}: no local model directory there, nor on the Hugging Face hub: {e}",
               file=sys.stderr)
         return 2
-    if args.command == "generate":
-        try:
-            return asyncio.run(generate(args))
-        except KeyboardInterrupt:
-            return 130
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"conveyor {args.command}: {args.model} is not a model directory: it has no config.json",
+              file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(generate(args)) if args.command == "generate" else serve(args)
+    except KeyboardInterrupt:  # Ctrl-C while the engine starts (a running server takes SIGINT itself)
+        return 130
+
+
+def serve(args: argparse.Namespace) -> int:
     if args.headless and (args.engine_address or args.api_server_count != 1):
         print("conveyor serve: --headless runs no API server: drop --engine-address/--api-server-count",
               file=sys.stderr)
@@ -237,18 +260,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.headless:
         return launcher.run_headless(args)
-    if args.engine_address is not None:
-        address = args.engine_address if "://" in args.engine_address else f"tcp://{args.engine_address}"
-        if args.api_server_count > 1:
-            return launcher.run_api_servers(args, address)
-        from conveyor.frontend.api_server import run_server
-
-        return run_server(args, engine_address=address)
-    if args.api_server_count > 1:
-        return launcher.run_api_servers(args)
     from conveyor.frontend.api_server import run_server
 
-    return run_server(args)
+    address = args.engine_address
+    if address is not None and "://" not in address:
+        address = f"tcp://{address}"
+    if args.api_server_count > 1:
+        return launcher.run_api_servers(args, address)
+    return run_server(args, engine_address=address)
 
 
 if __name__ == "__main__":

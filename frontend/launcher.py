@@ -30,14 +30,17 @@ logger = logging.getLogger(__name__)
 SUPERVISE_S = 0.2  # how often the supervisor checks its children
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The engine arguments, checked against the model's config before any process starts."""
+def engine_config(args: argparse.Namespace, own_core: bool = True) -> EngineConfig:
+    """The engine arguments and the model's config, checked before any process starts (the limits
+    only for a core of our `own_core`: another core has its own)."""
     from transformers import AutoConfig
 
     from conveyor.frontend.cli import engine_args
 
     config = EngineConfig(model=args.model, **engine_args(args))
-    resolve_max_model_len(config, AutoConfig.from_pretrained(args.model))  # a bad limit fails here, not in a worker
+    hf_config = AutoConfig.from_pretrained(args.model)
+    if own_core:
+        resolve_max_model_len(config, hf_config)  # a bad limit fails here, not in a worker
     return config
 
 
@@ -45,13 +48,24 @@ def run_headless(args: argparse.Namespace) -> int:
     """The engine core and its workers only, listening at tcp://HOST:ENGINE_PORT for frontends
     (`conveyor serve --engine-address HOST:ENGINE_PORT`, or `AsyncLLM(engine_address=...)`)."""
     from conveyor.engine_core.engine_core import run_headless as run_core
+    from conveyor.frontend.cli import startup_failure
 
-    return run_core(engine_config(args), f"tcp://{args.host}:{args.engine_port}")
+    try:  # run_core logs the core's own failure; bad arguments and model files raise
+        return run_core(engine_config(args), f"tcp://{args.host}:{args.engine_port}")
+    except Exception as exc:
+        return startup_failure("serve", exc)
 
 
 def run_api_servers(args: argparse.Namespace, engine_address: str | None = None) -> int:
     """K API servers on one port; with `engine_address`, for the core running there, else for a
     core of their own that this process starts."""
+    from conveyor.frontend.cli import startup_failure
+
+    try:  # before anything starts: a bad model directory, argument or port fails here, in one line
+        config = engine_config(args, own_core=engine_address is None)
+        listener = socket.create_server((args.host, args.port))
+    except Exception as exc:
+        return startup_failure("serve", exc)
     stopping = False
 
     def stop(*_) -> None:
@@ -61,10 +75,8 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     ipc_dir = new_ipc_dir()
-    listener = socket.create_server((args.host, args.port))
     children: dict[str, subprocess.Popen] = {}
     if engine_address is None:
-        config = engine_config(args)
         engine_address = ipc_address(ipc_dir, "core-in")
         children["engine core"] = spawn("conveyor.engine_core.engine_core",
                                         CorePayload(config, engine_address, None, ipc_dir),
@@ -117,7 +129,10 @@ def api_server_main() -> None:
     from conveyor.frontend.api_server import run_server
 
     listener = socket.socket(fileno=payload.listen_fd)
-    status = run_server(args, engine_address=payload.engine_address, sockets=[listener])
+    try:
+        status = run_server(args, engine_address=payload.engine_address, sockets=[listener])
+    except SystemExit as exc:  # SIGTERM while the engine started (run_child's handler)
+        status = exc.code if isinstance(exc.code, int) else 1
     # os._exit: a normal exit would finalize the interpreter under the lifeline thread's stdin read.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -92,11 +92,11 @@ def worker_main() -> None:
             run_steps(runner, inputs, outputs, config.ring_spin_s(device.type), rank)
     except Exception:
         error = traceback.format_exc()
-        logger.error("worker rank %d failed:\n%s", rank, error)
         try:
             outputs.send(encoder.encode(WorkerError(rank, error)), timeout=1.0)
-        except RingTimeout:
-            pass  # the core stopped reading: it learns of the death from the exit status
+            logger.debug("worker rank %d failed:\n%s", rank, error)  # the core reports it
+        except RingTimeout:  # the core stopped reading: it learns of the death from the exit status
+            logger.error("worker rank %d failed:\n%s", rank, error)
         os._exit(1)
     os._exit(0)
 

@@ -129,6 +129,15 @@ def describe_exit(name: str, returncode: int | None) -> str:
     return f"{name} process exited with code {returncode}"
 
 
+def summarize_failure(text: str) -> str:
+    """A failure's message in one line: its first line, and when more follow (a traceback it
+    carries), the last one, which names the exception that ended it."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+
+
 def run_child(main: Callable[[], None]) -> None:
     """Run a child's main: SIGINT is the parent's business (Ctrl-C reaches the whole terminal
     group), SIGTERM exits cleanly."""

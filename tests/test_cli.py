@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from conveyor.frontend.cli import main, parse_size
-from procs import descendants_of, wait_until
+from procs import children_of, descendants_of, ipc_dirs_of, wait_until
 
 CONVEYOR = [shutil.which("conveyor")] if shutil.which("conveyor") else [sys.executable, "-m", "conveyor.frontend.cli"]
 ENGINE = ["--dtype", "float32", "--num-kv-blocks", "64", "--max-model-len", "256"]
@@ -39,6 +39,87 @@ def test_serve_of_a_model_that_is_nowhere_fails_in_one_line(capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("conveyor serve: no local model directory there, nor on the")
+
+
+def serve_until_it_fails(model_dir, *args: str) -> tuple[int, list[str], list[int], set[str]]:
+    """`conveyor serve MODEL_DIR --port 0 ARGS...`, expected to give up on its own: its exit status, its
+    stderr's lines, the processes it started and the ipc directories they held while it ran."""
+    proc = subprocess.Popen(CONVEYOR + ["serve", str(model_dir), "--port", "0", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    seen: set[int] = set()
+    dirs: set[str] = set()
+    deadline = time.monotonic() + 180
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            kids = descendants_of(proc.pid)
+            seen.update(kids)
+            dirs |= ipc_dirs_of([proc.pid, *kids])
+            time.sleep(0.05)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    return proc.returncode, [line.rstrip("\n") for line in err if line.strip()], sorted(seen), dirs
+
+
+def assert_failed_in_one_line(status: int, lines: list[str], expected_status: int, cause: str) -> None:
+    assert status == expected_status, "\n".join(lines)
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+    reports = [line for line in lines if line.startswith("conveyor serve: ")]
+    assert len(reports) == 1 and re.search(cause, reports[0]), "\n".join(lines)
+
+
+def assert_nothing_left(pids: list[int], dirs: set[str]) -> None:
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), timeout=10)
+    assert not [d for d in dirs if os.path.exists(d)]
+
+
+def test_serve_of_an_empty_directory_fails_in_one_line_leaving_nothing(tmp_path):
+    status, lines, pids, dirs = serve_until_it_fails(tmp_path)
+    assert_failed_in_one_line(status, lines, 2, r"is not a model directory: it has no config\.json")
+    assert_nothing_left(pids, dirs)
+
+
+def test_serve_of_a_directory_with_an_invalid_config_fails_in_one_line_leaving_nothing(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    status, lines, pids, dirs = serve_until_it_fails(tmp_path)
+    assert_failed_in_one_line(status, lines, 2, r"config\.json.* not a valid JSON")
+    assert_nothing_left(pids, dirs)
+
+
+def test_serve_of_an_unsupported_architecture_fails_in_one_line_leaving_nothing(llama_dir, tmp_path):
+    """The worker finds it out: its traceback travels to the frontend, which prints its last line."""
+    for name in os.listdir(llama_dir):
+        if name != "config.json":
+            os.symlink(os.path.join(llama_dir, name), tmp_path / name)
+    with open(os.path.join(llama_dir, "config.json")) as f:
+        config = json.load(f)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    status, lines, pids, dirs = serve_until_it_fails(tmp_path, *ENGINE)
+    assert_failed_in_one_line(status, lines, 1, r"engine failed to start: .*unsupported architecture \['GPT2LMHeadModel")
+    assert pids, "no engine process"
+    assert_nothing_left(pids, dirs)
+
+
+def test_serve_with_api_server_count_of_an_invalid_config_fails_in_one_line_starting_nothing(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    status, lines, pids, dirs = serve_until_it_fails(tmp_path, "--api-server-count", "2")
+    assert_failed_in_one_line(status, lines, 2, r"config\.json.* not a valid JSON")
+    assert not pids and not dirs
+
+
+def test_generate_of_a_directory_with_an_invalid_config_fails_in_one_line_leaving_nothing(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    before = set(children_of(os.getpid()))
+    assert main(["generate", str(tmp_path), "Hi"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("conveyor generate: ") and f"{tmp_path}/config.json" in lines[0]
+    assert wait_until(lambda: set(children_of(os.getpid())) <= before, timeout=10)
 
 
 def test_generate_streams_text_and_exits_zero_leaving_no_process(llama_dir):

@@ -14,8 +14,8 @@ _EXPORTS = {
     "RequestOutput": "conveyor.frontend.outputs",
     "EngineDeadError": "conveyor.frontend.errors",
     "EngineStartupError": "conveyor.frontend.errors",
-    "RequestOutputKind": "conveyor.frontend.sampling_params",
-    "SamplingParams": "conveyor.frontend.sampling_params",
+    "RequestOutputKind": "conveyor.sampling_params",
+    "SamplingParams": "conveyor.sampling_params",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,8 +6,6 @@ import os
 
 import msgspec
 
-from conveyor.ipc.shm_ring import SPIN_S
-
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -120,11 +118,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         if device_type != "cpu":
             return True
         return len(usable_cores()) > self.resolved_worker_threads() * self.tensor_parallel_size
-
-    def ring_spin_s(self, device_type: str) -> float:
-        """How long the core or a worker, waiting on its ring, spins before it sleeps: spinning
-        takes a core, so only where the workers leave one free (ipc/shm_ring.py)."""
-        return SPIN_S if self.has_spare_cores(device_type) else 0.0
 
     def worker_cores(self, rank: int) -> list[int] | None:
         """The cores a CPU worker of `rank` is bound to (None: unbound). Ranks take consecutive

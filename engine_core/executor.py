@@ -25,7 +25,7 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import describe_exit, is_stopped, spawn, terminate
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.shm_ring import RingTimeout, ShmRing
+from conveyor.ipc.shm_ring import RingTimeout, ShmRing, ring_spin_s
 
 # Spin-loop iterations an idle OpenMP thread of a worker busy-waits before it sleeps. libgomp's
 # default, 300,000, keeps every core busy between steps and starves the frontend and the core that
@@ -66,7 +66,7 @@ class Executor:
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
         self.vocab_size = ready[0].vocab_size
-        self.spin_s = config.ring_spin_s(self.device_type)
+        self.spin_s = ring_spin_s(config.has_spare_cores(self.device_type))
         if self.device_type == "cpu" and (cores := config.core_process_cores()) is not None:
             bind_process(cores, "the engine core")  # off the workers' cores, which are bound already
 

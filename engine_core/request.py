@@ -2,7 +2,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

@@ -29,7 +29,7 @@ from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState, deliver_threadsafe
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
-from conveyor.frontend.sampling_params import (INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
+from conveyor.sampling_params import (INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
                                                child_seed, resolve_logits_processor)
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
 

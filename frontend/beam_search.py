@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from conveyor.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.sampling_params import RequestOutputKind, SamplingParams
 
 NEG_INF = -1.0e9
 

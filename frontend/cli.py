@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def generate(args: argparse.Namespace) -> int:
     from conveyor.frontend.async_llm import AsyncLLM
-    from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+    from conveyor.sampling_params import RequestOutputKind, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,

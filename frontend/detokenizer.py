@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 
 try:
     from tokenizers.decoders import DecodeStream

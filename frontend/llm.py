@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from conveyor.frontend.async_llm import AsyncLLM, PromptType
 from conveyor.frontend.outputs import RequestOutput
-from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.sampling_params import RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
-from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.sampling_params import RequestOutputKind, SamplingParams
 from conveyor.ipc.messages import EngineCoreOutput, Logprobs
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conveyor.frontend.sampling_params import INT32_MAX, RequestOutputKind, SamplingParams
+from conveyor.sampling_params import INT32_MAX, RequestOutputKind, SamplingParams
 
 
 def random_id(prefix: str) -> str:

@@ -24,7 +24,7 @@ from conveyor.frontend.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         CompletionLogprobs, CompletionRequest, CompletionResponse,
                                         DeltaMessage, ErrorInfo, ErrorResponse, PromptTokensDetails, TopLogprob,
                                         TokenizeRequest, Usage, random_id, salted, to_sampling_params)
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conveyor.ipc.messages import Logprobs  # one position: chosen token, rank, top-N
-from conveyor.frontend.sampling_params import GREEDY_TEMPERATURE, SamplingParams, resolve_logits_processor
+from conveyor.sampling_params import GREEDY_TEMPERATURE, SamplingParams, resolve_logits_processor
 from conveyor.seeds import derive_seed
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from conveyor.ipc.messages import (
 )
 from conveyor.ipc.process import read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
-from conveyor.ipc.shm_ring import RingTimeout, ShmRing
+from conveyor.ipc.shm_ring import RingTimeout, ShmRing, ring_spin_s
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def worker_main() -> None:
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
                                                 device.type, runner.hf_config.vocab_size)))
         with torch.inference_mode():
-            run_steps(runner, inputs, outputs, config.ring_spin_s(device.type), rank)
+            run_steps(runner, inputs, outputs, ring_spin_s(config.has_spare_cores(device.type)), rank)
     except Exception:
         error = traceback.format_exc()
         try:

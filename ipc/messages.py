@@ -7,7 +7,7 @@ members carry a tag, so one decoder reads every message of a socket.
 import msgspec
 
 from conveyor.config import EngineConfig
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 
 
 class Message(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):

@@ -44,6 +44,12 @@ SPIN_S = 0.005
 ALIVE_CHECK_S = 0.05
 
 
+def ring_spin_s(spare_cores: bool) -> float:
+    """How long the core or a worker, waiting on its ring, spins before it sleeps: spinning takes a
+    core, so only where the workers leave one free (`EngineConfig.has_spare_cores`)."""
+    return SPIN_S if spare_cores else 0.0
+
+
 def memory_fence() -> None:
     """A full fence: taking a lock is an atomic read-modify-write (Python exposes no fence)."""
     with _fence_lock:

@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 
 TEXT = "héllo wörld 你好 🙂 the end.<|im_end|>\n<|im_start|>more: ünïcödé ✓"
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from conveyor.config import RequestLimits
 from conveyor.frontend.async_llm import check_priority
 from conveyor.frontend.protocol import ChatCompletionRequest, CompletionRequest, to_sampling_params
-from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.sampling_params import RequestOutputKind, SamplingParams
 from conveyor.gpu_worker.sampler import Sampler, make_sampling_state
 from conveyor.ipc.messages import (Abort, CachedRequestData, EngineCoreInput, EngineCoreOutput,
                                    EngineCoreOutputMessage, EngineCoreOutputs, EngineCoreRequest, EngineDead,

@@ -70,7 +70,7 @@ def test_apply_penalties_bad_layout_raises_value_error(name, bad, message):
 
 
 def test_sampler_on_triton_ops_penalises_exactly_as_its_torch_path():
-    from conveyor.frontend.sampling_params import SamplingParams
+    from conveyor.sampling_params import SamplingParams
     from conveyor.gpu_worker.sampler import Sampler, make_sampling_state
     from conveyor.gpu_worker.triton_ops import TritonOps
 

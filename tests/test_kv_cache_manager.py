@@ -4,7 +4,7 @@ import pytest
 
 from conveyor.engine_core.kv_cache_manager import KVCacheManager, prompt_block_hashes, update_block_hashes
 from conveyor.engine_core.request import Request
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 
 BS = 4
 

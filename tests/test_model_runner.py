@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conveyor.config import EngineConfig
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 from conveyor.gpu_worker import parallel
 from conveyor.gpu_worker.model_runner import ModelRunner
 from conveyor.gpu_worker.ops import CpuOps

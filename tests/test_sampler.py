@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 from conveyor.gpu_worker import sampler as sampler_module
 from conveyor.gpu_worker.sampler import (Sampler, apply_logits_processing, apply_sampling_filters,
                                          compute_logprobs, make_sampling_state,

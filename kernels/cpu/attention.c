@@ -8,8 +8,8 @@
  * int32. Query token i of a sequence attends causally to its context up to its own position. Each
  * decode token is one work item, shared out over OpenMP threads; so is each prefill token, except in
  * bf16 with head_dim 64 or 128 on AVX512-BF16, where prefill chunks go in tiles of 16 query tokens
- * per KV head (prefill_tiles_bf16: 30-37 % less time than a work item per token on the reference
- * model). Accumulation is in float32. Returns 0, or -1 if a scratch allocation failed.
+ * per KV head (prefill_tiles_bf16: each block of keys is packed once for the whole tile rather than
+ * read once per query token; docs/benchmarks.md). Accumulation is in float32. Returns 0, or -1 if a scratch allocation failed.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -156,7 +156,7 @@ static inline void prefetch_head(const bf16 *cache, const int32_t *table, int t,
 /* `attend` for bf16 with head_dim HD, a literal (so every per-dimension loop unrolls and its
  * accumulators stay in registers), one KV head at a time, with all the query heads of its group:
  * each key and value row is read from memory once, not once per query head (a group's rows fall
- * out of L2 at long contexts, and each query head then streamed them again).
+ * out of L2 at long contexts, so a pass per query head would stream them from memory again).
  * - q . k: 16 keys' rows at a time, every query head of the group against them while they sit in
  *   L1; each head's 16 dot products (vdpbf16ps) summed by one transposing tree;
  * - p . v: two keys per vdpbf16ps, their value rows interleaved once for up to PV_HEADS query

@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.config import RequestLimits
-from conveyor.frontend.cli import DEFAULT_MAX_REQUEST_BYTES, engine_args, startup_failure
+from conveyor.frontend.args import DEFAULT_MAX_REQUEST_BYTES, engine_args, startup_failure
+from conveyor.frontend.async_llm import AsyncLLM
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -355,10 +356,8 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
 
     `engine_address`: use the engine core running there instead of starting one. `sockets`: accept
     on these listening sockets (shared with other API servers) instead of binding --host/--port."""
-    from conveyor.frontend.async_llm import AsyncLLM
-
     try:
-        engine = AsyncLLM(args.model, engine_address=engine_address, **engine_args(args))
+        engine = AsyncLLM(engine_address=engine_address, **engine_args(args))
     except Exception as exc:
         return startup_failure("serve", exc)
     server: _Server | None = None

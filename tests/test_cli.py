@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from conveyor.frontend.cli import main, parse_size
+from conveyor.frontend.args import parse_size
+from conveyor.frontend.cli import main
 from procs import children_of, descendants_of, ipc_dirs_of, wait_until
 
 CONVEYOR = [shutil.which("conveyor")] if shutil.which("conveyor") else [sys.executable, "-m", "conveyor.frontend.cli"]

@@ -127,8 +127,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def uses_async_scheduling(self, device_type: str) -> bool:
         """On a CPU whose every core runs a worker's OpenMP thread, the core's work would preempt
-        one of them mid-step and stall the others at the next barrier: measured on 2 cores, the
-        reference workload ran 2.7 % slower with async scheduling than without."""
+        one of them mid-step and stall the others at the next barrier: the overlap costs more than it saves."""
         if self.async_scheduling is not None:
             return self.async_scheduling
         return self.has_spare_cores(device_type)

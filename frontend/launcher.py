@@ -110,16 +110,7 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
         crashed = [(name, proc) for name, proc in children.items() if proc.poll() is not None]
     for name, proc in crashed:
         logger.error("%s; stopping the others", describe_exit(name, proc.returncode))
-    for proc in servers:  # graceful: they drain their requests, then exit
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + args.shutdown_timeout + 10.0
-    for proc in servers:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_servers(servers, args.shutdown_timeout)
     core = children.get("engine core")
     if core is not None:
         terminate(core, timeout=5.0)
@@ -127,6 +118,21 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
     remove_ipc_dir(ipc_dir)
     failed = crashed or any(proc.returncode != 0 for proc in servers)
     return 1 if failed else 0
+
+
+def stop_servers(servers: list[subprocess.Popen], shutdown_timeout: float) -> None:
+    """SIGTERM the servers still running, so that they drain their requests and exit; kill any
+    still there `shutdown_timeout` + 10 seconds later."""
+    for proc in servers:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + shutdown_timeout + 10.0
+    for proc in servers:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def api_server_main() -> None:

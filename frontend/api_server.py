@@ -16,7 +16,7 @@ import contextlib
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -266,34 +266,31 @@ def live_engine(serving: OpenAIServing):
     return serving.engine
 
 
-async def respond(request: Request, events: AsyncIterator[str] | None, whole: Awaitable | None):
-    if whole is not None:
+async def answer(request: Request, model: type[T], events: Callable[[OpenAIServing, T], AsyncIterator[str]],
+                 whole: Callable[[OpenAIServing, T], Awaitable[BaseModel]]) -> Response:
+    """A generation request's answer: its `events` as they come when it streams, else `whole`'s body."""
+    body, serving = await parse(request, model), serving_of(request)
+    live_engine(serving)
+    if not body.stream:
         try:
-            body = await until_disconnected(request, whole)
+            response = await until_disconnected(request, whole(serving, body))
         except asyncio.CancelledError:  # past the graceful-shutdown timeout (see EventStream)
             return error_response(503, "the server is shutting down")
-        return Response(body.model_dump_json(), media_type="application/json")
+        return Response(response.model_dump_json(), media_type="application/json")
+    stream = events(serving, body)
     # Wait for the first event here, so that a rejected request still gets its HTTP status.
-    first = await until_disconnected(request, anext(events))
-    return EventStream(prepend(first, events), headers={"Cache-Control": "no-cache"})
+    first = await until_disconnected(request, anext(stream))
+    return EventStream(prepend(first, stream), headers={"Cache-Control": "no-cache"})
 
 
 @router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request):
-    body, serving = await parse(request, CompletionRequest), serving_of(request)
-    live_engine(serving)
-    if body.stream:
-        return await respond(request, serving.completion_events(body), None)
-    return await respond(request, None, serving.completion(body))
+    return await answer(request, CompletionRequest, OpenAIServing.completion_events, OpenAIServing.completion)
 
 
 @router.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
-    body, serving = await parse(request, ChatCompletionRequest), serving_of(request)
-    live_engine(serving)
-    if body.stream:
-        return await respond(request, serving.chat_events(body), None)
-    return await respond(request, None, serving.chat(body))
+    return await answer(request, ChatCompletionRequest, OpenAIServing.chat_events, OpenAIServing.chat)
 
 
 def model_card(serving: OpenAIServing) -> ModelCard:

@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+from typing import Annotated, Literal, NewType, get_args, get_origin
 
 import msgspec
 
@@ -10,6 +11,15 @@ logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
 MIN_SECRET_CHARS = 16
+
+Bytes = NewType("Bytes", int)  # a size, which the command line also takes as 4GiB, 512MiB, ...
+
+
+def option(help: str | None = None, **cli: str) -> msgspec.Meta:
+    """A config field's help as a `conveyor` option, with what its type leaves open (frontend/args.py):
+    `alias` (-tp), `metavar`, `env` (the variable that gives the default), `command` (the one command
+    that has the option)."""
+    return msgspec.Meta(description=help, extra=cli)
 
 
 class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -30,41 +40,57 @@ class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    # Schedule step N+1 while the workers run step N. None: where the workers leave the core a
-    # processor of its own (CUDA; a CPU with cores to spare), see uses_async_scheduling.
-    async_scheduling: bool | None = None
-    kv_cache_memory: int | None = None  # bytes per rank; default: 2 GiB on CPU, 85% of free memory on GPU
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory
-    scheduling_policy: str = "fcfs"  # fcfs | priority
-    seed: int = 0  # with each request's arrival number, the seed of a request that has none
-    device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # hot ops: auto (C kernels on CPU, Triton on CUDA) | torch | triton
-    worker_threads: int | None = None  # torch threads per worker; default: usable cores / tensor_parallel_size
+    """Every field is also an engine option of `conveyor serve` and `conveyor generate`, its help the
+    field's `option` (frontend/args.py): `--max-num-seqs`; `--no-prefix-caching` for a flag that is on
+    by default; a field without a default is a positional argument."""
+
+    model: Annotated[str, option("local Hugging Face model directory, or a hub id to download")]
+    tokenizer: Annotated[str | None, option("tokenizer directory or hub id (default: the model's)")] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tensor_parallel_size: Annotated[int, option("worker processes, one per rank", alias="-tp")] = 1
+    max_model_len: Annotated[int | None, option("longest prompt + output (default: the model's)")] = None
+    block_size: Annotated[int, option("tokens per KV-cache block")] = 16
+    max_num_seqs: Annotated[int, option("most requests running at once")] = 256
+    max_num_batched_tokens: Annotated[int, option("token budget of one step")] = 2048
+    enable_prefix_caching: Annotated[bool, option("do not reuse the KV cache of repeated prompt prefixes")] = True
+    enable_chunked_prefill: Annotated[bool, option("do not split long prompts across steps")] = True
+    # None: where the workers leave the core a processor of its own, see uses_async_scheduling.
+    async_scheduling: Annotated[bool | None, option(
+        "schedule the next step while the workers run the current one (default: on CUDA, and on a CPU with "
+        "cores to spare beyond the workers' threads)")] = None
+    kv_cache_memory: Annotated[Bytes | None, option(
+        "KV-cache bytes per rank, e.g. 4GiB (default: 2 GiB on CPU, 85% of free GPU memory)")] = None
+    num_kv_blocks: Annotated[int | None, option("exact number of KV-cache blocks (overrides the above)")] = None
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # With each request's arrival number, the seed of a request that has none.
+    seed: Annotated[int, option("seed of unseeded sampling")] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attention_backend: Annotated[Literal["auto", "torch", "triton"], option(
+        "hot ops: auto (C kernels on CPU, Triton on CUDA), torch or triton")] = "auto"
+    worker_threads: Annotated[int | None, option(
+        "torch threads per worker on a CPU (default: the usable cores / tensor-parallel size)")] = None
     # On a CPU, give each worker rank cores of its own and the core process the cores left over
     # (see worker_cores): the kernel otherwise queues the core behind a worker's thread while a
     # core sits idle, for up to milliseconds at a time.
-    bind_cores: bool = True
-    request_limits: RequestLimits = msgspec.field(default_factory=RequestLimits)  # the frontend's
-    # Shared by a --headless core and its frontends; their tcp links then run CurveZMQ
-    # (ipc/sockets.py). Required where the core listens beyond loopback.
-    engine_secret: str | None = None
-    # Seconds a step may take before the engine counts a worker as hung and dies naming it. The
-    # default matches torch.distributed's collective timeout: a long prefill on a CPU takes minutes.
-    step_timeout: float = 600.0
+    bind_cores: Annotated[bool, option(
+        "on a CPU, do not bind workers and the engine core to cores of their own")] = True
+    request_limits: Annotated[RequestLimits, option("how much one request may ask for")] = msgspec.field(
+        default_factory=RequestLimits)  # the frontend's
+    engine_secret: Annotated[str | None, option(
+        "shared by a --headless core and the API servers of --engine-address: their tcp links then authenticate "
+        "and encrypt (CurveZMQ); required beyond loopback; at least 16 characters (default: "
+        "$CONVEYOR_ENGINE_SECRET, which, unlike the command line, other users cannot read)",
+        metavar="SECRET", env="CONVEYOR_ENGINE_SECRET", command="serve")] = None
+    # The default matches torch.distributed's collective timeout: a long prefill on a CPU takes minutes.
+    step_timeout: Annotated[float, option(
+        "seconds a model step may take before the engine counts a worker as hung and stops, naming it "
+        "(default 600)", metavar="S")] = 600.0
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
-               "auto, float32, bfloat16 or float16")
+        for field in msgspec.structs.fields(self):
+            if choices := literal_choices(field.type):
+                value = getattr(self, field.name)
+                _check(value in choices, field.name, value, f"{', '.join(choices[:-1])} or {choices[-1]}")
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len, ">= 1")
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
@@ -74,11 +100,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
                self.kv_cache_memory, "> 0 bytes")
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, ">= 1")
-        _check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", self.scheduling_policy,
-               "fcfs or priority")
-        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
-        _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
-               self.attention_backend, "auto, torch or triton")
         _check(self.step_timeout > 0, "step_timeout", self.step_timeout, "> 0 seconds")
         if self.engine_secret is not None and len(self.engine_secret) < MIN_SECRET_CHARS:
             raise ValueError(f"engine_secret must be at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand "
@@ -106,8 +127,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def uses_async_scheduling(self, device_type: str) -> bool:
         """On a CPU whose every core runs a worker's OpenMP thread, the core's work would preempt
-        one of them mid-step and stall the others at the next barrier: measured on 2 cores, the
-        reference workload ran 2.7 % slower with async scheduling than without."""
+        one of them mid-step and stall the others at the next barrier: the overlap costs more than it saves."""
         if self.async_scheduling is not None:
             return self.async_scheduling
         return self.has_spare_cores(device_type)
@@ -160,6 +180,13 @@ def bind_process(cores: list[int], who: str) -> None:
                 pass  # a thread that ended meanwhile
     except OSError as exc:
         logger.warning("%s could not bind to cores %s: %s", who, cores, exc)
+
+
+def literal_choices(field_type) -> tuple:
+    """The values a `Literal` field type, annotated or not, allows; () for any other type."""
+    if get_origin(field_type) is Annotated:
+        field_type = get_args(field_type)[0]
+    return get_args(field_type) if get_origin(field_type) is Literal else ()
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.config import RequestLimits
-from conveyor.frontend.cli import DEFAULT_MAX_REQUEST_BYTES, engine_args, startup_failure
+from conveyor.frontend.args import DEFAULT_MAX_REQUEST_BYTES, engine_args, startup_failure
+from conveyor.frontend.async_llm import AsyncLLM
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -222,10 +223,9 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
     `trust_request_chat_template`: render a chat template a request brings (it is code).
     `allowed_logits_processors`: the only logits processors requests may name."""
     app = FastAPI(title="Conveyor", lifespan=lifespan)
-    serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name),
-                            allowed_logits_processors,
-                            trust_request_chat_template=trust_request_chat_template)
-    app.state.serving = serving
+    app.state.serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name),
+                                      allowed_logits_processors,
+                                      trust_request_chat_template=trust_request_chat_template)
     install_error_handlers(app)
     describe_bodies(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest),
                     served_model_name, request_limits)
@@ -233,96 +233,112 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
     if api_key is not None:
         open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
         app.add_middleware(RequireAPIKey, api_key=api_key, open_paths=open_paths)
-
-    async def parse(request: Request, model: type[T]) -> T:
-        try:
-            body = model.model_validate_json(await request.body())
-        except ValidationError as e:
-            raise APIError(400, *describe_validation_error(e)) from None
-        check_model(getattr(body, "model", None))
-        return body
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
-
-    def live_engine():
-        if serving.engine is None or serving.engine.is_dead:
-            raise APIError(503, "the engine is not running", code="engine_dead")
-        return serving.engine
-
-    async def respond(request: Request, events: AsyncIterator[str] | None, whole: Awaitable | None):
-        if whole is not None:
-            try:
-                body = await until_disconnected(request, whole)
-            except asyncio.CancelledError:  # past the graceful-shutdown timeout (see EventStream)
-                return error_response(503, "the server is shutting down")
-            return Response(body.model_dump_json(), media_type="application/json")
-        # Wait for the first event here, so that a rejected request still gets its HTTP status.
-        first = await until_disconnected(request, anext(events))
-        return EventStream(prepend(first, events), headers={"Cache-Control": "no-cache"})
-
-    v1 = APIRouter(prefix="/v1")
-
-    @v1.post("/completions", openapi_extra=json_body(CompletionRequest))
-    async def completions(request: Request):
-        body = await parse(request, CompletionRequest)
-        live_engine()
-        if body.stream:
-            return await respond(request, serving.completion_events(body), None)
-        return await respond(request, None, serving.completion(body))
-
-    @v1.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
-    async def chat_completions(request: Request):
-        body = await parse(request, ChatCompletionRequest)
-        live_engine()
-        if body.stream:
-            return await respond(request, serving.chat_events(body), None)
-        return await respond(request, None, serving.chat(body))
-
-    def model_card() -> ModelCard:
-        engine = serving.engine
-        return ModelCard(id=served_model_name, root=engine.config.model if engine else None,
-                         max_model_len=engine.max_model_len if engine else None)
-
-    @v1.get("/models")
-    async def models():
-        return ModelList(data=[model_card()]).model_dump()
-
-    @v1.get("/models/{model_id:path}")
-    async def model(model_id: str):
-        check_model(model_id)
-        return model_card().model_dump()
-
-    app.include_router(v1)
-
-    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
-    async def tokenize(request: Request):
-        body = await parse(request, TokenizeRequest)
-        engine = live_engine()
-        ids = await until_disconnected(request, serving.tokenize(body))
-        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids).model_dump()
-
-    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
-    async def detokenize(request: Request):
-        body = await parse(request, DetokenizeRequest)
-        engine = live_engine()
-        vocab = engine.hf_config.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise APIError(400, f"tokens must be ids in [0, {vocab})", "tokens")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens)).model_dump()
-
-    @app.get("/health")
-    async def health():
-        live_engine()
-        return Response(status_code=200)
-
-    @app.get("/metrics")
-    async def metrics():
-        await serving.metrics.refresh(serving.engine)
-        return Response(serving.metrics.render(), media_type=serving.metrics.content_type)
-
+    app.include_router(router)
     return app
+
+
+# ---- the routes: each reads the app's OpenAIServing from request.app.state ----
+
+router = APIRouter()
+
+
+def serving_of(request: Request) -> OpenAIServing:
+    return request.app.state.serving
+
+
+async def parse(request: Request, model: type[T]) -> T:
+    try:
+        body = model.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise APIError(400, *describe_validation_error(e)) from None
+    check_model(serving_of(request), getattr(body, "model", None))
+    return body
+
+
+def check_model(serving: OpenAIServing, name: str | None) -> None:
+    if name is not None and name != serving.model_name:
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+
+def live_engine(serving: OpenAIServing):
+    if serving.engine is None or serving.engine.is_dead:
+        raise APIError(503, "the engine is not running", code="engine_dead")
+    return serving.engine
+
+
+async def answer(request: Request, model: type[T], events: Callable[[OpenAIServing, T], AsyncIterator[str]],
+                 whole: Callable[[OpenAIServing, T], Awaitable[BaseModel]]) -> Response:
+    """A generation request's answer: its `events` as they come when it streams, else `whole`'s body."""
+    body, serving = await parse(request, model), serving_of(request)
+    live_engine(serving)
+    if not body.stream:
+        try:
+            response = await until_disconnected(request, whole(serving, body))
+        except asyncio.CancelledError:  # past the graceful-shutdown timeout (see EventStream)
+            return error_response(503, "the server is shutting down")
+        return Response(response.model_dump_json(), media_type="application/json")
+    stream = events(serving, body)
+    # Wait for the first event here, so that a rejected request still gets its HTTP status.
+    first = await until_disconnected(request, anext(stream))
+    return EventStream(prepend(first, stream), headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
+async def completions(request: Request):
+    return await answer(request, CompletionRequest, OpenAIServing.completion_events, OpenAIServing.completion)
+
+
+@router.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
+async def chat_completions(request: Request):
+    return await answer(request, ChatCompletionRequest, OpenAIServing.chat_events, OpenAIServing.chat)
+
+
+def model_card(serving: OpenAIServing) -> ModelCard:
+    engine = serving.engine
+    return ModelCard(id=serving.model_name, root=engine.config.model if engine else None,
+                     max_model_len=engine.max_model_len if engine else None)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    return ModelList(data=[model_card(serving_of(request))]).model_dump()
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    check_model(serving_of(request), model_id)
+    return model_card(serving_of(request)).model_dump()
+
+
+@router.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
+async def tokenize(request: Request):
+    body, serving = await parse(request, TokenizeRequest), serving_of(request)
+    engine = live_engine(serving)
+    ids = await until_disconnected(request, serving.tokenize(body))
+    return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids).model_dump()
+
+
+@router.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
+async def detokenize(request: Request):
+    body = await parse(request, DetokenizeRequest)
+    engine = live_engine(serving_of(request))
+    vocab = engine.hf_config.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise APIError(400, f"tokens must be ids in [0, {vocab})", "tokens")
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens)).model_dump()
+
+
+@router.get("/health")
+async def health(request: Request):
+    live_engine(serving_of(request))
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    serving = serving_of(request)
+    await serving.metrics.refresh(serving.engine)
+    return Response(serving.metrics.render(), media_type=serving.metrics.content_type)
 
 
 async def prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -355,10 +371,8 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
 
     `engine_address`: use the engine core running there instead of starting one. `sockets`: accept
     on these listening sockets (shared with other API servers) instead of binding --host/--port."""
-    from conveyor.frontend.async_llm import AsyncLLM
-
     try:
-        engine = AsyncLLM(args.model, engine_address=engine_address, **engine_args(args))
+        engine = AsyncLLM(engine_address=engine_address, **engine_args(args))
     except Exception as exc:
         return startup_failure("serve", exc)
     server: _Server | None = None

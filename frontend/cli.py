@@ -14,77 +14,12 @@ import logging
 import os
 import re
 import sys
-from typing import Any
 
-import msgspec
-
-from conveyor.config import GiB, RequestLimits
-
-DEFAULT_MAX_REQUEST_BYTES = 16 << 20
+from conveyor.frontend.args import add_engine_args, add_server_args, engine_args, startup_failure
 
 logger = logging.getLogger(__name__)
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-              "mib": 1 << 20, "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-ENGINE_ARGS = ("tokenizer", "dtype", "tensor_parallel_size", "max_model_len", "block_size", "max_num_seqs",
-               "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling",
-               "kv_cache_memory", "num_kv_blocks", "scheduling_policy", "device", "seed", "worker_threads",
-               "bind_cores", "engine_secret", "step_timeout")
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '2GiB', '512MiB', '1.5G' or a plain number of bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB, 512MiB or 1073741824, got {text!r}")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="local Hugging Face model directory, or a hub id to download")
-    parser.add_argument("--log-level", type=str.lower, default=os.environ.get("CONVEYOR_LOG_LEVEL"),
-                        choices=["debug", "info", "warning", "error"],
-                        help="default: $CONVEYOR_LOG_LEVEL, else info for serve and warning for generate")
-    g = parser.add_argument_group("engine")
-    g.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="worker processes, one per rank")
-    g.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    g.add_argument("--kv-cache-memory", type=parse_size,
-                   help="KV-cache bytes per rank, e.g. 4GiB (default: 2 GiB on CPU, 85%% of free GPU memory)")
-    g.add_argument("--num-kv-blocks", type=int, help="exact number of KV-cache blocks (overrides the above)")
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV cache of repeated prompt prefixes")
-    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
-                   help="do not split long prompts across steps")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the next step while the workers run the current one (default: on CUDA, "
-                        "and on a CPU with cores to spare beyond the workers' threads)")
-    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
-    g.add_argument("--worker-threads", type=int, help="torch threads per worker on a CPU (default: the usable "
-                                                      "cores / tensor-parallel size)")
-    g.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
-                   help="on a CPU, do not bind workers and the engine core to cores of their own")
-    g.add_argument("--step-timeout", type=float, default=600.0, metavar="S",
-                   help="seconds a model step may take before the engine counts a worker as hung and stops, "
-                        "naming it (default 600)")
-    limits = parser.add_argument_group("request limits", "how much one request may ask for")
-    for f in msgspec.structs.fields(RequestLimits):
-        limits.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
-                            help=f"default {f.default}")
-
-
-def engine_args(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {name: getattr(args, name) for name in ENGINE_ARGS if getattr(args, name, None) is not None}
-    limits = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(RequestLimits)
-              if getattr(args, f.name, None) is not None}
-    return {**kwargs, "request_limits": RequestLimits(**limits)}
 
 
 def resolve_model(name: str) -> str:
@@ -97,20 +32,6 @@ def resolve_model(name: str) -> str:
     return snapshot_download(name, allow_patterns=DOWNLOAD_PATTERNS)
 
 
-def startup_failure(command: str, exc: Exception) -> int:
-    """Report why the engine did not start in one line on stderr (the traceback goes to the log
-    at DEBUG); the exit status: 1 when the engine failed, 2 for bad input (arguments, model files)."""
-    logger.debug("conveyor %s failed to start", command, exc_info=exc)
-    from conveyor.frontend.errors import EngineStartupError
-    from conveyor.ipc.process import summarize_failure
-
-    cause = summarize_failure(str(exc))
-    if not isinstance(exc, EngineStartupError | ValueError | OSError):
-        cause = f"failed to start: {type(exc).__name__}: {cause}"
-    print(f"conveyor {command}: {cause}", file=sys.stderr)
-    return 2 if isinstance(exc, ValueError | OSError) else 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench}")
@@ -118,40 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            description="Serve MODEL over an OpenAI-compatible HTTP API.")
     add_engine_args(serve)
-    s = serve.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", help="the model name clients send (default: MODEL as given)")
-    s.add_argument("--api-key", default=os.environ.get("CONVEYOR_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: "
-                        "$CONVEYOR_API_KEY)")
-    s.add_argument("--public-metrics", action="store_true",
-                   help="with --api-key, serve /metrics without the key (for scrapers that send none)")
-    s.add_argument("--max-request-body", type=parse_size, default=DEFAULT_MAX_REQUEST_BYTES, metavar="SIZE",
-                   help="largest request body accepted, e.g. 16MiB (the default); larger ones get 413")
-    s.add_argument("--trust-request-chat-template", action="store_true",
-                   help="render a chat template that a request brings (chat_template, or chat_template_kwargs"
-                        "'s); a template is code, so this is for trusted clients only (it renders under a time limit)")
-    s.add_argument("--allowed-logits-processors", nargs="+", default=[], metavar="PATH",
-                   help="import paths ('pkg.module:fn') that requests may name in logits_processors; "
-                        "they run in the engine's processes (default: none)")
-    m = serve.add_argument_group("multi-process")
-    m.add_argument("--api-server-count", type=int, default=1, metavar="K",
-                   help="API-server processes sharing one engine core and the HTTP port (default 1)")
-    m.add_argument("--headless", action="store_true",
-                   help="run only the engine core and its workers, listening for API servers on "
-                        "tcp://HOST:ENGINE_PORT (--host is then the interface to listen on)")
-    m.add_argument("--engine-port", type=int, default=5570, help="the --headless core's port (default 5570)")
-    m.add_argument("--engine-address", metavar="HOST:PORT",
-                   help="run API servers for the --headless core there (its engine arguments apply; "
-                        "MODEL still names the tokenizer to load)")
-    m.add_argument("--engine-secret", metavar="SECRET", default=os.environ.get("CONVEYOR_ENGINE_SECRET"),
-                   help="shared by a --headless core and the API servers of --engine-address: their tcp links "
-                        "then authenticate and encrypt (CurveZMQ); required beyond loopback; at least 16 "
-                        "characters (default: $CONVEYOR_ENGINE_SECRET, which, unlike the command line, other "
-                        "users cannot read)")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
-                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    add_server_args(serve)
 
     gen = sub.add_parser("generate", help="stream one generation to the terminal",
                          description="Generate from PROMPT with MODEL and stream the text to stdout.")
@@ -185,7 +73,7 @@ async def generate(args: argparse.Namespace) -> int:
                             seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos,
                             output_kind=RequestOutputKind.DELTA)
     try:
-        engine = AsyncLLM(args.model, **engine_args(args))
+        engine = AsyncLLM(**engine_args(args))
     except Exception as exc:
         return startup_failure("generate", exc)
     try:
@@ -256,18 +144,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.api_server_count < 1:
         print("conveyor serve: --api-server-count must be >= 1", file=sys.stderr)
         return 2
-    from conveyor.frontend import launcher
+    from conveyor.frontend import launcher  # fastapi and uvicorn load only to serve
 
-    if args.headless:
-        return launcher.run_headless(args)
-    from conveyor.frontend.api_server import run_server
-
-    address = args.engine_address
-    if address is not None and "://" not in address:
-        address = f"tcp://{address}"
-    if args.api_server_count > 1:
-        return launcher.run_api_servers(args, address)
-    return run_server(args, engine_address=address)
+    return launcher.serve(args)
 
 
 if __name__ == "__main__":

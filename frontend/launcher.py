@@ -21,6 +21,8 @@ import sys
 import time
 
 from conveyor.config import EngineConfig, resolve_max_model_len
+from conveyor.frontend.api_server import run_server
+from conveyor.frontend.args import engine_args, startup_failure
 from conveyor.ipc.messages import ApiServerPayload, CorePayload
 from conveyor.ipc.process import describe_exit, kill_process_group, read_payload, run_child, spawn, terminate
 from conveyor.ipc.sockets import ipc_address, new_ipc_dir, remove_ipc_dir
@@ -30,14 +32,25 @@ logger = logging.getLogger(__name__)
 SUPERVISE_S = 0.2  # how often the supervisor checks its children
 
 
+def serve(args: argparse.Namespace) -> int:
+    """`conveyor serve`: one API server with an engine of its own, or for the core at
+    --engine-address; K of them (--api-server-count); or only the core (--headless)."""
+    if args.headless:
+        return run_headless(args)
+    address = args.engine_address
+    if address is not None and "://" not in address:
+        address = f"tcp://{address}"
+    if args.api_server_count > 1:
+        return run_api_servers(args, address)
+    return run_server(args, engine_address=address)
+
+
 def engine_config(args: argparse.Namespace, own_core: bool = True) -> EngineConfig:
     """The engine arguments and the model's config, checked before any process starts (the limits
     only for a core of our `own_core`: another core has its own)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # it imports torch (seconds): a lone server starts its engine first
 
-    from conveyor.frontend.cli import engine_args
-
-    config = EngineConfig(model=args.model, **engine_args(args))
+    config = EngineConfig(**engine_args(args))
     hf_config = AutoConfig.from_pretrained(args.model)
     if own_core:
         resolve_max_model_len(config, hf_config)  # a bad limit fails here, not in a worker
@@ -47,8 +60,7 @@ def engine_config(args: argparse.Namespace, own_core: bool = True) -> EngineConf
 def run_headless(args: argparse.Namespace) -> int:
     """The engine core and its workers only, listening at tcp://HOST:ENGINE_PORT for frontends
     (`conveyor serve --engine-address HOST:ENGINE_PORT`, or `AsyncLLM(engine_address=...)`)."""
-    from conveyor.engine_core.engine_core import run_headless as run_core
-    from conveyor.frontend.cli import startup_failure
+    from conveyor.engine_core.engine_core import run_headless as run_core  # the core's modules: only where it runs
 
     try:  # run_core logs the core's own failure; bad arguments and model files raise
         return run_core(engine_config(args), f"tcp://{args.host}:{args.engine_port}")
@@ -59,8 +71,6 @@ def run_headless(args: argparse.Namespace) -> int:
 def run_api_servers(args: argparse.Namespace, engine_address: str | None = None) -> int:
     """K API servers on one port; with `engine_address`, for the core running there, else for a
     core of their own that this process starts."""
-    from conveyor.frontend.cli import startup_failure
-
     try:  # before anything starts: a bad model directory, argument or port fails here, in one line
         config = engine_config(args, own_core=engine_address is None)
         listener = socket.create_server((args.host, args.port))
@@ -100,16 +110,7 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
         crashed = [(name, proc) for name, proc in children.items() if proc.poll() is not None]
     for name, proc in crashed:
         logger.error("%s; stopping the others", describe_exit(name, proc.returncode))
-    for proc in servers:  # graceful: they drain their requests, then exit
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + args.shutdown_timeout + 10.0
-    for proc in servers:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_servers(servers, args.shutdown_timeout)
     core = children.get("engine core")
     if core is not None:
         terminate(core, timeout=5.0)
@@ -119,6 +120,21 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
     return 1 if failed else 0
 
 
+def stop_servers(servers: list[subprocess.Popen], shutdown_timeout: float) -> None:
+    """SIGTERM the servers still running, so that they drain their requests and exit; kill any
+    still there `shutdown_timeout` + 10 seconds later."""
+    for proc in servers:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + shutdown_timeout + 10.0
+    for proc in servers:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def api_server_main() -> None:
     """One API server of the supervisor above: serve on the inherited socket until SIGTERM. If the
     supervisor dies, the lifeline removes the supervisor's directory as well as this server's own."""
@@ -126,8 +142,6 @@ def api_server_main() -> None:
     args = argparse.Namespace(**payload.args)
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] "
                                                                "%(name)s: %(message)s")
-    from conveyor.frontend.api_server import run_server
-
     listener = socket.socket(fileno=payload.listen_fd)
     try:
         status = run_server(args, engine_address=payload.engine_address, sockets=[listener])

@@ -15,7 +15,9 @@ import time
 import httpx
 import pytest
 
-from conveyor.frontend.cli import main, parse_size
+from conveyor.config import EngineConfig, RequestLimits
+from conveyor.frontend.args import engine_args, parse_size
+from conveyor.frontend.cli import build_parser, main
 from procs import children_of, descendants_of, ipc_dirs_of, wait_until
 
 CONVEYOR = [shutil.which("conveyor")] if shutil.which("conveyor") else [sys.executable, "-m", "conveyor.frontend.cli"]
@@ -32,6 +34,21 @@ def test_serve_help_lists_server_and_engine_options():
 
 def test_kv_cache_memory_takes_human_sizes():
     assert parse_size("2GiB") == 2 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
+
+
+def test_every_engine_config_field_is_an_option_of_serve():
+    given = vars(build_parser().parse_args(["serve", "m"]))
+    fields = set(EngineConfig.__struct_fields__) - {"request_limits"} | set(RequestLimits.__struct_fields__)
+    assert fields <= given.keys()
+
+
+def test_engine_options_make_the_config_they_spell(monkeypatch):
+    monkeypatch.delenv("CONVEYOR_ENGINE_SECRET", raising=False)
+    args = build_parser().parse_args(["serve", "m", "-tp", "2", "--kv-cache-memory", "1.5GiB", "--no-prefix-caching",
+                                      "--no-async-scheduling", "--device", "cpu", "--max-n", "3"])
+    assert EngineConfig(**engine_args(args)) == EngineConfig(
+        model="m", tensor_parallel_size=2, kv_cache_memory=3 << 29, enable_prefix_caching=False,
+        async_scheduling=False, device="cpu", request_limits=RequestLimits(max_n=3))
 
 
 def test_serve_of_a_model_that_is_nowhere_fails_in_one_line(capsys):

@@ -3,12 +3,14 @@
     frontend ──> engine_core ──> ipc ──> config, sampling_params, seeds
         └──────────────────────> gpu_worker ──> kernels
 
-Imports inside functions count too: a lazy import is still a dependency.
+Imports inside functions count too: a lazy import is still a dependency. Nor do imports go round in a
+cycle.
 """
 
 import ast
 import functools
 import pathlib
+from collections.abc import Collection
 
 import pytest
 
@@ -43,14 +45,16 @@ def module_name(path: pathlib.Path) -> str:
     return ".".join(("conveyor",) + parts)
 
 
-def imported_modules(path: pathlib.Path) -> set[str]:
-    """Every `conveyor.*` module the file imports, at module level or inside a function."""
+def imported_modules(path: pathlib.Path, modules: Collection[str]) -> set[str]:
+    """Every `conveyor.*` module the file imports, at module level or inside a function;
+    `from conveyor.frontend import launcher` imports the package and its module `launcher`."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
+            found.update(name for alias in node.names if (name := f"{node.module}.{alias.name}") in modules)
     return {name for name in found if name == "conveyor" or name.startswith("conveyor.")}
 
 
@@ -61,7 +65,29 @@ def package_files() -> list[pathlib.Path]:
 
 @functools.cache
 def import_graph() -> dict[str, set[str]]:
-    return {module_name(p): imported_modules(p) - {"conveyor"} for p in package_files()}
+    files = {module_name(p): p for p in package_files()}
+    return {module: imported_modules(path, files) - {"conveyor"} for module, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in `graph`: its modules in import order, the first repeated at the end; None if it has none."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if cycle := visit(target):
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((cycle for module in sorted(graph) if (cycle := visit(module))), None)
 
 
 def test_package_files_are_found():
@@ -82,3 +108,20 @@ def test_base_modules_import_no_layer():
     for module, targets in import_graph().items():
         if layer_of(module) == "base" and module != "conveyor":
             assert {layer_of(t) for t in targets} <= {"base"}, (module, targets)
+
+
+def test_an_import_of_a_module_from_its_package_counts():
+    assert "conveyor.frontend.launcher" in import_graph()["conveyor.frontend.cli"]
+
+
+def test_find_cycle_names_the_modules_of_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"b"}, "d": set()}
+    assert find_cycle(graph) == ["b", "c", "b"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_package_imports_have_no_cycle():
+    """Nor through imports inside functions: a module that needs a lazy import to break a cycle
+    belongs elsewhere."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)

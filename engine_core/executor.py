@@ -42,7 +42,10 @@ def worker_env() -> dict[str, str]:
 
 
 class WorkerFailure(RuntimeError):
-    pass
+    @classmethod
+    def reported(cls, error: WorkerError) -> "WorkerFailure":
+        """A worker's report of the exception that ends it, traceback included."""
+        return cls(f"worker rank {error.rank} failed:\n{error.error}")
 
 
 class Executor:
@@ -100,7 +103,7 @@ class Executor:
             self.kill()
             raise WorkerFailure(f"worker rank {rank} sent a malformed message: {exc}") from None
         if isinstance(message, WorkerError):
-            raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+            raise WorkerFailure.reported(message)
         if not isinstance(message, expected):
             raise WorkerFailure(f"expected {expected.__name__} from a worker, got {type(message).__name__}")
         return message
@@ -126,7 +129,7 @@ class Executor:
                 try:
                     while (frames := self.results[rank].recv(0.2, spin_s=0.0)) is not None:
                         if isinstance(message := self.decoder.decode(frames), WorkerError):
-                            raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+                            raise WorkerFailure.reported(message)
                 except (RingTimeout, msgspec.DecodeError, ValueError):
                     pass  # it died in the middle of a message
                 raise WorkerFailure(describe_exit(f"worker rank {rank}", proc.returncode))

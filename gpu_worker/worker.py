@@ -1,7 +1,6 @@
 """A worker process: one tensor-parallel rank. Loads its weight shard, holds its KV cache, and runs
 every step the core broadcasts; rank 0 returns the sampled tokens."""
 
-import gc
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from conveyor.ipc.messages import (
     WorkerReady,
     WorkerResult,
 )
-from conveyor.ipc.process import read_payload, run_child
+from conveyor.ipc.process import freeze_startup_objects, read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.shm_ring import RingTimeout, ShmRing, ring_spin_s
 
@@ -84,8 +83,7 @@ def worker_main() -> None:
         from conveyor.gpu_worker.model_runner import ModelRunner
 
         runner = ModelRunner(config, device)
-        gc.collect()
-        gc.freeze()  # the model's objects never become garbage: keep collections short
+        freeze_startup_objects()  # the model's objects never become garbage
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
                                                 device.type, runner.hf_config.vocab_size)))
         with torch.inference_mode():

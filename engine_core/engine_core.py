@@ -179,9 +179,6 @@ class EngineCore:
     def call_reset_prefix_cache(self) -> bool:
         return self.scheduler.kv.reset_prefix_cache()
 
-    def call_ping(self) -> str:
-        return "pong"
-
     def shutdown(self) -> None:
         self.executor.shutdown()
 

@@ -169,10 +169,6 @@ class SchedulerOutput(Message, tag="step"):
         """The requests of `num_scheduled_tokens`, in its order."""
         return [new.request_id for new in self.new_requests] + self.cached_requests.request_ids
 
-    def scheduled_tokens(self) -> dict[str, int]:
-        """Request id -> the tokens it computes this step."""
-        return dict(zip(self.scheduled_request_ids(), self.num_scheduled_tokens))
-
 
 class WorkerCall(Message, tag="wcall"):
     method: str

@@ -177,7 +177,7 @@ class EngineCore:
         return msgspec.structs.asdict(self.stats())
 
     def call_reset_prefix_cache(self) -> bool:
-        return self.scheduler.kv.reset_prefix_cache()
+        return self.scheduler.kv_cache.reset_prefix_cache()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

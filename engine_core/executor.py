@@ -69,9 +69,9 @@ class Executor:
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
         self.vocab_size = ready[0].vocab_size
-        self.spin_s = ring_spin_s(config.has_spare_cores(self.device_type))
-        if self.device_type == "cpu" and (cores := config.core_process_cores()) is not None:
-            bind_process(cores, "the engine core")  # off the workers' cores, which are bound already
+        self.spin_s = ring_spin_s(config.has_spare_cpus(self.device_type))
+        if self.device_type == "cpu" and (cpus := config.engine_core_cpus()) is not None:
+            bind_process(cpus, "the engine core")  # off the workers' CPUs, which are bound already
 
     def collective_call(self, method: str, *args, timeout: float = 600.0) -> list:
         self._broadcast(WorkerCall(method, list(args)))

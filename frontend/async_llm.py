@@ -244,7 +244,7 @@ class AsyncLLM:
 
     @property
     def is_dead(self) -> bool:
-        return self.client.dead is not None
+        return self.client.failure is not None
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -304,5 +304,5 @@ class AsyncLLM:
         deliver_threadsafe(deliveries)
 
     def _check_alive(self) -> None:
-        if self.client.dead is not None:
-            raise self.client.dead
+        if self.client.failure is not None:
+            raise self.client.failure

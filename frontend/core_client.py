@@ -78,7 +78,7 @@ class CoreClient:
         self.send_lock = threading.Lock()
         self.calls: dict[int, Future] = {}
         self.call_ids = itertools.count()
-        self.dead: EngineDeadError | None = None
+        self.failure: EngineDeadError | None = None  # why the engine died, once it has
         self.closing = False
         self.proc: subprocess.Popen | None = None
         self.output_thread: threading.Thread | None = None
@@ -153,8 +153,8 @@ class CoreClient:
     # ---- sending ----
 
     def _send(self, message) -> None:
-        if self.dead is not None:
-            raise self.dead
+        if self.failure is not None:
+            raise self.failure
         frames = self.encoder.encode(message)
         with self.send_lock:
             self.input_socket.send_multipart(frames, copy=False)
@@ -165,7 +165,7 @@ class CoreClient:
         self._send(request)
 
     def abort(self, request_ids: list[str]) -> None:
-        if request_ids and self.dead is None and not self.closing:
+        if request_ids and self.failure is None and not self.closing:
             self._send(Abort(request_ids, self.client_index))
 
     def call(self, method: str, *args) -> Future:
@@ -184,7 +184,7 @@ class CoreClient:
 
     def _output_loop(self) -> None:
         try:
-            while not self.closing and self.dead is None:
+            while not self.closing and self.failure is None:
                 if not self.output_socket.poll(POLL_MS):
                     self._check_core()
                     continue
@@ -252,19 +252,19 @@ class CoreClient:
     def _die(self, reason: str) -> None:
         if self.closing:
             return
-        self.dead = EngineDeadError(f"engine is dead: {reason}")
+        self.failure = EngineDeadError(f"engine is dead: {reason}")
         for future in list(self.calls.values()):
             if not future.done():
-                future.set_exception(self.dead)
+                future.set_exception(self.failure)
         self.calls.clear()
-        self.on_dead(self.dead)
+        self.on_dead(self.failure)
 
     # ---- lifecycle ----
 
     def shutdown(self) -> None:
         if self.closing:
             return
-        if self.proc is None and self.dead is None and hasattr(self, "input_socket"):
+        if self.proc is None and self.failure is None and hasattr(self, "input_socket"):
             try:  # a shared core: abort what we still run there, now rather than at our timeout
                 self._send(Goodbye(self.client_index))
             except zmq.ZMQError:

@@ -72,8 +72,8 @@ def worker_main() -> None:
     encoder = Encoder()
     try:
         device = torch.device(config.resolved_device())
-        if device.type == "cpu" and (cores := config.worker_cores(rank)) is not None:
-            bind_process(cores, f"worker rank {rank}")  # before torch starts its OpenMP threads
+        if device.type == "cpu" and (cpus := config.worker_cpus(rank)) is not None:
+            bind_process(cpus, f"worker rank {rank}")  # before torch starts its OpenMP threads
         torch.set_num_threads(config.resolved_worker_threads())
         if device.type == "cuda":
             device = torch.device("cuda", rank)
@@ -87,7 +87,7 @@ def worker_main() -> None:
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
                                                 device.type, runner.hf_config.vocab_size)))
         with torch.inference_mode():
-            run_steps(runner, inputs, outputs, ring_spin_s(config.has_spare_cores(device.type)), rank)
+            run_steps(runner, inputs, outputs, ring_spin_s(config.has_spare_cpus(device.type)), rank)
     except Exception:
         error = traceback.format_exc()
         try:

@@ -44,10 +44,10 @@ SPIN_S = 0.005
 ALIVE_CHECK_S = 0.05
 
 
-def ring_spin_s(spare_cores: bool) -> float:
-    """How long the core or a worker, waiting on its ring, spins before it sleeps: spinning takes a
-    core, so only where the workers leave one free (`EngineConfig.has_spare_cores`)."""
-    return SPIN_S if spare_cores else 0.0
+def ring_spin_s(spare_cpus: bool) -> float:
+    """How long the engine core or a worker, waiting on its ring, spins before it sleeps: spinning
+    takes a CPU, so only where the workers leave one free (`EngineConfig.has_spare_cpus`)."""
+    return SPIN_S if spare_cpus else 0.0
 
 
 def memory_fence() -> None:

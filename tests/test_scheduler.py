@@ -73,7 +73,7 @@ def test_token_after_a_stop_is_dropped():
     assert finished(outputs) == {"r": "stop"}
     assert s.update_from_output(result(s1, {"r": 555})) == []
     assert r.output_token_ids == [EOS]
-    assert s.kv.num_free_blocks == 64
+    assert s.kv_cache.num_free_blocks == 64
     assert s.schedule() is None
     add(s, "next")
     assert s.schedule().finished_request_ids == ["r"]  # the workers forget it with the next step
@@ -131,7 +131,7 @@ def test_priority_victim_scheduled_earlier_in_the_step_leaves_the_step():
     assert low.status == RequestStatus.PREEMPTED
     assert scheduled(step) == {"high": 1}
     assert step.new_requests == [] and step.finished_request_ids == ["low"]
-    assert len(s.kv.get_block_ids("high")) == 2
+    assert len(s.kv_cache.get_block_ids("high")) == 2
 
 
 def test_sync_and_async_give_the_same_tokens():
@@ -178,8 +178,8 @@ def test_dropped_requests_wait_for_a_step_that_runs():
 
 
 def test_async_scheduling_by_default_only_where_the_core_has_a_processor(monkeypatch):
-    monkeypatch.setattr("conveyor.config.usable_cores", lambda: list(range(8)))
-    config = EngineConfig(model="unused")  # the workers' threads take all 8 cores
+    monkeypatch.setattr("conveyor.config.usable_cpus", lambda: list(range(8)))
+    config = EngineConfig(model="unused")  # the workers' threads take all 8 CPUs
     assert config.uses_async_scheduling("cuda") and not config.uses_async_scheduling("cpu")
     assert EngineConfig(model="unused", worker_threads=6).uses_async_scheduling("cpu")
     assert EngineConfig(model="unused", tensor_parallel_size=2, worker_threads=3).uses_async_scheduling("cpu")
@@ -187,14 +187,14 @@ def test_async_scheduling_by_default_only_where_the_core_has_a_processor(monkeyp
     assert not EngineConfig(model="unused", async_scheduling=False).uses_async_scheduling("cuda")
 
 
-def test_cpu_cores_split_between_worker_ranks_and_the_core(monkeypatch):
-    monkeypatch.setattr("conveyor.config.usable_cores", lambda: [2, 3, 5, 7, 8, 9, 11, 12])
+def test_cpus_split_between_worker_ranks_and_the_engine_core(monkeypatch):
+    monkeypatch.setattr("conveyor.config.usable_cpus", lambda: [2, 3, 5, 7, 8, 9, 11, 12])
     config = EngineConfig(model="unused", tensor_parallel_size=2, worker_threads=3)
-    assert [config.worker_cores(0), config.worker_cores(1)] == [[2, 3, 5], [7, 8, 9]]
-    assert config.core_process_cores() == [11, 12]
+    assert [config.worker_cpus(0), config.worker_cpus(1)] == [[2, 3, 5], [7, 8, 9]]
+    assert config.engine_core_cpus() == [11, 12]
     every_core = EngineConfig(model="unused", tensor_parallel_size=2)  # 4 threads each
-    assert every_core.worker_cores(1) == [8, 9, 11, 12] and every_core.core_process_cores() is None
+    assert every_core.worker_cpus(1) == [8, 9, 11, 12] and every_core.engine_core_cpus() is None
     oversubscribed = EngineConfig(model="unused", worker_threads=9)
-    assert oversubscribed.worker_cores(0) is None and oversubscribed.core_process_cores() is None
+    assert oversubscribed.worker_cpus(0) is None and oversubscribed.engine_core_cpus() is None
     unbound = EngineConfig(model="unused", worker_threads=3, bind_cores=False)
-    assert unbound.worker_cores(0) is None and unbound.core_process_cores() is None
+    assert unbound.worker_cpus(0) is None and unbound.engine_core_cpus() is None

@@ -105,9 +105,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.worker_threads or max(1, len(usable_cpus()) // self.tensor_parallel_size)
 
     def uses_async_scheduling(self, device_type: str) -> bool:
-        """On a CPU whose every core runs a worker's OpenMP thread, the core's work would preempt
-        one of them mid-step and stall the others at the next barrier: measured on 2 cores, the
-        reference workload ran 2.7 % slower with async scheduling than without."""
+        """Only where the workers leave the engine core a CPU: where every CPU runs a worker's
+        OpenMP thread, the engine core's work would preempt one of them mid-step and stall the
+        others at the next barrier, which costs more than the overlap gains (docs/benchmarks.md)."""
         if self.async_scheduling is not None:
             return self.async_scheduling
         return self.has_spare_cpus(device_type)

@@ -28,9 +28,9 @@ from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.shm_ring import RingTimeout, ShmRing, ring_spin_s
 
 # Spin-loop iterations an idle OpenMP thread of a worker busy-waits before it sleeps. libgomp's
-# default, 300,000, keeps every core busy between steps and starves the frontend and the core that
-# share them (stalls of up to 0.9 s on a tiny model); 10,000 still spans the gaps inside a forward.
-# Measured in docs/benchmarks.md.
+# default, 300,000, keeps every CPU busy between steps and starves the frontend and the engine core
+# that share them; 10,000 still spans the gaps inside a forward (docs/benchmarks.md, "Frontend
+# stalls and the workers' OpenMP spin").
 OMP_SPIN_COUNT = 10_000
 
 

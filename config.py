@@ -54,7 +54,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_num_batched_tokens: Annotated[int, option("token budget of one step")] = 2048
     enable_prefix_caching: Annotated[bool, option("do not reuse the KV cache of repeated prompt prefixes")] = True
     enable_chunked_prefill: Annotated[bool, option("do not split long prompts across steps")] = True
-    # None: where the workers leave the core a processor of its own, see uses_async_scheduling.
+    # None: where the workers leave the engine core a CPU of its own, see uses_async_scheduling.
     async_scheduling: Annotated[bool | None, option(
         "schedule the next step while the workers run the current one (default: on CUDA, and on a CPU with "
         "cores to spare beyond the workers' threads)")] = None
@@ -69,9 +69,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "hot ops: auto (C kernels on CPU, Triton on CUDA), torch or triton")] = "auto"
     worker_threads: Annotated[int | None, option(
         "torch threads per worker on a CPU (default: the usable cores / tensor-parallel size)")] = None
-    # On a CPU, give each worker rank cores of its own and the core process the cores left over
-    # (see worker_cores): the kernel otherwise queues the core behind a worker's thread while a
-    # core sits idle, for up to milliseconds at a time.
+    # On a CPU, give each worker rank CPUs of its own and the engine core the CPUs left over (see
+    # worker_cpus): the kernel otherwise queues the engine core behind a worker's thread while a
+    # CPU sits idle, for up to milliseconds at a time.
     bind_cores: Annotated[bool, option(
         "on a CPU, do not bind workers and the engine core to cores of their own")] = True
     request_limits: Annotated[RequestLimits, option("how much one request may ask for")] = msgspec.field(
@@ -123,63 +123,64 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_worker_threads(self) -> int:
-        return self.worker_threads or max(1, len(usable_cores()) // self.tensor_parallel_size)
+        return self.worker_threads or max(1, len(usable_cpus()) // self.tensor_parallel_size)
 
     def uses_async_scheduling(self, device_type: str) -> bool:
-        """On a CPU whose every core runs a worker's OpenMP thread, the core's work would preempt
-        one of them mid-step and stall the others at the next barrier: the overlap costs more than it saves."""
+        """Only where the workers leave the engine core a CPU: where every CPU runs a worker's
+        OpenMP thread, the engine core's work would preempt one of them mid-step and stall the
+        others at the next barrier, which costs more than the overlap gains (docs/benchmarks.md)."""
         if self.async_scheduling is not None:
             return self.async_scheduling
-        return self.has_spare_cores(device_type)
+        return self.has_spare_cpus(device_type)
 
-    def has_spare_cores(self, device_type: str) -> bool:
-        """Whether the workers' threads leave a core to the core process and the frontend: always
-        beside a GPU; on a CPU, when it has more cores than all the workers' threads."""
+    def has_spare_cpus(self, device_type: str) -> bool:
+        """Whether the workers' threads leave a CPU to the engine core and the frontend: always
+        beside a GPU; on a CPU, when it has more of them than all the workers' threads."""
         if device_type != "cpu":
             return True
-        return len(usable_cores()) > self.resolved_worker_threads() * self.tensor_parallel_size
+        return len(usable_cpus()) > self.resolved_worker_threads() * self.tensor_parallel_size
 
-    def worker_cores(self, rank: int) -> list[int] | None:
-        """The cores a CPU worker of `rank` is bound to (None: unbound). Ranks take consecutive
-        runs of the cores this process may use, as many as its threads; `core_process_cores` are the rest.
-        Nothing is bound where the threads outnumber the cores."""
-        cores, threads = usable_cores(), self.resolved_worker_threads()
-        if not self.bind_cores or threads * self.tensor_parallel_size > len(cores):
+    def worker_cpus(self, rank: int) -> list[int] | None:
+        """The CPUs a CPU worker of `rank` is bound to (None: unbound). Ranks take consecutive
+        runs of the CPUs this process may use, as many as its threads; `engine_core_cpus` are the
+        rest. Nothing is bound where the threads outnumber the CPUs."""
+        cpus, threads = usable_cpus(), self.resolved_worker_threads()
+        if not self.bind_cores or threads * self.tensor_parallel_size > len(cpus):
             return None
-        return cores[rank * threads:(rank + 1) * threads]
+        return cpus[rank * threads:(rank + 1) * threads]
 
-    def core_process_cores(self) -> list[int] | None:
-        """The cores a CPU engine's core process is bound to: those its workers leave (None:
+    def engine_core_cpus(self) -> list[int] | None:
+        """The CPUs a CPU engine's engine-core process is bound to: those its workers leave (None:
         unbound, where they leave none)."""
-        cores, used = usable_cores(), self.resolved_worker_threads() * self.tensor_parallel_size
-        if not self.bind_cores or used >= len(cores):
+        cpus, used = usable_cpus(), self.resolved_worker_threads() * self.tensor_parallel_size
+        if not self.bind_cores or used >= len(cpus):
             return None
-        return cores[used:]
+        return cpus[used:]
 
 
 @functools.cache
-def usable_cores() -> list[int]:
-    """The cores this process may run on (its affinity: a `taskset`, a container's cpuset), in order,
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity: a `taskset`, a container's cpuset), in order,
     as they were before `bind_process`: the plan of who runs where must not change once it is made."""
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
 
 
-def bind_process(cores: list[int], who: str) -> None:
-    """Bind every thread of this process, and the threads it starts from now on, to `cores`
+def bind_process(cpus: list[int], who: str) -> None:
+    """Bind every thread of this process, and the threads it starts from now on, to `cpus`
     (Linux; elsewhere a no-op). Where the system refuses, `who` runs unbound, with a warning."""
     if not hasattr(os, "sched_setaffinity"):
         return
-    usable_cores()  # the plan, before this narrows it
+    usable_cpus()  # the plan, before this narrows it
     try:
         for tid in os.listdir("/proc/self/task"):
             try:
-                os.sched_setaffinity(int(tid), cores)
+                os.sched_setaffinity(int(tid), cpus)
             except ProcessLookupError:
                 pass  # a thread that ended meanwhile
     except OSError as exc:
-        logger.warning("%s could not bind to cores %s: %s", who, cores, exc)
+        logger.warning("%s could not bind to CPUs %s: %s", who, cpus, exc)
 
 
 def literal_choices(field_type) -> tuple:

@@ -11,7 +11,6 @@ back, and then only ever receive the outputs of their own requests. Links to cli
 heartbeats both ways: a client silent for PEER_TIMEOUT_S is forgotten and its requests aborted.
 """
 
-import gc
 import logging
 import os
 import queue
@@ -21,6 +20,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -45,7 +45,7 @@ from conveyor.ipc.messages import (
     UtilityCall,
     UtilityResult,
 )
-from conveyor.ipc.process import read_payload, run_child, summarize_failure
+from conveyor.ipc.process import freeze_startup_objects, read_payload, run_child, summarize_failure
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.sockets import (
     HANDSHAKE_FAILED,
@@ -177,16 +177,51 @@ class EngineCore:
         return msgspec.structs.asdict(self.stats())
 
     def call_reset_prefix_cache(self) -> bool:
-        return self.scheduler.kv.reset_prefix_cache()
-
-    def call_ping(self) -> str:
-        return "pong"
+        return self.scheduler.kv_cache.reset_prefix_cache()
 
     def shutdown(self) -> None:
         self.executor.shutdown()
 
 
-_FORGET = object()  # output-thread marker: close the client's socket
+# ---- what the busy loop asks of the output thread ----
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Encode `message` and send it to frontend `client` (if it is connected)."""
+
+    client: int
+    message: object
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Send `message` to every connected frontend."""
+
+    message: object
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Connect to a frontend's output socket, unless connected already."""
+
+    client: int
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Close a frontend's output socket."""
+
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """End the output thread, once everything queued before is sent."""
+
+
+OutputCommand = Send | Broadcast | Connect | Forget | Stop
 
 
 class IoThreadFailed:
@@ -221,7 +256,7 @@ class EngineCoreProc:
         self.secret = payload.config.engine_secret if payload.input_address.startswith("tcp://") else None
         self.ctx = zmq.Context(1)
         self.inputs: queue.Queue = queue.Queue()  # (message, its prompt's block hashes or None)
-        self.outputs: queue.Queue = queue.Queue()
+        self.outputs: queue.Queue[OutputCommand] = queue.Queue()
         self.output_sockets: dict[int, zmq.Socket] = {}
         # client index -> when it was last heard from (None: the spawning frontend, whose death the
         # stdin lifeline reports instead)
@@ -233,28 +268,31 @@ class EngineCoreProc:
         self.output_thread.start()
         if payload.output_address is not None:
             self.clients[0] = None
-            self.outputs.put((0, Hello(0, payload.output_address)))
-        # Listen at once: frontends that connect while the model loads get heartbeats meanwhile.
-        # (Bound here, so a taken port fails the constructor; from now on only the thread uses it.)
-        try:
-            input_socket = make_socket(self.ctx, zmq.PULL, payload.input_address, bind=True, secret=self.secret,
-                                       curve_server=True)
-        except zmq.ZMQError as exc:
-            self._die(exc)
-            raise RuntimeError(f"engine core cannot listen at {payload.input_address}: {exc}") from exc
-        self.input_thread = threading.Thread(target=self._input_loop, args=(input_socket,), daemon=True,
-                                             name="core-input")
-        self.input_thread.start()
+            self.outputs.put(Connect(0, payload.output_address))
+        self._start_input_thread()
         try:
             self.core = EngineCore(payload.config, payload.ipc_dir)
         except BaseException as exc:
             self._die(exc)
             raise
-        gc.collect()
-        gc.freeze()  # the block pool's thousands of blocks live as long as the core: keep collections short
+        freeze_startup_objects()  # the block pool's thousands of blocks live as long as the core
         self.ready = EngineReady(self.core.scheduler.max_model_len, self.core.executor.num_blocks)
         for client in self.clients:
-            self.outputs.put((client, self.ready))
+            self.outputs.put(Send(client, self.ready))
+
+    def _start_input_thread(self) -> None:
+        """Listen at once: frontends that connect while the model loads get heartbeats meanwhile.
+        The socket is bound here, so a taken port fails the constructor; then only the thread uses it."""
+        address = self.payload.input_address
+        try:
+            sock = make_socket(self.ctx, zmq.PULL, address, bind=True, secret=self.secret, curve_server=True)
+        except zmq.ZMQError as exc:
+            self._die(exc)
+            raise RuntimeError(f"engine core cannot listen at {address}: {exc}") from exc
+        self.input_thread = threading.Thread(target=self._input_loop, args=(sock,), daemon=True, name="core-input")
+        self.input_thread.start()
+
+    # ---- the busy loop ----
 
     def run(self) -> None:
         try:
@@ -268,21 +306,23 @@ class EngineCoreProc:
             raise
 
     def _process_inputs(self, block: bool) -> None:
-        while True:
-            try:
-                if block:
-                    message, block_hashes = self.inputs.get(timeout=IDLE_CHECK_S)
-                    block = False
-                else:
-                    message, block_hashes = self.inputs.get_nowait()
-            except queue.Empty:
-                if block:
-                    self.core.executor.check_alive()
-                    self._forget_silent_clients()
-                    continue
+        """Handle every input queued; with `block` (an idle core), first wait for one, checking
+        meanwhile that the workers live."""
+        if block:
+            while (item := self._next_input(IDLE_CHECK_S)) is None:
+                self.core.executor.check_alive()
                 self._forget_silent_clients()
-                return
-            self._handle(message, block_hashes)
+            self._handle(*item)
+        while (item := self._next_input(None)) is not None:
+            self._handle(*item)
+        self._forget_silent_clients()
+
+    def _next_input(self, timeout: float | None) -> tuple[object, list[int] | None] | None:
+        """The next (message, block hashes), waiting up to `timeout` (None: not at all)."""
+        try:
+            return self.inputs.get_nowait() if timeout is None else self.inputs.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     def _handle(self, message, block_hashes: list[int] | None) -> None:
         if isinstance(message, IoThreadFailed):
@@ -296,29 +336,32 @@ class EngineCoreProc:
         client = message.client_index
         if self.clients.get(client) is not None:  # any message, Heartbeat included, shows it alive
             self.clients[client] = time.monotonic()
-        if isinstance(message, EngineCoreRequest):
-            if client not in self.clients:  # forgotten after a silence: nobody would get its outputs
-                logger.warning("dropped request %s of unknown frontend %d", message.request_id, client)
-                return
-            error = self.core.add_request(message, block_hashes)
-            if error is not None:
-                self._send(client, [error])
-        elif isinstance(message, Abort):
-            self.core.abort(message.request_ids, client)
-        elif isinstance(message, Hello):
-            if client in self.clients and self.clients[client] is None:  # the spawning frontend's index
-                logger.warning("dropped a Hello that claims client index %d, the spawning frontend's", client)
-                return
-            self.clients[client] = time.monotonic()
-            self.outputs.put((client, self.ready))
-        elif isinstance(message, Goodbye):
-            self._forget(client, "left")
-        elif isinstance(message, UtilityCall):
-            try:
-                result = UtilityResult(message.call_id, getattr(self.core, f"call_{message.method}")(*message.args))
-            except Exception as exc:  # a bad call fails alone
-                result = UtilityResult(message.call_id, error=f"{type(exc).__name__}: {exc}")
-            self.outputs.put((client, result))
+        match message:
+            case EngineCoreRequest():
+                if client not in self.clients:  # forgotten after a silence: nobody would get its outputs
+                    logger.warning("dropped request %s of unknown frontend %d", message.request_id, client)
+                    return
+                error = self.core.add_request(message, block_hashes)
+                if error is not None:
+                    self._send(client, [error])
+            case Abort():
+                self.core.abort(message.request_ids, client)
+            case Hello():
+                if client in self.clients and self.clients[client] is None:  # the spawning frontend's index
+                    logger.warning("dropped a Hello that claims client index %d, the spawning frontend's", client)
+                    return
+                self.clients[client] = time.monotonic()
+                self.outputs.put(Send(client, self.ready))
+            case Goodbye():
+                self._forget(client, "left")
+            case UtilityCall():
+                self.outputs.put(Send(client, self._call(message)))
+
+    def _call(self, call: UtilityCall) -> UtilityResult:
+        try:
+            return UtilityResult(call.call_id, getattr(self.core, f"call_{call.method}")(*call.args))
+        except Exception as exc:  # a bad call fails alone
+            return UtilityResult(call.call_id, error=f"{type(exc).__name__}: {exc}")
 
     def _forget_silent_clients(self) -> None:
         now = time.monotonic()
@@ -331,7 +374,7 @@ class EngineCoreProc:
             return
         aborted = self.core.abort_client(client)
         logger.warning("frontend %d %s: aborted its %d requests", client, why, len(aborted))
-        self.outputs.put((client, _FORGET))
+        self.outputs.put(Forget(client))
 
     def _emit(self, outputs) -> None:
         by_client: dict[int, list[EngineCoreOutput]] = {}
@@ -342,18 +385,17 @@ class EngineCoreProc:
 
     def _send(self, client: int, outputs: list[EngineCoreOutput]) -> None:
         stats = self.core.stats()
-        self.outputs.put((client, EngineCoreOutputs(outputs, time.time(), stats)))
+        self.outputs.put(Send(client, EngineCoreOutputs(outputs, time.time(), stats)))
 
     def _die(self, exc: BaseException) -> None:
-        if isinstance(exc, SystemExit | KeyboardInterrupt):
-            reason = "engine core was shut down"
-        else:
-            reason = "".join(traceback.format_exception_only(exc)).strip()
+        """Send every frontend the core's last word, `EngineDead` with the cause, then stop both
+        I/O threads."""
+        if not isinstance(exc, SystemExit | KeyboardInterrupt):
             # A failure to start is reported by whoever started the core (see core_main, run_headless).
             logger.log(logging.ERROR if self.ready else logging.DEBUG, "engine core failed:\n%s",
                        traceback.format_exc())
-        self.outputs.put((None, EngineDead(reason)))  # to every client
-        self.outputs.put(None)
+        self.outputs.put(Broadcast(EngineDead(death_reason(exc))))
+        self.outputs.put(Stop())
         self.output_thread.join(timeout=2.0)
         self.stopping.set()  # the input thread closes its own socket (sockets are not thread-safe)
         if self.input_thread is not None:
@@ -403,7 +445,7 @@ class EngineCoreProc:
                                exc)
                 continue
             if isinstance(message, Hello):  # connect now: heartbeats flow even while the model loads
-                self.outputs.put((message.client_index, message))
+                self.outputs.put(Connect(message.client_index, message.output_address))
             self.inputs.put((message, block_hashes))
 
     def _output_loop(self) -> None:
@@ -414,36 +456,43 @@ class EngineCoreProc:
             self.inputs.put((IoThreadFailed("output", exc), None))
 
     def _send_outputs(self) -> None:
+        """Carry out the busy loop's commands until Stop, and send a Heartbeat on every link that
+        was quiet for HEARTBEAT_S."""
         encoder = Encoder()
         last_sent: dict[int, float] = {}
+
+        def send(client: int, message) -> None:
+            if (sock := self.output_sockets.get(client)) is not None:
+                sock.send_multipart(encoder.encode(message), copy=False)
+                last_sent[client] = time.monotonic()
+
         while True:
             try:
-                item = self.outputs.get(timeout=HEARTBEAT_S)
+                command = self.outputs.get(timeout=HEARTBEAT_S)
             except queue.Empty:
-                item = ()
-            if item is None:
-                return
-            if item:
-                client, message = item
-                if isinstance(message, Hello):
+                command = None  # only heartbeats are due
+            match command:
+                case Send(client, message):
+                    send(client, message)
+                case Broadcast(message):
+                    for client in list(self.output_sockets):
+                        send(client, message)
+                case Connect(client, address):
                     if client not in self.output_sockets:
-                        self._connect(client, message.output_address)
-                elif message is _FORGET:
-                    sock = self.output_sockets.pop(client, None)
-                    if sock is not None:
+                        self._connect(client, address)
+                case Forget(client):
+                    if (sock := self.output_sockets.pop(client, None)) is not None:
                         sock.close(linger=0)
-                else:
-                    targets = list(self.output_sockets) if client is None else [client]
-                    for target in targets:
-                        sock = self.output_sockets.get(target)
-                        if sock is not None:
-                            sock.send_multipart(encoder.encode(message), copy=False)
-                            last_sent[target] = time.monotonic()
+                case Stop():
+                    return
+                case None:
+                    pass
+                case _:
+                    raise TypeError(f"not an output command: {command!r}")
             now = time.monotonic()
-            for client, sock in self.output_sockets.items():
+            for client in list(self.output_sockets):
                 if now - last_sent.get(client, 0.0) >= HEARTBEAT_S:
-                    sock.send_multipart(encoder.encode(Heartbeat(client)), copy=False)
-                    last_sent[client] = now
+                    send(client, Heartbeat(client))
 
     def _connect(self, client: int, address: str) -> None:
         try:
@@ -451,6 +500,13 @@ class EngineCoreProc:
                                                       curve_server=True)
         except zmq.ZMQError as exc:  # it never hears from us, and is forgotten after its silence
             logger.warning("cannot reach frontend %d at %s: %s", client, address, exc)
+
+
+def death_reason(exc: BaseException) -> str:
+    """The core's last word (`EngineDead.reason`) for the exception that ends it."""
+    if isinstance(exc, SystemExit | KeyboardInterrupt):
+        return "engine core was shut down"
+    return "".join(traceback.format_exception_only(exc)).strip()
 
 
 def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None:
@@ -504,8 +560,7 @@ def core_main() -> None:
         pass
     except BaseException as exc:
         if proc is None and payload.output_address is None:  # no spawning frontend to tell why (the launcher's core)
-            logger.error("engine core failed to start: %s",
-                         summarize_failure("".join(traceback.format_exception_only(exc))))
+            logger.error("engine core failed to start: %s", summarize_failure(death_reason(exc)))
         os._exit(1)
     finally:
         if proc is not None:

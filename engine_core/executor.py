@@ -28,9 +28,9 @@ from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.shm_ring import RingTimeout, ShmRing, ring_spin_s
 
 # Spin-loop iterations an idle OpenMP thread of a worker busy-waits before it sleeps. libgomp's
-# default, 300,000, keeps every core busy between steps and starves the frontend and the core that
-# share them (stalls of up to 0.9 s on a tiny model); 10,000 still spans the gaps inside a forward.
-# Measured in docs/benchmarks.md.
+# default, 300,000, keeps every CPU busy between steps and starves the frontend and the engine core
+# that share them; 10,000 still spans the gaps inside a forward (docs/benchmarks.md, "Frontend
+# stalls and the workers' OpenMP spin").
 OMP_SPIN_COUNT = 10_000
 
 
@@ -42,7 +42,10 @@ def worker_env() -> dict[str, str]:
 
 
 class WorkerFailure(RuntimeError):
-    pass
+    @classmethod
+    def reported(cls, error: WorkerError) -> "WorkerFailure":
+        """A worker's report of the exception that ends it, traceback included."""
+        return cls(f"worker rank {error.rank} failed:\n{error.error}")
 
 
 class Executor:
@@ -66,9 +69,9 @@ class Executor:
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
         self.vocab_size = ready[0].vocab_size
-        self.spin_s = ring_spin_s(config.has_spare_cores(self.device_type))
-        if self.device_type == "cpu" and (cores := config.core_process_cores()) is not None:
-            bind_process(cores, "the engine core")  # off the workers' cores, which are bound already
+        self.spin_s = ring_spin_s(config.has_spare_cpus(self.device_type))
+        if self.device_type == "cpu" and (cpus := config.engine_core_cpus()) is not None:
+            bind_process(cpus, "the engine core")  # off the workers' CPUs, which are bound already
 
     def collective_call(self, method: str, *args, timeout: float = 600.0) -> list:
         self._broadcast(WorkerCall(method, list(args)))
@@ -100,7 +103,7 @@ class Executor:
             self.kill()
             raise WorkerFailure(f"worker rank {rank} sent a malformed message: {exc}") from None
         if isinstance(message, WorkerError):
-            raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+            raise WorkerFailure.reported(message)
         if not isinstance(message, expected):
             raise WorkerFailure(f"expected {expected.__name__} from a worker, got {type(message).__name__}")
         return message
@@ -126,7 +129,7 @@ class Executor:
                 try:
                     while (frames := self.results[rank].recv(0.2, spin_s=0.0)) is not None:
                         if isinstance(message := self.decoder.decode(frames), WorkerError):
-                            raise WorkerFailure(f"worker rank {message.rank} failed:\n{message.error}")
+                            raise WorkerFailure.reported(message)
                 except (RingTimeout, msgspec.DecodeError, ValueError):
                     pass  # it died in the middle of a message
                 raise WorkerFailure(describe_exit(f"worker rank {rank}", proc.returncode))

@@ -75,7 +75,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting = WaitingQueue(config.scheduling_policy)
         self.running: list[Request] = []
@@ -96,9 +96,9 @@ class Scheduler:
         if total > self.max_model_len:
             return (f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
                     f"max_model_len ({self.max_model_len})")
-        if not self.kv.can_fit(total):
+        if not self.kv_cache.can_fit(total):
             return (f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} tokens "
-                    f"exceed the whole KV cache ({self.kv.num_blocks * self.config.block_size} tokens)")
+                    f"exceed the whole KV cache ({self.kv_cache.num_blocks * self.config.block_size} tokens)")
         return None
 
     def add_request(self, request: Request) -> None:
@@ -121,7 +121,7 @@ class Scheduler:
 
     def _free(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        self.kv.free(request)
+        self.kv_cache.free(request)
         del self.requests[request.request_id]
         if request.request_id in self.known_to_workers:
             self.known_to_workers.discard(request.request_id)
@@ -147,7 +147,7 @@ class Scheduler:
             n = self._num_tokens_to_compute(request, budget)
             if n == 0:
                 continue
-            while (blocks := self.kv.allocate_slots(request, n)) is None:
+            while (blocks := self.kv_cache.allocate_slots(request, n)) is None:
                 victim = self._pick_victim()
                 self._preempt(victim)
                 preempted = True
@@ -166,12 +166,12 @@ class Scheduler:
             request = self.waiting.peek()
             hits, num_hit_tokens = ([], 0)
             if request.num_computed_tokens == 0:
-                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+                hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
             remaining = request.num_tokens - request.num_computed_tokens - num_hit_tokens
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(remaining, budget)
-            blocks = self.kv.allocate_slots(request, n, hits, num_hit_tokens)
+            blocks = self.kv_cache.allocate_slots(request, n, hits, num_hit_tokens)
             if blocks is None:
                 break
             self.waiting.pop()
@@ -208,7 +208,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_output_placeholders = 0  # the tokens in flight are dropped and sampled again
@@ -237,7 +237,7 @@ class Scheduler:
                     request_id,
                     request.prompt_token_ids,
                     request.sampling_params,
-                    self.kv.get_block_ids(request_id),
+                    self.kv_cache.get_block_ids(request_id),
                     request.num_computed_tokens,
                     request.output_token_ids,
                     request.sampling_seed,
@@ -311,13 +311,13 @@ class Scheduler:
         return None
 
     def stats(self, step_time: float = 0.0, model_time: float = 0.0) -> SchedulerStats:
-        prefix = self.kv.make_prefix_cache_stats()  # counts since the previous call
+        prefix = self.kv_cache.make_prefix_cache_stats()  # counts since the previous call
         self.prefix_cache_queries += prefix.queries
         self.prefix_cache_hits += prefix.hits
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            kv_cache_usage=self.kv.usage,
+            kv_cache_usage=self.kv_cache.usage,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             num_preemptions=self.num_preemptions,

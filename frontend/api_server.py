@@ -383,7 +383,7 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
         while not engine.is_dead:
             await asyncio.sleep(0.5)
         died = True
-        logger.error("%s; shutting the server down", engine.client.dead)
+        logger.error("%s; shutting the server down", engine.client.failure)
         server.should_exit = True
 
     @asynccontextmanager

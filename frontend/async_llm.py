@@ -12,7 +12,6 @@ Leaving the iterator early (break, cancel, close) aborts the request in the engi
 import asyncio
 import atexit
 import dataclasses
-import gc
 import logging
 import time
 import uuid
@@ -32,6 +31,7 @@ from conveyor.frontend.outputs import RequestMetrics, RequestOutput
 from conveyor.sampling_params import (INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
                                                child_seed, resolve_logits_processor)
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
+from conveyor.ipc.process import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ def check_priority(priority: int) -> None:
 def _release(client: CoreClient, executor: ThreadPoolExecutor) -> None:
     client.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
-
-
-def freeze_startup_garbage() -> None:
-    """Move everything alive now (torch, transformers, the tokenizer...) out of the garbage
-    collector's sight: full collections over those graphs stall the event loop for 100+ ms."""
-    gc.collect()
-    gc.freeze()
 
 
 def cache_salt_of(prompt: PromptType) -> str | None:
@@ -112,7 +105,7 @@ class AsyncLLM:
         except BaseException:
             self.shutdown()
             raise
-        freeze_startup_garbage()
+        freeze_startup_objects()  # torch, transformers, the tokenizer: collections over them stall the loop
 
     # ---- the public surface ----
 
@@ -251,7 +244,7 @@ class AsyncLLM:
 
     @property
     def is_dead(self) -> bool:
-        return self.client.dead is not None
+        return self.client.failure is not None
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -311,5 +304,5 @@ class AsyncLLM:
         deliver_threadsafe(deliveries)
 
     def _check_alive(self) -> None:
-        if self.client.dead is not None:
-            raise self.client.dead
+        if self.client.failure is not None:
+            raise self.client.failure

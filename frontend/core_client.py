@@ -53,6 +53,7 @@ from conveyor.ipc.sockets import (
 logger = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often a quiet output thread checks that the core is alive
+LAST_WORD_MS = 500  # how long a spawned core's EngineDead may trail its exit
 
 
 class CoreClient:
@@ -77,7 +78,7 @@ class CoreClient:
         self.send_lock = threading.Lock()
         self.calls: dict[int, Future] = {}
         self.call_ids = itertools.count()
-        self.dead: EngineDeadError | None = None
+        self.failure: EngineDeadError | None = None  # why the engine died, once it has
         self.closing = False
         self.proc: subprocess.Popen | None = None
         self.output_thread: threading.Thread | None = None
@@ -135,9 +136,8 @@ class CoreClient:
                 continue
             self._check_handshake()
             self._beat_if_quiet()  # a shared core may still be loading: it must not forget us meanwhile
-            # A core that fails to start sends its reason first: give that a moment to land.
-            if self.proc is not None and self.proc.poll() is not None and not self.output_socket.poll(500):
-                raise EngineStartupError(f"engine failed to start: {describe_exit('engine core', self.proc.returncode)}")
+            if (how := self._spawned_core_exit()) is not None:
+                raise EngineStartupError(f"engine failed to start: {how}")
             if self.proc is None and time.monotonic() - self.last_received > PEER_TIMEOUT_S:
                 raise EngineStartupError(f"no engine core answered at {self.engine_address} "
                                          f"within {PEER_TIMEOUT_S:g} s")
@@ -153,8 +153,8 @@ class CoreClient:
     # ---- sending ----
 
     def _send(self, message) -> None:
-        if self.dead is not None:
-            raise self.dead
+        if self.failure is not None:
+            raise self.failure
         frames = self.encoder.encode(message)
         with self.send_lock:
             self.input_socket.send_multipart(frames, copy=False)
@@ -165,7 +165,7 @@ class CoreClient:
         self._send(request)
 
     def abort(self, request_ids: list[str]) -> None:
-        if request_ids and self.dead is None and not self.closing:
+        if request_ids and self.failure is None and not self.closing:
             self._send(Abort(request_ids, self.client_index))
 
     def call(self, method: str, *args) -> Future:
@@ -184,7 +184,7 @@ class CoreClient:
 
     def _output_loop(self) -> None:
         try:
-            while not self.closing and self.dead is None:
+            while not self.closing and self.failure is None:
                 if not self.output_socket.poll(POLL_MS):
                     self._check_core()
                     continue
@@ -220,14 +220,20 @@ class CoreClient:
     def _check_core(self) -> None:
         """On a quiet link: is the core still there?"""
         if self.proc is not None:
-            # A dying core sends its reason first: give that a moment to land.
-            if self.proc.poll() is not None and not self.output_socket.poll(300):
-                self._die(describe_exit("engine core", self.proc.returncode))
+            if (how := self._spawned_core_exit()) is not None:
+                self._die(how)
             return
         if time.monotonic() - self.last_received > PEER_TIMEOUT_S:
             self._die(f"no heartbeat from the engine core at {self.engine_address} for {PEER_TIMEOUT_S:g} s")
         else:
             self._beat_if_quiet()
+
+    def _spawned_core_exit(self) -> str | None:
+        """How the core this client spawned exited, once it has and its last word (EngineDead, with
+        the cause, which the caller reads instead) has not landed within LAST_WORD_MS."""
+        if self.proc is None or self.proc.poll() is None or self.output_socket.poll(LAST_WORD_MS):
+            return None
+        return describe_exit("engine core", self.proc.returncode)
 
     def _beat_if_quiet(self) -> None:
         """Tell a core we connected to that we live (a core we spawned has our lifeline instead)."""
@@ -246,19 +252,19 @@ class CoreClient:
     def _die(self, reason: str) -> None:
         if self.closing:
             return
-        self.dead = EngineDeadError(f"engine is dead: {reason}")
+        self.failure = EngineDeadError(f"engine is dead: {reason}")
         for future in list(self.calls.values()):
             if not future.done():
-                future.set_exception(self.dead)
+                future.set_exception(self.failure)
         self.calls.clear()
-        self.on_dead(self.dead)
+        self.on_dead(self.failure)
 
     # ---- lifecycle ----
 
     def shutdown(self) -> None:
         if self.closing:
             return
-        if self.proc is None and self.dead is None and hasattr(self, "input_socket"):
+        if self.proc is None and self.failure is None and hasattr(self, "input_socket"):
             try:  # a shared core: abort what we still run there, now rather than at our timeout
                 self._send(Goodbye(self.client_index))
             except zmq.ZMQError:

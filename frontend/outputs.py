@@ -24,12 +24,6 @@ class RequestMetrics:
     model_forward_time: float = 0.0  # summed over the steps this request was part of
     model_execute_time: float = 0.0
 
-    @property
-    def time_in_queue(self) -> float | None:
-        if self.first_scheduled_time is None:
-            return None
-        return self.first_scheduled_time - self.arrival_time
-
 
 @dataclass(slots=True)
 class CompletionOutput:

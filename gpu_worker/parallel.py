@@ -18,10 +18,6 @@ def init_tensor_parallel(rank: int, size: int) -> None:
     _tp_rank, _tp_size = rank, size
 
 
-def tp_rank() -> int:
-    return _tp_rank
-
-
 def tp_size() -> int:
     return _tp_size
 

@@ -143,57 +143,69 @@ def compute_logprobs(logits: torch.Tensor, token_ids: Sequence[int] | torch.Tens
 
 # -- logits processing (before temperature) ------------------------------------------------------
 
+@dataclass(slots=True)
+class _LogitsEdits:
+    """What the processors before temperature do to a batch's logits, gathered row by row."""
+
+    allowed_rows: list[int] = field(default_factory=list)  # rows limited to their allowed_token_ids
+    ban_rows: list[int] = field(default_factory=list)  # with ban_cols: (row, token) pairs set to -inf
+    ban_cols: list[int] = field(default_factory=list)
+    bias_rows: list[int] = field(default_factory=list)  # with bias_cols and bias_vals: added to a logit
+    bias_cols: list[int] = field(default_factory=list)
+    bias_vals: list[float] = field(default_factory=list)
+    penalty_rows: list[int] = field(default_factory=list)
+    processor_rows: list[int] = field(default_factory=list)  # rows with user logits processors
+
+    def ban(self, row: int, tokens) -> None:
+        for t in tokens:
+            self.ban_rows.append(row)
+            self.ban_cols.append(t)
+
+
+def _gather_logits_edits(states: list[SamplingState]) -> _LogitsEdits:
+    edits = _LogitsEdits()
+    for i, st in enumerate(states):
+        p = st.params
+        out = st.output_token_ids
+        if p.allowed_token_ids is not None:
+            edits.allowed_rows.append(i)
+        if p.bad_words_token_ids:
+            for word in p.bad_words_token_ids:
+                prefix = len(word) - 1
+                if prefix == 0 or (len(out) >= prefix and out[-prefix:] == word[:-1]):
+                    edits.ban(i, (word[-1],))
+        if p.logit_bias:
+            for t, b in p.logit_bias.items():
+                edits.bias_rows.append(i)
+                edits.bias_cols.append(t)
+                edits.bias_vals.append(b)
+        if len(out) < p.min_tokens:
+            edits.ban(i, p.all_stop_token_ids)
+        if p.no_repeat_ngram_size:
+            edits.ban(i, _banned_ngram_tokens(st))
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            edits.penalty_rows.append(i)
+        if p.logits_processors:
+            edits.processor_rows.append(i)
+    return edits
+
+
 def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState],
                             penalties: PenaltiesFn | None = None) -> torch.Tensor:
     """Apply every per-request processor that precedes temperature to `logits` [S, V] in place;
     the penalties with `penalties` (default: `apply_penalties`)."""
     penalties = penalties or apply_penalties
     vocab, device = logits.shape[1], logits.device
-    allowed_rows: list[int] = []
-    ban_rows: list[int] = []
-    ban_cols: list[int] = []
-    bias_rows: list[int] = []
-    bias_cols: list[int] = []
-    bias_vals: list[float] = []
-    penalty_rows: list[int] = []
-    processor_rows: list[int] = []
-    for i, st in enumerate(states):
-        p = st.params
-        out = st.output_token_ids
-        if p.allowed_token_ids is not None:
-            allowed_rows.append(i)
-        if p.bad_words_token_ids:
-            for word in p.bad_words_token_ids:
-                prefix = len(word) - 1
-                if prefix == 0 or (len(out) >= prefix and out[-prefix:] == word[:-1]):
-                    ban_rows.append(i)
-                    ban_cols.append(word[-1])
-        if p.logit_bias:
-            for t, b in p.logit_bias.items():
-                bias_rows.append(i)
-                bias_cols.append(t)
-                bias_vals.append(b)
-        if len(out) < p.min_tokens:
-            for t in p.all_stop_token_ids:
-                ban_rows.append(i)
-                ban_cols.append(t)
-        if p.no_repeat_ngram_size:
-            for t in _banned_ngram_tokens(st):
-                ban_rows.append(i)
-                ban_cols.append(t)
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            penalty_rows.append(i)
-        if p.logits_processors:
-            processor_rows.append(i)
-
+    edits = _gather_logits_edits(states)
+    allowed_rows, ban_rows, penalty_rows = edits.allowed_rows, edits.ban_rows, edits.penalty_rows
     if allowed_rows:
         masks = torch.stack([_allowed_mask(states[i], vocab, device) for i in allowed_rows])
         _update_rows(logits, allowed_rows, lambda x: x.masked_fill_(masks, float("-inf")))
-    if bias_rows:
-        logits.index_put_((_index(bias_rows, device), _index(bias_cols, device)),
-                          torch.tensor(bias_vals, dtype=logits.dtype, device=device), accumulate=True)
+    if edits.bias_rows:
+        logits.index_put_((_index(edits.bias_rows, device), _index(edits.bias_cols, device)),
+                          torch.tensor(edits.bias_vals, dtype=logits.dtype, device=device), accumulate=True)
     if ban_rows:
-        logits[_index(ban_rows, device), _index(ban_cols, device)] = float("-inf")
+        logits[_index(ban_rows, device), _index(edits.ban_cols, device)] = float("-inf")
     if allowed_rows or len(ban_rows) >= vocab:
         _fail_rows_left_without_tokens(logits, states, allowed_rows, ban_rows)
     if penalty_rows:
@@ -205,7 +217,7 @@ def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState],
                            for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"))
         _update_rows(logits, penalty_rows,
                      lambda x: penalties(x, prompt_mask, counts, rep, pres, freq))
-    for i in processor_rows:
+    for i in edits.processor_rows:
         _apply_user_processors(logits, states[i], i)
     return logits
 

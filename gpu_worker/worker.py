@@ -1,7 +1,6 @@
 """A worker process: one tensor-parallel rank. Loads its weight shard, holds its KV cache, and runs
 every step the core broadcasts; rank 0 returns the sampled tokens."""
 
-import gc
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from conveyor.ipc.messages import (
     WorkerReady,
     WorkerResult,
 )
-from conveyor.ipc.process import read_payload, run_child
+from conveyor.ipc.process import freeze_startup_objects, read_payload, run_child
 from conveyor.ipc.serial import Decoder, Encoder
 from conveyor.ipc.shm_ring import RingTimeout, ShmRing, ring_spin_s
 
@@ -73,8 +72,8 @@ def worker_main() -> None:
     encoder = Encoder()
     try:
         device = torch.device(config.resolved_device())
-        if device.type == "cpu" and (cores := config.worker_cores(rank)) is not None:
-            bind_process(cores, f"worker rank {rank}")  # before torch starts its OpenMP threads
+        if device.type == "cpu" and (cpus := config.worker_cpus(rank)) is not None:
+            bind_process(cpus, f"worker rank {rank}")  # before torch starts its OpenMP threads
         torch.set_num_threads(config.resolved_worker_threads())
         if device.type == "cuda":
             device = torch.device("cuda", rank)
@@ -84,12 +83,11 @@ def worker_main() -> None:
         from conveyor.gpu_worker.model_runner import ModelRunner
 
         runner = ModelRunner(config, device)
-        gc.collect()
-        gc.freeze()  # the model's objects never become garbage: keep collections short
+        freeze_startup_objects()  # the model's objects never become garbage
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
                                                 device.type, runner.hf_config.vocab_size)))
         with torch.inference_mode():
-            run_steps(runner, inputs, outputs, ring_spin_s(config.has_spare_cores(device.type)), rank)
+            run_steps(runner, inputs, outputs, ring_spin_s(config.has_spare_cpus(device.type)), rank)
     except Exception:
         error = traceback.format_exc()
         try:

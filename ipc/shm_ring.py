@@ -5,12 +5,12 @@ A message crosses with no system call when the reader is already looking: the wr
 into a ring of bytes in a file both processes map, then advances a counter; the reader, which
 checks the counter before it waits, finds it there. Only a reader that has gone to sleep costs the
 writer a wake-up, one byte into a FIFO. A zmq socket costs a wake-up of the sender's I/O thread,
-the receiver's, and then the receiver, on every message: on this project's 2-core test machine
-those wake-ups were 5-6 % of a 1-layer model's step (docs/benchmarks.md). vLLM's workers take
-their steps from a shared-memory ring for the same reason.
+the receiver's, and then the receiver, on every message, a measurable share of a small model's
+step (docs/benchmarks.md). vLLM's workers take their steps from a shared-memory ring for the same
+reason.
 
 The reader waits in two phases: it spins, yielding the CPU on every turn, for up to `spin_s` (the
-short waits of a busy engine; the engine spins only where the workers leave a core free), then
+short waits of a busy engine; the engine spins only where the workers leave a CPU free), then
 flags itself asleep and blocks on the FIFO, so that an idle engine burns nothing. Writer: data,
 fence, counter, fence, look at the flag. Reader: flag, fence, look at the counter. Either the
 writer sees the flag and wakes the reader, or the reader sees the data; x86 keeps stores in order
@@ -37,17 +37,17 @@ _LENGTH = struct.Struct("<Q")
 _ONE_FRAME = struct.Struct("<QIQ")  # length, frame count (1), the frame's length
 _fence_lock = threading.Lock()
 
-# How long a reader that has a core to itself spins before it sleeps. A busy engine's waits are
+# How long a reader that has a CPU to itself spins before it sleeps. A busy engine's waits are
 # shorter (the core is late by tens of µs; a result comes within one step) and cost no system call.
 # A longer wait is a step long enough that one wake-up (about 10 µs) is noise, or an idle engine.
 SPIN_S = 0.005
 ALIVE_CHECK_S = 0.05
 
 
-def ring_spin_s(spare_cores: bool) -> float:
-    """How long the core or a worker, waiting on its ring, spins before it sleeps: spinning takes a
-    core, so only where the workers leave one free (`EngineConfig.has_spare_cores`)."""
-    return SPIN_S if spare_cores else 0.0
+def ring_spin_s(spare_cpus: bool) -> float:
+    """How long the engine core or a worker, waiting on its ring, spins before it sleeps: spinning
+    takes a CPU, so only where the workers leave one free (`EngineConfig.has_spare_cpus`)."""
+    return SPIN_S if spare_cpus else 0.0
 
 
 def memory_fence() -> None:
@@ -194,7 +194,7 @@ class ShmRing:
         now = time.monotonic()
         spin_end = now + spin_s if deadline is None else min(now + spin_s, deadline)
         while now < spin_end:
-            os.sched_yield()  # let whatever else wants this core run (it releases the GIL too)
+            os.sched_yield()  # let whatever else wants this CPU run (it releases the GIL too)
             if self._available() >= n:
                 return True
             now = time.monotonic()

@@ -59,9 +59,3 @@ def check_same_device(kernel, **tensors: torch.Tensor | None) -> None:
 def is_interpreted(kernel) -> bool:
     """True when `kernel` was decorated under TRITON_INTERPRET=1 (it then runs on CPU tensors)."""
     return isinstance(kernel, InterpretedFunction)
-
-
-def needs_fp32_loads(kernel, dtype: torch.dtype) -> bool:
-    """The interpreter keeps bfloat16 as raw bits, so arithmetic there must start from fp32 values;
-    on a GPU, half-precision tiles go to tensor cores as they are."""
-    return dtype == torch.float32 or is_interpreted(kernel)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from conveyor.config import EngineConfig
-from conveyor.engine_core.engine_core import EngineCoreProc, IoThreadFailed
+from conveyor.engine_core.engine_core import EngineCoreProc, IoThreadFailed, Send
 from conveyor.ipc.messages import CorePayload
 
 
@@ -66,7 +66,7 @@ def test_a_failing_input_thread_makes_the_busy_loop_raise():
 def test_a_failing_output_thread_makes_the_busy_loop_raise():
     proc = bare_proc()
     proc.output_sockets[0] = BrokenSocket()
-    proc.outputs.put((0, object()))  # msgspec cannot encode it
+    proc.outputs.put(Send(0, object()))  # msgspec cannot encode it
     proc._output_loop()  # returns: the thread would end here
     with pytest.raises(RuntimeError, match="output thread failed: TypeError"):
         proc._process_inputs(block=False)

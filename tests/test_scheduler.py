@@ -28,6 +28,11 @@ def result(step: SchedulerOutput, tokens: dict[str, int]) -> ModelRunnerOutput:
     return ModelRunnerOutput(step.step_id, ids, [[tokens[rid]] for rid in ids])
 
 
+def scheduled(step: SchedulerOutput) -> dict[str, int]:
+    """Request id -> the tokens it computes in `step`."""
+    return dict(zip(step.scheduled_request_ids(), step.num_scheduled_tokens))
+
+
 def finished(outputs) -> dict[str, str]:
     return {out.request_id: out.finish_reason for _, out in outputs if out.finish_reason}
 
@@ -36,10 +41,10 @@ def test_next_step_computes_the_token_still_in_flight():
     s = make_scheduler()
     r = add(s, "r", prompt_len=6)
     s0 = s.schedule()
-    assert s0.scheduled_tokens() == {"r": 6}
+    assert scheduled(s0) == {"r": 6}
     assert r.num_output_placeholders == 1
     s1 = s.schedule()  # before s0's result: the position of the token s0 samples
-    assert s1.scheduled_tokens() == {"r": 1}
+    assert scheduled(s1) == {"r": 1}
     assert s1.cached_requests.num_computed_tokens == [6]
     assert r.num_output_placeholders == 2
     s.update_from_output(result(s0, {"r": 100}))
@@ -68,7 +73,7 @@ def test_token_after_a_stop_is_dropped():
     assert finished(outputs) == {"r": "stop"}
     assert s.update_from_output(result(s1, {"r": 555})) == []
     assert r.output_token_ids == [EOS]
-    assert s.kv.num_free_blocks == 64
+    assert s.kv_cache.num_free_blocks == 64
     assert s.schedule() is None
     add(s, "next")
     assert s.schedule().finished_request_ids == ["r"]  # the workers forget it with the next step
@@ -94,14 +99,14 @@ def test_preempted_in_flight_drops_its_token_and_resumes_from_known_tokens():
     a = add(s, "a", prompt_len=8, max_tokens=8)
     b = add(s, "b", prompt_len=8, max_tokens=8)
     steps = [s.schedule()]
-    assert steps[0].scheduled_tokens() == {"a": 8, "b": 8}
+    assert scheduled(steps[0]) == {"a": 8, "b": 8}
     for k in range(1, 5):  # positions 8, 9, 10, 11, one step ahead of the results
         steps.append(s.schedule())
-        assert steps[k].scheduled_tokens() == {"a": 1, "b": 1}
+        assert scheduled(steps[k]) == {"a": 1, "b": 1}
         s.update_from_output(result(steps[k - 1], {"a": 100 + k - 1, "b": 200 + k - 1}))
     s5 = s.schedule()  # position 12 needs a fourth block each: b, the newest, is preempted for a
     assert b.status == RequestStatus.PREEMPTED and b.num_output_placeholders == 0
-    assert s5.scheduled_tokens() == {"a": 1} and s5.finished_request_ids == ["b"]
+    assert scheduled(s5) == {"a": 1} and s5.finished_request_ids == ["b"]
     s.update_from_output(result(steps[4], {"a": 104, "b": 204}))
     assert a.output_token_ids == [100, 101, 102, 103, 104]
     assert b.output_token_ids == [200, 201, 202, 203]  # 204 was sampled after b's preemption
@@ -110,7 +115,7 @@ def test_preempted_in_flight_drops_its_token_and_resumes_from_known_tokens():
     s6 = s.schedule()
     (resumed,) = s6.new_requests
     assert resumed.request_id == "b" and resumed.output_token_ids == [200, 201, 202, 203]
-    assert s6.scheduled_tokens() == {"b": 12} and b.num_output_placeholders == 1
+    assert scheduled(s6) == {"b": 12} and b.num_output_placeholders == 1
 
 
 def test_priority_victim_scheduled_earlier_in_the_step_leaves_the_step():
@@ -124,9 +129,9 @@ def test_priority_victim_scheduled_earlier_in_the_step_leaves_the_step():
     s.update_from_output(result(s.schedule(), {"low": 101, "high": 200}))  # both blocks used now
     step = s.schedule()  # low (position 3) fits its block; high (position 4) needs low's
     assert low.status == RequestStatus.PREEMPTED
-    assert step.scheduled_tokens() == {"high": 1}
+    assert scheduled(step) == {"high": 1}
     assert step.new_requests == [] and step.finished_request_ids == ["low"]
-    assert len(s.kv.get_block_ids("high")) == 2
+    assert len(s.kv_cache.get_block_ids("high")) == 2
 
 
 def test_sync_and_async_give_the_same_tokens():
@@ -173,8 +178,8 @@ def test_dropped_requests_wait_for_a_step_that_runs():
 
 
 def test_async_scheduling_by_default_only_where_the_core_has_a_processor(monkeypatch):
-    monkeypatch.setattr("conveyor.config.usable_cores", lambda: list(range(8)))
-    config = EngineConfig(model="unused")  # the workers' threads take all 8 cores
+    monkeypatch.setattr("conveyor.config.usable_cpus", lambda: list(range(8)))
+    config = EngineConfig(model="unused")  # the workers' threads take all 8 CPUs
     assert config.uses_async_scheduling("cuda") and not config.uses_async_scheduling("cpu")
     assert EngineConfig(model="unused", worker_threads=6).uses_async_scheduling("cpu")
     assert EngineConfig(model="unused", tensor_parallel_size=2, worker_threads=3).uses_async_scheduling("cpu")
@@ -182,14 +187,14 @@ def test_async_scheduling_by_default_only_where_the_core_has_a_processor(monkeyp
     assert not EngineConfig(model="unused", async_scheduling=False).uses_async_scheduling("cuda")
 
 
-def test_cpu_cores_split_between_worker_ranks_and_the_core(monkeypatch):
-    monkeypatch.setattr("conveyor.config.usable_cores", lambda: [2, 3, 5, 7, 8, 9, 11, 12])
+def test_cpus_split_between_worker_ranks_and_the_engine_core(monkeypatch):
+    monkeypatch.setattr("conveyor.config.usable_cpus", lambda: [2, 3, 5, 7, 8, 9, 11, 12])
     config = EngineConfig(model="unused", tensor_parallel_size=2, worker_threads=3)
-    assert [config.worker_cores(0), config.worker_cores(1)] == [[2, 3, 5], [7, 8, 9]]
-    assert config.core_process_cores() == [11, 12]
+    assert [config.worker_cpus(0), config.worker_cpus(1)] == [[2, 3, 5], [7, 8, 9]]
+    assert config.engine_core_cpus() == [11, 12]
     every_core = EngineConfig(model="unused", tensor_parallel_size=2)  # 4 threads each
-    assert every_core.worker_cores(1) == [8, 9, 11, 12] and every_core.core_process_cores() is None
+    assert every_core.worker_cpus(1) == [8, 9, 11, 12] and every_core.engine_core_cpus() is None
     oversubscribed = EngineConfig(model="unused", worker_threads=9)
-    assert oversubscribed.worker_cores(0) is None and oversubscribed.core_process_cores() is None
+    assert oversubscribed.worker_cpus(0) is None and oversubscribed.engine_core_cpus() is None
     unbound = EngineConfig(model="unused", worker_threads=3, bind_cores=False)
-    assert unbound.worker_cores(0) is None and unbound.core_process_cores() is None
+    assert unbound.worker_cpus(0) is None and unbound.engine_core_cpus() is None

@@ -16,6 +16,7 @@ import msgspec
 from conveyor.config import RequestLimits
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (as vLLM)
+DEFAULT_MAX_TOKENS = 16  # vLLM's
 # What the later stages hold: counts, lengths and token ids go into int32 tensors, floats into
 # float32 ones, seeds into a torch.Generator (int64, vLLM's range), everything through msgpack.
 INT32_MAX = 2**31 - 1
@@ -66,6 +67,21 @@ def _check_float(name: str, value: float, low: float, high: float) -> None:
         raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
 
 
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """How many tokens a request may generate: `max_tokens`, or where None all that max_model_len
+    leaves after the prompt. The frontend and the engine core both refuse a request by this rule."""
+    room = max_model_len - num_prompt_tokens
+    if num_prompt_tokens < 1 or room < 1:
+        raise ValueError(f"prompt must be 1 to {max_model_len - 1} tokens long (max_model_len {max_model_len} "
+                         f"less one output token), got {num_prompt_tokens} tokens")
+    if max_tokens is None:
+        return room
+    if not 1 <= max_tokens <= room:
+        raise ValueError(f"max_tokens must be in [1, {room}] (max_model_len {max_model_len} less the prompt's "
+                         f"{num_prompt_tokens} tokens), got {max_tokens}")
+    return max_tokens
+
+
 def child_seed(seed: int | None, index: int) -> int | None:
     """The seed of sample `index` of an n > 1 request: seed + index, wrapped into int64."""
     if seed is None:
@@ -87,7 +103,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    max_tokens: int | None = 16
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: up to max_model_len (resolve_max_tokens)
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: str | list[str] = msgspec.field(default_factory=list)

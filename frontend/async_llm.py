@@ -30,7 +30,7 @@ from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState, deliver_threadsafe
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
 from conveyor.sampling_params import (INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
-                                               child_seed, resolve_logits_processor)
+                                      child_seed, resolve_logits_processor, resolve_max_tokens)
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class AsyncLLM:
         """Tokenize, validate and bind one request: (text, token ids, params, detokenizer). Runs on
         a thread for long prompts, so the event loop only does bookkeeping."""
         text, token_ids = self.tokenize(prompt)
-        self.validate(token_ids, params)
+        resolve_max_tokens(len(token_ids), params.max_tokens, self.max_model_len)
         for path in params.logits_processors or ():
             resolve_logits_processor(path)  # a bad one fails here, not in the engine
         params = self._bind(params)
@@ -283,17 +283,6 @@ class AsyncLLM:
         if not isinstance(token_ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt_token_ids must be a list of ints in [0, {vocab})")
         return token_ids
-
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        n = len(token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(f"prompt is {n} tokens long; max_model_len is {self.max_model_len}, "
-                             "which must leave room for at least one output token")
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len})")
 
     def _bind(self, params: SamplingParams) -> SamplingParams:
         """A private copy of the caller's params with the tokenizer's facts filled in."""

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from conveyor.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from conveyor.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.sampling_params import RequestOutputKind, SamplingParams, resolve_max_tokens
 
 NEG_INF = -1.0e9
 
@@ -29,8 +29,7 @@ async def beam_search(llm, prompt, params: SamplingParams, request_id: str, prio
     width = params.n
     text, prompt_ids = llm.tokenize(prompt)
     salt = {"cache_salt": prompt["cache_salt"]} if isinstance(prompt, dict) and "cache_salt" in prompt else {}
-    max_tokens = params.max_tokens or llm.max_model_len - len(prompt_ids)
-    llm.validate(prompt_ids, params)
+    max_tokens = resolve_max_tokens(len(prompt_ids), params.max_tokens, llm.max_model_len)
     stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)
     num_candidates = max(2, 1 + len(stop_ids)) * width
     metrics = RequestMetrics(arrival_time=time.time())

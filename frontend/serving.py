@@ -24,7 +24,7 @@ from conveyor.frontend.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         CompletionLogprobs, CompletionRequest, CompletionResponse,
                                         DeltaMessage, ErrorInfo, ErrorResponse, PromptTokensDetails, TopLogprob,
                                         TokenizeRequest, Usage, random_id, salted, to_sampling_params)
-from conveyor.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams, resolve_max_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class OpenAIServing:
 
     def _tokenized(self, text: str, params: SamplingParams) -> list[int]:
         ids = self.engine.tokenizer.encode(text)
-        self.engine.validate(ids, params)
+        resolve_max_tokens(len(ids), params.max_tokens, self.engine.max_model_len)
         return ids
 
     async def tokenize(self, body: TokenizeRequest) -> list[int]:

@@ -10,6 +10,7 @@ those among the top `width` that hit EOS or the length limit become finished hyp
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from conveyor.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -23,6 +24,13 @@ class Beam:
     tokens: list[int]
     score: float  # sum of log-probabilities (normalised by length once finished)
     finished: bool = False
+
+
+async def beam_search_stream(llm, prompt, params: SamplingParams, request_id: str,
+                             priority: int = 0) -> AsyncIterator[RequestOutput]:
+    """`llm.generate` for `use_beam_search`: one output, the finished beams."""
+    params.check_limits(llm.config.request_limits)
+    yield await beam_search(llm, prompt, params, request_id, priority)
 
 
 async def beam_search(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0) -> RequestOutput:

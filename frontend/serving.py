@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from conveyor.frontend.async_llm import YIELD_EVERY
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from conveyor.frontend.parallel_sampling import YIELD_EVERY
 from conveyor.frontend.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
                                         ChatResponseMessage, ChatStreamChoice, CompletionChoice,

@@ -2,7 +2,7 @@ import msgspec
 import pytest
 
 from conveyor.config import RequestLimits
-from conveyor.sampling_params import RequestOutputKind, SamplingParams, SamplingType, child_seed, resolve_max_tokens
+from conveyor.sampling_params import RequestOutputKind, SamplingParams, child_seed, resolve_max_tokens
 
 INVALID = [
     ("n", 0), ("n", 1.5),
@@ -113,12 +113,10 @@ def test_decoding_invalid_payload_raises():
         msgspec.msgpack.decode(payload, type=SamplingParams)
 
 
-def test_sampling_type_follows_temperature_seed_and_beam_search():
-    assert SamplingParams(temperature=0).sampling_type is SamplingType.GREEDY
+def test_greedy_follows_temperature_and_beam_search():
     assert SamplingParams(temperature=0).greedy
-    assert SamplingParams().sampling_type is SamplingType.RANDOM
-    assert SamplingParams(seed=3).sampling_type is SamplingType.RANDOM_SEED
-    assert SamplingParams(use_beam_search=True, n=3).sampling_type is SamplingType.BEAM
+    assert not SamplingParams().greedy
+    assert SamplingParams(use_beam_search=True, n=3).greedy
 
 
 def test_all_stop_token_ids_add_eos_unless_ignore_eos():

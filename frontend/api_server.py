@@ -243,8 +243,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
         return body
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+        serving.check_model(name)
 
     def live_engine():
         if serving.engine is None or serving.engine.is_dead:

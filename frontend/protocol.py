@@ -37,6 +37,14 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class APIError(Exception):
+    """A request refused with an HTTP status and OpenAI's error fields (ErrorInfo)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
 # ---- shared request fields ----
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conveyor.sampling_params import INT32_MAX, RequestOutputKind, SamplingParams
+from conveyor.sampling_params import DEFAULT_MAX_TOKENS, INT32_MAX, RequestOutputKind, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -107,8 +107,8 @@ class SamplingFields(Strict):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="a text, texts, a list of token ids, or lists of token ids")
-    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="most tokens to generate per choice "
-                                                                       "(null: up to max_model_len)")
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, le=INT64_MAX,
+                                   description="most tokens to generate per choice (null: up to max_model_len)")
     logprobs: int | None = Field(None, ge=0, le=INT32_MAX, description="log-probabilities of this many "
                                                                           "most likely tokens per position")
     echo: bool = Field(False, description="start each choice's text with the prompt")

@@ -13,9 +13,10 @@ from typing import Any
 
 import msgspec
 
-from conveyor.config import RequestLimits
+from conveyor.config import RequestLimits, _check
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (as vLLM)
+DEFAULT_MAX_TOKENS = 16  # vLLM's
 # What the later stages hold: counts, lengths and token ids go into int32 tensors, floats into
 # float32 ones, seeds into a torch.Generator (int64, vLLM's range), everything through msgpack.
 INT32_MAX = 2**31 - 1
@@ -30,13 +31,6 @@ class RequestOutputKind(enum.IntEnum):
     FINAL_ONLY = 2  # one output, when the request finishes
 
 
-class SamplingType(enum.IntEnum):
-    GREEDY = 0
-    RANDOM = 1
-    RANDOM_SEED = 2
-    BEAM = 3
-
-
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -49,21 +43,47 @@ def _is_token_id(x: Any) -> bool:
     return _is_int(x) and 0 <= x <= INT32_MAX
 
 
-def _check_int_list(name: str, value: Any) -> None:
-    if not isinstance(value, list) or not all(_is_int(t) for t in value):
-        raise ValueError(f"{name} must be a list of ints, got {value!r}")
-    if not all(_is_token_id(t) for t in value):
-        raise ValueError(f"{name} must hold token ids in [0, {INT32_MAX}], got {value!r}")
+def _is_token_id_list(x: Any) -> bool:
+    return isinstance(x, list) and all(_is_token_id(t) for t in x)
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if not (_is_int(value) and low <= value <= high):
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+# The rules of one kind, field by field: types first, so that the ranges compare numbers.
+_INT_FIELDS = ("n", "top_k", "no_repeat_ngram_size", "min_tokens")
+_NUMBER_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "length_penalty")
+_BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                "spaces_between_special_tokens", "detokenize", "use_beam_search", "early_stopping")
+# field -> (low, high, the allowed values in words); None passes where it is the field's default
+_INT_RANGES = {name: (low, high, f"an int in [{low}, {high}]") for name, (low, high) in {
+    "n": (1, INT32_MAX), "seed": (INT64_MIN, INT64_MAX), "no_repeat_ngram_size": (0, INT32_MAX),
+    "max_tokens": (1, INT32_MAX), "min_tokens": (0, INT32_MAX), "logprobs": (0, INT32_MAX),
+    "prompt_logprobs": (0, INT32_MAX),
+}.items()}
+_FLOAT_RANGES = {name: (low, high, f"in [{low:g}, {high:g}]") for name, (low, high) in {
+    "temperature": (0.0, FLOAT32_MAX), "min_p": (0.0, 1.0), "repetition_penalty": (FLOAT32_TINY, FLOAT32_MAX),
+    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
+    # beam search divides by generated_length ** length_penalty, with lengths up to 2**31
+    "length_penalty": (-10.0, 10.0),
+}.items()}
+_TOKEN_IDS = f"token ids in [0, {INT32_MAX}]"
+_TOKEN_ID_LIST = f"a list of {_TOKEN_IDS}"
+_LOGIT_BIAS = f"a map of {_TOKEN_IDS} to biases in [-100, 100]"
+_EOS_TOKEN_ID = f"a token id in [0, {INT32_MAX}] or None"
+_TOP_K = f"-1 (disabled), 0 (disabled) or in [1, {INT32_MAX}]"
 
 
-def _check_float(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:  # False for nan
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """How many tokens a request may generate: `max_tokens`, or where None all that max_model_len
+    leaves after the prompt. The frontend and the engine core both refuse a request by this rule."""
+    room = max_model_len - num_prompt_tokens
+    if num_prompt_tokens < 1 or room < 1:
+        raise ValueError(f"prompt must be 1 to {max_model_len - 1} tokens long (max_model_len {max_model_len} "
+                         f"less one output token), got {num_prompt_tokens} tokens")
+    if max_tokens is None:
+        return room
+    _check(1 <= max_tokens <= room, "max_tokens", max_tokens,
+           f"in [1, {room}] (max_model_len {max_model_len} less the prompt's {num_prompt_tokens} tokens)")
+    return max_tokens
 
 
 def child_seed(seed: int | None, index: int) -> int | None:
@@ -87,7 +107,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    max_tokens: int | None = 16
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: up to max_model_len (resolve_max_tokens)
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: str | list[str] = msgspec.field(default_factory=list)
@@ -131,14 +151,6 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.use_beam_search
-
-    @property
-    def sampling_type(self) -> SamplingType:
-        if self.use_beam_search:
-            return SamplingType.BEAM
-        if self.temperature < GREEDY_TEMPERATURE:
-            return SamplingType.GREEDY
-        return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
 
     def bind_tokenizer(
         self,
@@ -204,108 +216,60 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             ids.append(self.eos_token_id)
         self.all_stop_token_ids = ids
         allowed = self.allowed_token_ids
-        if allowed is not None and self.min_tokens and set(allowed) <= set(ids):
-            raise ValueError(
-                f"min_tokens must be 0 when allowed_token_ids holds only stop tokens ({allowed}): "
-                f"no other token could be sampled, got {self.min_tokens}")
+        if allowed is not None and self.min_tokens:
+            _check(not set(allowed) <= set(ids), "min_tokens", self.min_tokens,
+                   f"0 when allowed_token_ids holds only stop tokens ({allowed}): no other token could be sampled")
 
     def _validate(self) -> None:
-        for name in ("n", "top_k", "no_repeat_ngram_size", "min_tokens"):
+        for name in _INT_FIELDS:
+            _check(_is_int(value := getattr(self, name)), name, value, "an int")
+        for name in _NUMBER_FIELDS:
+            _check(_is_number(value := getattr(self, name)) and value == value, name, value, "a number")
+        for name in _BOOL_FIELDS:
+            _check(isinstance(value := getattr(self, name), bool), name, value, "a bool")
+        for name, (low, high, allowed) in _INT_RANGES.items():
             value = getattr(self, name)
-            if not _is_int(value):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty", "length_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or value != value:
-                raise ValueError(f"{name} must be a number, got {value!r}")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-                     "spaces_between_special_tokens", "detokenize", "use_beam_search",
-                     "early_stopping"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be a bool, got {value!r}")
-
-        _check_int("n", self.n, 1, INT32_MAX)
-        _check_float("temperature", self.temperature, 0.0, FLOAT32_MAX)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k <= INT32_MAX:
-            raise ValueError(
-                f"top_k must be -1 (disabled), 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k}")
-        _check_float("min_p", self.min_p, 0.0, 1.0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, INT64_MIN, INT64_MAX)
-        _check_float("repetition_penalty", self.repetition_penalty, FLOAT32_TINY, FLOAT32_MAX)
-        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        # beam search divides by generated_length ** length_penalty, with lengths up to 2**31
-        _check_float("length_penalty", self.length_penalty, -10.0, 10.0)
-        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, INT32_MAX)
-
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict) or not all(
-                    _is_token_id(k) and _is_number(v) and -100.0 <= v <= 100.0
-                    for k, v in self.logit_bias.items()):
-                raise ValueError(
-                    f"logit_bias must map token ids in [0, {INT32_MAX}] to biases in [-100, 100], "
-                    f"got {self.logit_bias!r}")
-        if self.allowed_token_ids is not None:
-            _check_int_list("allowed_token_ids", self.allowed_token_ids)
-            if not self.allowed_token_ids:
-                raise ValueError("allowed_token_ids must be non-empty when given, got []")
-        if self.bad_words is not None and (
-                not isinstance(self.bad_words, list)
-                or not all(isinstance(w, str) and w.strip() for w in self.bad_words)):
-            raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
-        if self.bad_words_token_ids is not None and (
-                not isinstance(self.bad_words_token_ids, list)
-                or not all(isinstance(ids, list) and ids and all(_is_token_id(t) for t in ids)
-                           for ids in self.bad_words_token_ids)):
-            raise ValueError(
-                f"bad_words_token_ids must be a list of non-empty lists of token ids in [0, {INT32_MAX}], "
-                f"got {self.bad_words_token_ids!r}")
-
+            _check(value is None or _is_int(value) and low <= value <= high, name, value, allowed)
+        for name, (low, high, allowed) in _FLOAT_RANGES.items():
+            _check(low <= (value := getattr(self, name)) <= high, name, value, allowed)
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
+        _check(0 <= self.top_k <= INT32_MAX, "top_k", self.top_k, _TOP_K)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
-        _check_int("min_tokens", self.min_tokens, 0, INT32_MAX)
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"<= max_tokens ({self.max_tokens})")
 
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
-        if any(s == "" for s in self.stop):
-            raise ValueError(f"stop must not contain empty strings, got {self.stop!r}")
-        _check_int_list("stop_token_ids", self.stop_token_ids)
-        if self.eos_token_id is not None and not _is_token_id(self.eos_token_id):
-            raise ValueError(
-                f"eos_token_id must be a token id in [0, {INT32_MAX}] or None, got {self.eos_token_id!r}")
-
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value, 0, INT32_MAX)
-        if not isinstance(self.output_kind, RequestOutputKind):
-            try:
-                self.output_kind = RequestOutputKind(self.output_kind)
-            except ValueError:
-                raise ValueError(
-                    f"output_kind must be one of {[k.name for k in RequestOutputKind]}, "
-                    f"got {self.output_kind!r}") from None
-
+        bias = self.logit_bias
+        _check(bias is None or isinstance(bias, dict) and all(
+            _is_token_id(k) and _is_number(v) and -100.0 <= v <= 100.0 for k, v in bias.items()),
+            "logit_bias", bias, _LOGIT_BIAS)
+        allowed = self.allowed_token_ids
+        _check(allowed is None or _is_token_id_list(allowed), "allowed_token_ids", allowed, _TOKEN_ID_LIST)
+        _check(allowed is None or allowed, "allowed_token_ids", allowed, "non-empty when given")
+        _check(self.bad_words is None or isinstance(self.bad_words, list)
+               and all(isinstance(w, str) and w.strip() for w in self.bad_words),
+               "bad_words", self.bad_words, "a list of non-blank strings")
+        _check(self.bad_words_token_ids is None or isinstance(self.bad_words_token_ids, list)
+               and all(_is_token_id_list(ids) and ids for ids in self.bad_words_token_ids),
+               "bad_words_token_ids", self.bad_words_token_ids, "a list of non-empty lists of " + _TOKEN_IDS)
+        _check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+               "stop", self.stop, "a non-empty string or a list of non-empty strings")
+        _check(_is_token_id_list(self.stop_token_ids), "stop_token_ids", self.stop_token_ids, _TOKEN_ID_LIST)
+        _check(self.eos_token_id is None or _is_token_id(self.eos_token_id), "eos_token_id", self.eos_token_id,
+               _EOS_TOKEN_ID)
+        _check(self.logits_processors is None or isinstance(self.logits_processors, list)
+               and all(isinstance(p, str) and ("." in p or ":" in p) and p.strip() == p and p
+                       for p in self.logits_processors),
+               "logits_processors", self.logits_processors,
+               "a list of import paths 'pkg.module:callable' or 'pkg.module.callable'")
         if self.use_beam_search:
-            if self.top_p != 1.0 or self.top_k != 0 or self.min_p != 0.0:
-                raise ValueError(
-                    "use_beam_search must not be combined with top_p, top_k or min_p, got "
-                    f"top_p={self.top_p}, top_k={self.top_k}, min_p={self.min_p}")
-        if self.logits_processors is not None and (
-                not isinstance(self.logits_processors, list)
-                or not all(isinstance(p, str) and ("." in p or ":" in p) and p.strip() == p and p
-                           for p in self.logits_processors)):
-            raise ValueError(
-                "logits_processors must be a list of import paths 'pkg.module:callable' or "
-                f"'pkg.module.callable', got {self.logits_processors!r}")
+            _check(self.top_p == 1.0 and self.top_k == 0 and self.min_p == 0.0, "use_beam_search", True,
+                   f"False with top_p, top_k or min_p set (top_p={self.top_p}, top_k={self.top_k}, min_p={self.min_p})")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            _check(any(self.output_kind == k for k in RequestOutputKind), "output_kind", self.output_kind,
+                   f"one of {[k.name for k in RequestOutputKind]}")
+            self.output_kind = RequestOutputKind(self.output_kind)
+
+
 def _tokenize_bad_words(tokenizer: Any, bad_words: list[str]) -> list[list[int]]:
     """Token ids of each bad word, with and without a leading space (as vLLM does), so the word is
     banned both at the start of the text and in the middle of it."""

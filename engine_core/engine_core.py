@@ -58,6 +58,7 @@ from conveyor.ipc.sockets import (
     new_ipc_dir,
     remove_ipc_dir,
 )
+from conveyor.sampling_params import resolve_max_tokens
 from conveyor.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -88,19 +89,15 @@ class EngineCore:
         """Queue a request, or return the error output of one that can never run. `block_hashes`:
         its full prompt blocks' hashes, if computed already (`prompt_block_hashes`)."""
         params = message.sampling_params
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.scheduler.max_model_len - len(message.prompt_token_ids)
+        num_prompt_tokens = len(message.prompt_token_ids)
         if message.request_id in self.scheduler.requests:  # frontends pick ids independently
             error = f"request_id {message.request_id!r} is already in use"
-        elif not message.prompt_token_ids:
-            error = "prompt must contain at least one token"
-        elif (error := out_of_vocabulary(message, self.executor.vocab_size)) is not None:
-            pass
-        elif max_tokens < 1:
-            error = self.scheduler.check_fits(len(message.prompt_token_ids), 1)
-        else:
-            error = self.scheduler.check_fits(len(message.prompt_token_ids), max_tokens)
+        elif (error := out_of_vocabulary(message, self.executor.vocab_size)) is None:
+            try:
+                max_tokens = resolve_max_tokens(num_prompt_tokens, params.max_tokens, self.scheduler.max_model_len)
+                error = self.scheduler.check_fits(num_prompt_tokens, max_tokens)
+            except ValueError as e:
+                error = str(e)
         if error is not None:
             return EngineCoreOutput(message.request_id, [], finish_reason="error", error=error)
         seed = params.seed

@@ -2,7 +2,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from conveyor.sampling_params import SamplingParams
+from conveyor.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
@@ -31,7 +31,7 @@ class Request:
     priority: int = 0
     lora_id: int = 0
     cache_salt: str | None = None
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS  # the output budget (resolve_max_tokens)
     sampling_seed: int = 0  # the seed of its random draws (conveyor/seeds.py)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

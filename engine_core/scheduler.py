@@ -91,11 +91,8 @@ class Scheduler:
     # ---- requests in and out ----
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
-        """Why a request can never run, or None."""
+        """Why a request within max_model_len (`resolve_max_tokens`) can still never run, or None."""
         total = num_prompt_tokens + max_tokens
-        if total > self.max_model_len:
-            return (f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
-                    f"max_model_len ({self.max_model_len})")
         if not self.kv_cache.can_fit(total):
             return (f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} tokens "
                     f"exceed the whole KV cache ({self.kv_cache.num_blocks * self.config.block_size} tokens)")

@@ -251,13 +251,8 @@ async def parse(request: Request, model: type[T]) -> T:
         body = model.model_validate_json(await request.body())
     except ValidationError as e:
         raise APIError(400, *describe_validation_error(e)) from None
-    check_model(serving_of(request), getattr(body, "model", None))
+    serving_of(request).check_model(getattr(body, "model", None))
     return body
-
-
-def check_model(serving: OpenAIServing, name: str | None) -> None:
-    if name is not None and name != serving.model_name:
-        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
 
 def live_engine(serving: OpenAIServing):
@@ -306,7 +301,7 @@ async def models(request: Request):
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
-    check_model(serving_of(request), model_id)
+    serving_of(request).check_model(model_id)
     return model_card(serving_of(request)).model_dump()
 
 

@@ -11,7 +11,6 @@ Leaving the iterator early (break, cancel, close) aborts the request in the engi
 
 import asyncio
 import atexit
-import dataclasses
 import logging
 import time
 import uuid
@@ -23,20 +22,20 @@ from typing import Any
 import msgspec
 
 from conveyor.config import EngineConfig, RequestLimits, resolve_max_model_len
-from conveyor.frontend.beam_search import beam_search
+from conveyor.frontend.beam_search import beam_search_stream
 from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState, deliver_threadsafe
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
-from conveyor.sampling_params import (INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
-                                               child_seed, resolve_logits_processor)
+from conveyor.frontend.parallel_sampling import generate_n
+from conveyor.sampling_params import (INT64_MAX, INT64_MIN, SamplingParams, resolve_logits_processor,
+                                      resolve_max_tokens)
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
 from conveyor.ipc.process import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
 TOKENIZE_OFF_LOOP_CHARS = 256  # longer prompts are tokenized on a thread, off the event loop
-YIELD_EVERY = 16  # requests added in a row before yielding to the event loop (n > 1, many prompts)
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -123,14 +122,10 @@ class AsyncLLM:
         params = sampling_params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if params.use_beam_search:
-            return self._beam_search(prompt, params, request_id, priority)
+            return beam_search_stream(self, prompt, params, request_id, priority)
         if params.n > 1:
-            return self._generate_n(prompt, params, request_id, priority)
+            return generate_n(self, prompt, params, request_id, priority)
         return self._generate_one(prompt, params, request_id, priority, self.config.request_limits)
-
-    async def _beam_search(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
-        params.check_limits(self.config.request_limits)
-        yield await beam_search(self, prompt, params, request_id, priority)
 
     async def _generate_one(self, prompt, params, request_id, priority,
                             limits: RequestLimits | None) -> AsyncIterator[RequestOutput]:
@@ -147,53 +142,6 @@ class AsyncLLM:
         finally:
             # Cancelled, closed early or failed: the engine must stop working on it.
             await self.abort(state.request_id)
-
-    async def _generate_n(self, prompt, params, request_id, priority) -> AsyncIterator[RequestOutput]:
-        """`n` samples of one prompt: one engine request each (the prefix cache computes the
-        prompt once), merged into one RequestOutput with a CompletionOutput per sample."""
-        params.check_limits(self.config.request_limits)
-        n, kind = params.n, params.output_kind
-        states: list[RequestState] = []
-        waiting: dict[asyncio.Future, int] = {}
-        try:
-            for i in range(n):
-                child = msgspec.structs.replace(params, n=1, seed=child_seed(params.seed, i))
-                state = await self.add_request(prompt, child, f"{i}_{request_id}", priority)
-                states.append(state)
-                prompt = {"prompt": state.prompt, "prompt_token_ids": state.prompt_token_ids}  # tokenized once
-                if i % YIELD_EVERY == YIELD_EVERY - 1:
-                    await asyncio.sleep(0)  # the loop serves others (and notices a caller that left)
-            latest: list[RequestOutput | None] = [None] * n
-            waiting.update({asyncio.ensure_future(state.mailbox.get()): i for i, state in enumerate(states)})
-            while waiting:
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                changed = []
-                for future in done:
-                    i = waiting.pop(future)
-                    latest[i] = future.result()
-                    changed.append(i)
-                    if not latest[i].finished:
-                        waiting[asyncio.ensure_future(states[i].mailbox.get())] = i
-                if kind == RequestOutputKind.FINAL_ONLY and waiting:
-                    continue
-                shown = sorted(changed) if kind == RequestOutputKind.DELTA else [i for i in range(n) if latest[i]]
-                first = latest[shown[0]]
-                yield RequestOutput(
-                    request_id=request_id,
-                    prompt=first.prompt,
-                    prompt_token_ids=first.prompt_token_ids,
-                    outputs=[dataclasses.replace(latest[i].outputs[0], index=i) for i in shown],
-                    finished=not waiting,
-                    prompt_logprobs=first.prompt_logprobs,
-                    num_cached_tokens=min(latest[i].num_cached_tokens for i in shown),
-                    metrics=first.metrics,
-                    error_code=next((latest[i].error_code for i in shown if latest[i].error_code), None),
-                    error_message=next((latest[i].error_message for i in shown if latest[i].error_message), None),
-                )
-        finally:
-            for future in waiting:
-                future.cancel()
-            await self.abort([state.request_id for state in states])
 
     async def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str,
                           priority: int = 0) -> RequestState:
@@ -223,7 +171,7 @@ class AsyncLLM:
         """Tokenize, validate and bind one request: (text, token ids, params, detokenizer). Runs on
         a thread for long prompts, so the event loop only does bookkeeping."""
         text, token_ids = self.tokenize(prompt)
-        self.validate(token_ids, params)
+        resolve_max_tokens(len(token_ids), params.max_tokens, self.max_model_len)
         for path in params.logits_processors or ():
             resolve_logits_processor(path)  # a bad one fails here, not in the engine
         params = self._bind(params)
@@ -276,17 +224,6 @@ class AsyncLLM:
         if not isinstance(token_ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt_token_ids must be a list of ints in [0, {vocab})")
         return token_ids
-
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        n = len(token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(f"prompt is {n} tokens long; max_model_len is {self.max_model_len}, "
-                             "which must leave room for at least one output token")
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len})")
 
     def _bind(self, params: SamplingParams) -> SamplingParams:
         """A private copy of the caller's params with the tokenizer's facts filled in."""

@@ -10,10 +10,11 @@ those among the top `width` that hit EOS or the length limit become finished hyp
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from conveyor.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from conveyor.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.sampling_params import RequestOutputKind, SamplingParams, resolve_max_tokens
 
 NEG_INF = -1.0e9
 
@@ -25,12 +26,18 @@ class Beam:
     finished: bool = False
 
 
+async def beam_search_stream(llm, prompt, params: SamplingParams, request_id: str,
+                             priority: int = 0) -> AsyncIterator[RequestOutput]:
+    """`llm.generate` for `use_beam_search`: one output, the finished beams."""
+    params.check_limits(llm.config.request_limits)
+    yield await beam_search(llm, prompt, params, request_id, priority)
+
+
 async def beam_search(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0) -> RequestOutput:
     width = params.n
     text, prompt_ids = llm.tokenize(prompt)
     salt = {"cache_salt": prompt["cache_salt"]} if isinstance(prompt, dict) and "cache_salt" in prompt else {}
-    max_tokens = params.max_tokens or llm.max_model_len - len(prompt_ids)
-    llm.validate(prompt_ids, params)
+    max_tokens = resolve_max_tokens(len(prompt_ids), params.max_tokens, llm.max_model_len)
     stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)
     num_candidates = max(2, 1 + len(stop_ids)) * width
     metrics = RequestMetrics(arrival_time=time.time())

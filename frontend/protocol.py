@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conveyor.sampling_params import INT32_MAX, RequestOutputKind, SamplingParams
+from conveyor.sampling_params import DEFAULT_MAX_TOKENS, INT32_MAX, RequestOutputKind, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -35,6 +35,14 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class APIError(Exception):
+    """A request refused with an HTTP status and OpenAI's error fields (ErrorInfo)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 # ---- shared request fields ----
@@ -86,7 +94,8 @@ class SamplingFields(Strict):
     no_repeat_ngram_size: int = Field(0, ge=0, le=INT64_MAX, description="never repeat an n-gram of this size (0: off)")
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="with --scheduling-policy priority, "
                                                                      "lower runs first")
-    logits_processors: list[str] | None = Field(None, description="logits processors by import path; only those the server allows (--allowed-logits-processors)")
+    logits_processors: list[str] | None = Field(None, description="logits processors by import path; only those "
+                                                                  "the server allows (--allowed-logits-processors)")
     cache_salt: str | None = Field(None, description="prefix-cache blocks are shared only among requests "
                                                      "of one salt (non-empty)")
 
@@ -98,8 +107,8 @@ class SamplingFields(Strict):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="a text, texts, a list of token ids, or lists of token ids")
-    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="most tokens to generate per choice "
-                                                                       "(null: up to max_model_len)")
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, le=INT64_MAX,
+                                   description="most tokens to generate per choice (null: up to max_model_len)")
     logprobs: int | None = Field(None, ge=0, le=INT32_MAX, description="log-probabilities of this many "
                                                                           "most likely tokens per position")
     echo: bool = Field(False, description="start each choice's text with the prompt")
@@ -165,21 +174,7 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest,
         raise ValueError(f"best_of is not supported (it must equal n={request.n}), got {request.best_of}")
     if request.response_format is not None and request.response_format.get("type") != "text":
         raise ValueError(f"response_format {request.response_format!r} is not supported (only text)")
-    if isinstance(request, ChatCompletionRequest):
-        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
-            else request.max_tokens
-        if request.top_logprobs is not None and not request.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        if request.tools:
-            raise ValueError("tools are not supported")
-    else:
-        max_tokens = request.max_tokens
-        logprobs = request.logprobs
-        if request.suffix is not None:
-            raise ValueError("suffix is not supported")
-        if request.echo and request.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported")
+    max_tokens, logprobs = _max_tokens_and_logprobs(request)
     refused = [p for p in request.logits_processors or () if p not in allowed_logits_processors]
     if refused:
         raise ValueError(f"logits_processors must name processors this server allows "
@@ -215,6 +210,24 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest,
         output_kind=RequestOutputKind.DELTA,
         **optional,
     )
+
+
+def _max_tokens_and_logprobs(request: CompletionRequest | ChatCompletionRequest) -> tuple[int | None, int | None]:
+    """The two fields a chat request names differently from a completion request, and the
+    request-specific fields Conveyor refuses."""
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if request.tools:
+            raise ValueError("tools are not supported")
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
+            else request.max_tokens
+        return max_tokens, (request.top_logprobs or 0) if request.logprobs else None
+    if request.suffix is not None:
+        raise ValueError("suffix is not supported")
+    if request.echo and request.logprobs is not None:
+        raise ValueError("echo together with logprobs is not supported")
+    return request.max_tokens, request.logprobs
 
 
 # ---- responses ----

@@ -1,29 +1,26 @@
 """The OpenAI API's logic, apart from HTTP: requests become engine requests, engine outputs become
 OpenAI bodies and server-sent events, and every error takes OpenAI's error shape.
-`api_server.py` puts this behind FastAPI routes."""
+`api_server.py` puts this behind FastAPI routes; `prompts.py` prepares the prompts."""
 
 import asyncio
 import logging
-import sys
-import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import BaseModel
 
-from conveyor.frontend.async_llm import YIELD_EVERY
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from conveyor.frontend.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                        ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
+from conveyor.frontend.parallel_sampling import YIELD_EVERY
+from conveyor.frontend.prompts import PromptPreparer
+from conveyor.frontend.protocol import (APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                        ChatCompletionResponse, ChatLogprobs, ChatLogprobToken,
                                         ChatResponseMessage, ChatStreamChoice, CompletionChoice,
                                         CompletionLogprobs, CompletionRequest, CompletionResponse,
                                         DeltaMessage, ErrorInfo, ErrorResponse, PromptTokensDetails, TopLogprob,
-                                        TokenizeRequest, Usage, random_id, salted, to_sampling_params)
+                                        TokenizeRequest, Usage, random_id, to_sampling_params)
 from conveyor.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -33,56 +30,12 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                500: "internal_error", 503: "service_unavailable"}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
     return ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "error"),
                                          param=param, code=code))
 
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
-SLOW_PROMPT_CHARS = 8192  # longer prompts are prepared on the slow lane (about 1 ms of tokenizing per 1,000)
-# A token stands for at most as many characters as its vocabulary entry has (bytes, in byte-level
-# BPE); twice that leaves room for normalizers that merge characters (NFC).
-CHARS_PER_TOKEN_SLACK = 2
-REQUEST_TEMPLATE_SECONDS = 2.0  # the longest a chat template from a request may render
-
-
-class TemplateStopped(BaseException):
-    """Raised inside a request's chat template: a BaseException, so no `except Exception` in the
-    template engine can swallow it."""
-
-
-class RenderBudget:
-    """Stops code run under `run` at its next Python line or call once `seconds` have passed or
-    `cancel()` was called (a trace function of the running thread: it costs a few times the speed)."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def _trace(self, frame, event, arg):
-        if self.cancelled:
-            raise TemplateStopped("the request was cancelled")
-        if time.monotonic() > self.deadline:
-            raise TemplateStopped(f"the request's chat template took more than {self.seconds:g} seconds to render")
-        return self._trace
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        previous = sys.gettrace()
-        sys.settrace(self._trace)
-        try:
-            return fn()
-        finally:
-            sys.settrace(previous)
 
 
 @dataclass(slots=True)
@@ -188,15 +141,13 @@ class OpenAIServing:
         self.model_name = model_name
         self.metrics = metrics
         self.allowed_logits_processors = frozenset(allowed_logits_processors)
-        self.trust_request_chat_template = trust_request_chat_template
+        self.prompts = PromptPreparer(trust_request_chat_template)
         self._token_text: dict[int, str] = {}
-        self._chars_per_token = 0
-        # One thread for the prompts that take long to prepare (long ones, request templates), so
-        # that the others (the engine's own input thread, the default executor) never queue behind them.
-        self.slow_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-slow-prompts")
 
-    async def _off_loop(self, fn: Callable[[], Any], slow: bool) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.slow_lane if slow else None, fn)
+    def check_model(self, name: str | None) -> None:
+        """A request may name only the served model; any other is OpenAI's 404."""
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     # -- engine requests --
 
@@ -250,102 +201,8 @@ class OpenAIServing:
 
     # -- prompts --
 
-    def max_prompt_chars(self) -> int:
-        """The most characters a prompt that fits in max_model_len tokens can have."""
-        if not self._chars_per_token:
-            self._chars_per_token = max(map(len, self.engine.tokenizer.get_vocab())) * CHARS_PER_TOKEN_SLACK
-        return self.engine.max_model_len * self._chars_per_token
-
-    def check_chars(self, length: int, param: str) -> None:
-        if length > (limit := self.max_prompt_chars()):
-            raise APIError(400, f"{param} is {length} characters long: more than fit in max_model_len "
-                                f"({self.engine.max_model_len}) tokens ({limit} characters at most)", param)
-
-    async def completion_prompts(self, body: CompletionRequest, params: SamplingParams) -> list:
-        """The engine prompts of a completion request; a long text is tokenized here, on the slow
-        lane, and checked against max_model_len there."""
-        prompts = body.prompts()
-        for prompt in prompts:
-            text = prompt.get("prompt")
-            if text is None:
-                continue
-            self.check_chars(len(text), "prompt")
-            if len(text) > SLOW_PROMPT_CHARS:
-                prompt["prompt_token_ids"] = await self._off_loop(lambda t=text: self._tokenized(t, params), slow=True)
-        return prompts
-
-    def _tokenized(self, text: str, params: SamplingParams) -> list[int]:
-        ids = self.engine.tokenizer.encode(text)
-        self.engine.validate(ids, params)
-        return ids
-
     async def tokenize(self, body: TokenizeRequest) -> list[int]:
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages")
-        if body.messages is not None:
-            return (await self.render_chat(body.messages, body.add_generation_prompt))[1]
-        self.check_chars(len(body.prompt), "prompt")
-        encode = self.engine.tokenizer.encode
-        return await self._off_loop(lambda: encode(body.prompt, add_special_tokens=body.add_special_tokens),
-                                    slow=len(body.prompt) > SLOW_PROMPT_CHARS)
-
-    def request_template(self, body: ChatCompletionRequest) -> str | None:
-        """The chat template the request brings, if the server trusts requests with one."""
-        in_kwargs = (body.chat_template_kwargs or {}).get("chat_template")
-        for param, template in (("chat_template", body.chat_template),
-                                ("chat_template_kwargs.chat_template", in_kwargs)):
-            if template is not None and not self.trust_request_chat_template:
-                raise APIError(400, "this server renders only its own chat template: a template from the "
-                                    "request needs a server started with --trust-request-chat-template", param)
-        return body.chat_template if body.chat_template is not None else in_kwargs
-
-    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False, kwargs: dict[str, Any] | None = None,
-                          template: str | None = None) -> tuple[str, list[int]]:
-        """The chat's text and its token ids. A `template` from the request renders within
-        REQUEST_TEMPLATE_SECONDS (and stops when the client leaves); the text must fit in
-        max_model_len by its characters before it is tokenized."""
-        tokenizer = self.engine.tokenizer
-        if template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template: use /v1/completions")
-        conversation = [m.for_template() for m in messages]
-        chars = sum(len(m.get("content", "")) for m in conversation)
-        self.check_chars(chars, "messages")
-        extra = {k: v for k, v in (kwargs or {}).items() if k != "chat_template"}
-        if continue_final_message:
-            extra["continue_final_message"] = True
-        if template is not None:
-            extra["chat_template"] = template
-
-        budget = RenderBudget(REQUEST_TEMPLATE_SECONDS) if template is not None else None
-
-        def prepare() -> tuple[str, list[int]]:
-            def render():
-                return tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt, **extra)
-            try:
-                text = render() if budget is None else budget.run(render)
-            except Exception as e:
-                raise ValueError(f"cannot apply the chat template: {e}") from None
-            if not isinstance(text, str):
-                raise ValueError(f"cannot apply the chat template: it made a {type(text).__name__}, not text")
-            self.check_chars(len(text), "messages")
-            return text, tokenizer.encode(text, add_special_tokens=False)
-
-        try:
-            return await self._off_loop(prepare, slow=budget is not None or chars > SLOW_PROMPT_CHARS)
-        except asyncio.CancelledError:
-            if budget is not None:
-                budget.cancel()  # the client left: stop rendering too
-            raise
-        except TemplateStopped as e:
-            raise APIError(400, str(e), "chat_template") from None
-
-    async def _chat_prompt(self, body: ChatCompletionRequest) -> dict:
-        text, ids = await self.render_chat(body.messages, body.add_generation_prompt and not
-                                           body.continue_final_message, body.continue_final_message,
-                                           body.chat_template_kwargs, self.request_template(body))
-        return salted({"prompt": text, "prompt_token_ids": ids}, body.cache_salt)
+        return await self.prompts.tokenize(self.engine, body)
 
     def prompt_text(self, output: RequestOutput) -> str:
         if output.prompt is not None:
@@ -390,7 +247,7 @@ class OpenAIServing:
 
     async def completion(self, body: CompletionRequest) -> CompletionResponse:
         params = self.sampling_params(body)
-        prompts = await self.completion_prompts(body, params)
+        prompts = await self.prompts.completion_prompts(self.engine, body, params)
         request_id = random_id("cmpl")
         choices, outputs, usage = await self._collect(prompts, params, body.priority, request_id)
         return CompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
@@ -402,7 +259,7 @@ class OpenAIServing:
 
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
         params = self.sampling_params(body)
-        prompts = await self.completion_prompts(body, params)
+        prompts = await self.prompts.completion_prompts(self.engine, body, params)
         request_id = random_id("cmpl")
         offsets = {}
 
@@ -457,7 +314,7 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         params = self.sampling_params(body)
-        prompt = await self._chat_prompt(body)
+        prompt = await self.prompts.chat_prompt(self.engine, body)
         request_id = random_id("chatcmpl")
         choices, _, usage = await self._collect([prompt], params, body.priority, request_id)
         return ChatCompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
@@ -468,7 +325,7 @@ class OpenAIServing:
 
     async def chat_events(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
         params = self.sampling_params(body)
-        prompt = await self._chat_prompt(body)
+        prompt = await self.prompts.chat_prompt(self.engine, body)
         request_id = random_id("chatcmpl")
 
         def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:

@@ -15,7 +15,7 @@ import uvicorn
 
 from conveyor import AsyncLLM
 from conveyor.frontend.api_server import build_app
-from conveyor.frontend import serving
+from conveyor.frontend import prompts
 from conveyor.frontend.errors import EngineDeadError
 from idle import wait_idle
 
@@ -393,7 +393,7 @@ async def test_trusted_request_chat_template_that_loops_is_stopped(live):
 
 
 async def test_client_leaving_stops_the_rendering_of_its_chat_template(live, monkeypatch):
-    monkeypatch.setattr(serving, "REQUEST_TEMPLATE_SECONDS", 600.0)  # only the client's leaving can stop it
+    monkeypatch.setattr(prompts, "REQUEST_TEMPLATE_SECONDS", 600.0)  # only the client's leaving can stop it
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     async with asgi_client(live, trust_request_chat_template=True) as http:
         looping = asyncio.create_task(http.post("/v1/chat/completions",

@@ -2,7 +2,7 @@ import msgspec
 import pytest
 
 from conveyor.config import RequestLimits
-from conveyor.sampling_params import RequestOutputKind, SamplingParams, SamplingType, child_seed
+from conveyor.sampling_params import RequestOutputKind, SamplingParams, child_seed, resolve_max_tokens
 
 INVALID = [
     ("n", 0), ("n", 1.5),
@@ -113,12 +113,10 @@ def test_decoding_invalid_payload_raises():
         msgspec.msgpack.decode(payload, type=SamplingParams)
 
 
-def test_sampling_type_follows_temperature_seed_and_beam_search():
-    assert SamplingParams(temperature=0).sampling_type is SamplingType.GREEDY
+def test_greedy_follows_temperature_and_beam_search():
     assert SamplingParams(temperature=0).greedy
-    assert SamplingParams().sampling_type is SamplingType.RANDOM
-    assert SamplingParams(seed=3).sampling_type is SamplingType.RANDOM_SEED
-    assert SamplingParams(use_beam_search=True, n=3).sampling_type is SamplingType.BEAM
+    assert not SamplingParams().greedy
+    assert SamplingParams(use_beam_search=True, n=3).greedy
 
 
 def test_all_stop_token_ids_add_eos_unless_ignore_eos():
@@ -215,3 +213,21 @@ def test_child_seeds_of_n_samples_stay_within_int64():
     assert [child_seed(7, i) for i in range(3)] == [7, 8, 9]
     assert child_seed(2**63 - 1, 1) == -(2**63)
     assert child_seed(None, 3) is None
+
+
+def test_max_tokens_none_resolves_to_what_max_model_len_leaves_after_the_prompt():
+    assert resolve_max_tokens(10, None, 64) == 54
+    assert resolve_max_tokens(10, 54, 64) == 54
+
+
+@pytest.mark.parametrize("num_prompt_tokens", [0, 64, 100])
+def test_prompt_that_is_empty_or_leaves_no_output_token_is_refused(num_prompt_tokens):
+    with pytest.raises(ValueError, match=rf"^prompt must be 1 to 63 tokens long \(max_model_len 64 less one "
+                                         rf"output token\), got {num_prompt_tokens} tokens$"):
+        resolve_max_tokens(num_prompt_tokens, None, 64)
+
+
+def test_max_tokens_beyond_what_max_model_len_leaves_is_refused():
+    with pytest.raises(ValueError, match=r"^max_tokens must be in \[1, 54\] \(max_model_len 64 less the prompt's "
+                                         r"10 tokens\), got 55$"):
+        resolve_max_tokens(10, 55, 64)

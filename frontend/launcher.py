@@ -91,7 +91,7 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
         children["engine core"] = spawn("conveyor.engine_core.engine_core",
                                         CorePayload(config, engine_address, None, ipc_dir),
                                         "engine-core", new_process_group=True)
-    server_args = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
+    server_args = passed_arguments(args)
     metrics_dir = os.path.join(ipc_dir, "metrics")  # /metrics of any server sums them all
     os.mkdir(metrics_dir)
     servers = [
@@ -118,6 +118,17 @@ def run_api_servers(args: argparse.Namespace, engine_address: str | None = None)
     remove_ipc_dir(ipc_dir)
     failed = crashed or any(proc.returncode != 0 for proc in servers)
     return 1 if failed else 0
+
+
+def passed_arguments(args: argparse.Namespace) -> dict:
+    """The parsed `conveyor serve` arguments an API-server process gets: every value the command
+    line can give (scalars, and lists of them from repeatable options)."""
+    def passes(value) -> bool:
+        if isinstance(value, list):
+            return all(passes(item) for item in value)
+        return isinstance(value, str | int | float | bool | None)
+
+    return {name: value for name, value in vars(args).items() if passes(value)}
 
 
 def stop_servers(servers: list[subprocess.Popen], shutdown_timeout: float) -> None:

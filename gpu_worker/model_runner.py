@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.gpu_worker.attention import AttentionMetadata
@@ -42,11 +41,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device | None = None):
         self.config = config
         self.device = device or torch.device(config.resolved_device())
-        self.hf_config = AutoConfig.from_pretrained(config.model)
+        self.hf_config = config.load_hf_config()
         self.max_model_len = resolve_max_model_len(config, self.hf_config)  # a bad one fails before loading
         self.dtype = resolve_dtype(config, self.hf_config)
         self.ops = select_ops(self.device, self.dtype, config.attention_backend)
-        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops)
+        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops, config.gguf_path)
         self.block_size = config.block_size
         self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties)
         self.requests: dict[str, CachedRequestState] = {}

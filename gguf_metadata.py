@@ -25,12 +25,17 @@ def field_value(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-@functools.lru_cache(maxsize=4)
-def read_hf_config(path: str):
-    """Once per process and file: reading the metadata parses the whole vocabulary (seconds)."""
+def open_gguf(path: str):
+    """A GGUFReader of the file (the tensors are mapped, not read): its metadata, vocabulary
+    included, is parsed here, which takes seconds for a large vocabulary."""
     from gguf import GGUFReader
 
-    return hf_config_of(GGUFReader(path))
+    return GGUFReader(path)
+
+
+@functools.lru_cache(maxsize=4)
+def read_hf_config(path: str):
+    return hf_config_of(open_gguf(path))
 
 
 def hf_config_of(reader):

@@ -36,26 +36,21 @@ def iterate_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.device, ops,
-               gguf_path: str | None = None) -> torch.nn.Module:
+               gguf=None) -> torch.nn.Module:
+    """Weights from `gguf` (a GGUFReader of a file in `model_dir`) where given, else safetensors."""
     model_class = get_model_class(hf_config)
     with torch.device(device):
         model = model_class(hf_config, dtype, ops)
-    if gguf_path is None:
-        loaded = model.load_weights(iterate_weights(model_dir))
-    else:
-        loaded = load_gguf_weights(model, gguf_path)
+    loaded = model.load_weights(iterate_weights(model_dir)) if gguf is None else load_gguf_weights(model, gguf)
     missing = model.expected_weights() - loaded
     if missing:
         names = sorted(m.split("#")[0] for m in missing)
-        raise ValueError(f"checkpoint {gguf_path or model_dir} is missing tensors for: {', '.join(names[:8])}")
+        raise ValueError(f"checkpoint in {model_dir} is missing tensors for: {', '.join(names[:8])}")
     ops.process_weights(model)
     return model.eval()
 
 
-def load_gguf_weights(model: torch.nn.Module, path: str) -> set[str]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+def load_gguf_weights(model: torch.nn.Module, reader) -> set[str]:
     loaded = model.load_weights(iterate_gguf_weights(reader, model.config, model.expected_weights()))
     freq_factors = rope_freq_factors(reader)
     if freq_factors is not None:

@@ -179,10 +179,10 @@ def test_default_model_answers_as_transformers_load_of_it_does():
         prompts = [llm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
                    for chat in chats]
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        eos_token_id = llm.tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for prompt, output in zip(prompts, outputs):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                  eos_token_id=tokenizer.eos_token_id)[0, len(prompt):].tolist()
+                                  eos_token_id=eos_token_id)[0, len(prompt):].tolist()
         assert list(output.outputs[0].token_ids) == expected
     assert "Paris" in outputs[0].outputs[0].text

@@ -3,10 +3,10 @@ against transformers: against the source model where the file is lossless, again
 own load of the same file where it is quantized."""
 
 import importlib.util
-import os
 import pathlib
 
 import gguf
+import msgspec
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -116,6 +116,13 @@ def test_a_gguf_file_path_names_its_directory_and_file(sources, tmp_path):
     assert (config.model, config.gguf_file, config.gguf_path) == (str(tmp_path), "model.gguf", str(path))
 
 
+def test_workers_receive_the_resolved_file(sources, tmp_path):
+    path = write_gguf(sources["qwen2"], tmp_path / "model.gguf", "Q8_0")
+    config = EngineConfig(model=str(path))
+    sent = msgspec.msgpack.decode(msgspec.msgpack.encode(config), type=EngineConfig)
+    assert (sent.model, sent.gguf_file) == (config.model, config.gguf_file)
+
+
 def test_a_directory_with_one_gguf_file_loads_it(sources, tmp_path):
     write_gguf(sources["qwen2"], tmp_path / "model.gguf", "Q8_0")
     assert EngineConfig(model=str(tmp_path)).gguf_file == "model.gguf"
@@ -124,7 +131,7 @@ def test_a_directory_with_one_gguf_file_loads_it(sources, tmp_path):
 def test_a_directory_with_several_gguf_files_lists_them(sources, tmp_path):
     for name in ("a.gguf", "b.gguf"):
         write_gguf(sources["qwen2"], tmp_path / name, "Q8_0")
-    with pytest.raises(ValueError, match=r"gguf_file must name one of the GGUF files in .* \(a.gguf, b.gguf\), got none"):
+    with pytest.raises(ValueError, match=r"gguf_file must name one of the GGUF files in .* \(a.gguf, b.gguf\)"):
         EngineConfig(model=str(tmp_path))
     assert EngineConfig(model=str(tmp_path), gguf_file="b.gguf").gguf_file == "b.gguf"
 

@@ -44,7 +44,7 @@ def iterate_gguf_weights(reader, hf_config, hf_names: set[str]) -> Iterator[tupl
                              f"{', '.join(SUPPORTED_TYPES)}")
         if tensor.name not in names:
             raise ValueError(f"GGUF tensor {tensor.name!r} matches no parameter of {hf_config.architectures[0]}")
-        weight = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        weight = torch.from_numpy(writable_f32(dequantize(tensor.data, tensor.tensor_type)))
         if unpermute and ".attn_q." in tensor.name:
             weight = unpermute_rows(weight, hf_config.num_attention_heads)
         elif unpermute and ".attn_k." in tensor.name:
@@ -63,5 +63,10 @@ def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def rope_freq_factors(reader) -> torch.Tensor | None:
     for tensor in reader.tensors:
         if tensor.name == ROPE_FREQS:
-            return torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+            return torch.from_numpy(writable_f32(tensor.data))
     return None
+
+
+def writable_f32(array: np.ndarray) -> np.ndarray:
+    """A copy only where needed: float tensors come as read-only views of the mapped file."""
+    return np.require(array, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])

@@ -93,6 +93,16 @@ def test_config_comes_from_the_file_metadata(arch, sources, tmp_path):
     assert resolve_dtype(EngineConfig(model=str(path)), config) == torch.bfloat16  # a quantized file's "auto"
 
 
+@pytest.mark.parametrize("rope_type", ["linear", "yarn"])
+def test_rope_scaling_comes_from_the_file_metadata(rope_type, sources, tmp_path):
+    scaling = {"type": rope_type, "factor": 4.0, "original_context_length": 512}
+    path = write_gguf(sources["qwen2"], tmp_path / "scaled.gguf", "Q8_0", rope_scaling=scaling)
+    rope = read_hf_config(str(path)).rope_parameters
+    assert (rope["rope_type"], rope["factor"]) == (rope_type, 4.0)
+    if rope_type == "yarn":
+        assert rope["original_max_position_embeddings"] == 512
+
+
 def test_tokenizer_and_chat_template_come_from_the_file(sources, tmp_path):
     path = write_gguf(sources["llama"], tmp_path / "llama.gguf", "Q8_0")
     tokenizer, source = EngineConfig(model=str(path)).load_tokenizer(), AutoTokenizer.from_pretrained(sources["llama"])

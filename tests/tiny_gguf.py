@@ -21,13 +21,19 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_
 K_QUANT_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-def write_gguf(model_dir, path, qtype: str = "F32", gguf_arch: str | None = None) -> pathlib.Path:
-    """`gguf_arch` overrides the file's architecture (llama.cpp files Mistral models as llama)."""
+def write_gguf(model_dir, path, qtype: str = "F32", gguf_arch: str | None = None,
+               rope_scaling: dict | None = None) -> pathlib.Path:
+    """`gguf_arch` overrides the file's architecture (llama.cpp files Mistral models as llama);
+    `rope_scaling` (`type`, `factor`, `original_context_length`) is written as metadata only."""
     model_dir, path = pathlib.Path(model_dir), pathlib.Path(path)
     config = json.loads((model_dir / "config.json").read_text())
     arch = gguf_arch or config["model_type"]
     writer = gguf.GGUFWriter(path, arch)
     _write_config(writer, config, arch, qtype)
+    if rope_scaling:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling["type"]))
+        writer.add_rope_scaling_factor(rope_scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope_scaling["original_context_length"])
     _write_tokenizer(writer, model_dir)
     arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     name_map = gguf.get_tensor_name_map(arch_enum, config["num_hidden_layers"])

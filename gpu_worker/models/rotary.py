@@ -18,9 +18,11 @@ def rope_parameters(config) -> dict:
     return params
 
 
-def build_cos_sin_cache(config, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def build_cos_sin_cache(config, head_dim: int, device: torch.device | str = "cpu",
+                        freq_factors: torch.Tensor | None = None) -> torch.Tensor:
     """[max_position_embeddings, rot_dim] float32 on `device`: cos in the first half, sin in the
-    second. Computed on the CPU whatever the default device, so every device gets the same table."""
+    second. Computed on the CPU whatever the default device, so every device gets the same table.
+    `freq_factors` divide the frequencies (a GGUF file's `rope_freqs`: llama3 scaling)."""
     params = rope_parameters(config)
     rope_type = params.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -35,6 +37,8 @@ def build_cos_sin_cache(config, head_dim: int, device: torch.device | str = "cpu
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.cpu()
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq.float())
         table = torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 MIN_SECRET_CHARS = 16
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the server calls it
 
 Bytes = NewType("Bytes", int)  # a size, which the command line also takes as 4GiB, 512MiB, ...
 

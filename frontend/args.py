@@ -10,7 +10,7 @@ its option, its `option(...)` the help and what the type leaves open, and a nest
     bool, True by default      --no-field-name (less any leading `enable_`)
     bool, False by default     --field-name
     bool | None                --field-name / --no-field-name
-    no default                 a positional argument
+    no default                 a positional argument, optional (MODEL: the default model)
 """
 
 import argparse
@@ -77,8 +77,8 @@ def add_field_option(group, field: msgspec.structs.FieldInfo, fallback_help: str
     extra = cli_extra(field)
     help = meta.description.replace("%", "%%") if meta and meta.description else fallback_help
     name = field.name.replace("_", "-")
-    if is_required(field):
-        group.add_argument(field.name, help=help)
+    if is_required(field):  # MODEL: optional on the command line, where the default model stands in
+        group.add_argument(field.name, nargs="?", help=help)
         return
     default = os.environ.get(extra["env"]) if "env" in extra else field.default
     flags = [f"--{name}", *([extra["alias"]] if "alias" in extra else [])]

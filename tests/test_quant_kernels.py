@@ -162,11 +162,11 @@ def test_quantized_linear_keeps_leading_dims_and_dtype(rows):
 
 def test_cpu_kernels_refuse_blocks_that_do_not_match_the_shape(kernels):
     weight = random_weight(QuantType.Q8_0, 4, 64)
-    with pytest.raises(ValueError, match="blocks must be uint8 holding 5 rows of 68 bytes"):
+    with pytest.raises(ValueError, match="blocks must be contiguous CPU uint8 holding 5 rows of 68 bytes"):
         kernels.quant_gemv(torch.randn(1, 64), weight.blocks, QuantType.Q8_0, (5, 64))
     with pytest.raises(ValueError, match="qtype must be one of"):
         kernels.quant_dequantize(weight.blocks, 99, (4, 64))
-    with pytest.raises(ValueError, match="x must be \\[M, 64\\]"):
+    with pytest.raises(ValueError, match="x must be a contiguous CPU tensor \\[M >= 1, 64\\]"):
         kernels.quant_gemv(torch.randn(1, 32), weight.blocks, QuantType.Q8_0, (4, 64))
 
 

@@ -23,6 +23,8 @@ import threading
 
 import torch
 
+from conveyor.kernels.quant import BLOCK as QUANT_BLOCK
+
 logger = logging.getLogger(__name__)
 
 HERE = os.path.dirname(__file__)
@@ -31,6 +33,7 @@ HEADERS = [os.path.join(HERE, "common.h")]
 FLAGS = ["-O3", f"-march={os.environ.get('CONVEYOR_CPU_ARCH', 'native')}", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-fPIC", "-shared", "-std=c11", "-fopenmp"]
 
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _library: "CpuKernels | None | bool" = False  # False: not tried yet
 
@@ -82,16 +85,14 @@ def _check_cpu_contiguous(**tensors: torch.Tensor) -> None:
 
 
 def _check_quant_blocks(blocks: torch.Tensor, qtype: int, n: int, k: int) -> None:
-    from conveyor.kernels.quant import BLOCK
-
-    block_size, block_bytes = BLOCK.get(qtype, (0, 0))
+    block_size, block_bytes = QUANT_BLOCK.get(qtype, (0, 0))
     if not block_size or k <= 0 or k % block_size:
-        raise ValueError(f"qtype must be one of {[int(t) for t in BLOCK]} with K a positive multiple of its block "
-                         f"size, got type {qtype}, K {k}")
-    _check_cpu_contiguous(blocks=blocks)
-    if blocks.dtype != torch.uint8 or blocks.numel() < n * k // block_size * block_bytes:
-        raise ValueError(f"blocks must be uint8 holding {n} rows of {k // block_size * block_bytes} bytes, got "
-                         f"{blocks.dtype} {tuple(blocks.shape)}")
+        raise ValueError(f"qtype must be one of {[int(t) for t in QUANT_BLOCK]} with K a positive multiple of its "
+                         f"block size, got type {qtype}, K {k}")
+    if (blocks.dtype != torch.uint8 or blocks.numel() < n * k // block_size * block_bytes
+            or not blocks.is_contiguous() or blocks.device.type != "cpu"):
+        raise ValueError(f"blocks must be contiguous CPU uint8 holding {n} rows of {k // block_size * block_bytes} "
+                         f"bytes, got {blocks.dtype} {tuple(blocks.shape)} on {blocks.device}")
 
 
 class CpuKernels:
@@ -204,22 +205,20 @@ class CpuKernels:
                    bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] @ W^T (+ bias) for W [N, K] = `shape` held as ggml blocks of type `qtype` (raw
         uint8 `blocks`, layouts in quant.c), each weight block read once for all M rows; x, bias and
-        the result are float32 or bf16."""
+        the result are float32 or bf16, contiguous. Lean: it runs once per linear layer a step."""
         n, k = shape
+        dtype = x.dtype
+        if (x.dim() != 2 or x.shape[1] != k or dtype not in _ACTIVATION_DTYPES or not x.is_contiguous()
+                or x.device.type != "cpu" or not x.shape[0]):
+            raise ValueError(f"x must be a contiguous CPU tensor [M >= 1, {k}] of float32 or bf16, got "
+                             f"{tuple(x.shape)} {dtype} on {x.device}")
         _check_quant_blocks(blocks, qtype, n, k)
-        _check_cpu_contiguous(x=x)
-        if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.shape[1] != k:
-            raise ValueError(f"x must be [M, {k}] float32 or bf16, got {tuple(x.shape)} {x.dtype}")
-        if bias is not None:
-            _check_cpu_contiguous(bias=bias)
-            if bias.dtype != x.dtype or bias.shape != (n,):
-                raise ValueError(f"bias must be [{n}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-        y = torch.empty((x.shape[0], n), dtype=x.dtype)
-        status = self._quant_gemv(qtype, blocks.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
-                                  y.data_ptr(), x.shape[0], n, k, x.dtype == torch.bfloat16, torch.get_num_threads())
-        if status != 0:
-            raise ValueError(f"quant_gemv takes a known type, K a multiple of its block and at least one row, "
-                             f"got type {qtype}, K {k}, {x.shape[0]} rows")
+        if bias is not None and (bias.shape != (n,) or bias.dtype != dtype or not bias.is_contiguous()):
+            raise ValueError(f"bias must be contiguous [{n}] {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        y = torch.empty((x.shape[0], n), dtype=dtype)
+        if self._quant_gemv(qtype, blocks.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                            y.data_ptr(), x.shape[0], n, k, dtype is torch.bfloat16, torch.get_num_threads()):
+            raise MemoryError("quant_gemv could not allocate float32 rows of x")
         return y
 
     def quant_dequantize(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
@@ -229,8 +228,7 @@ class CpuKernels:
         n, k = shape
         _check_quant_blocks(blocks, qtype, n, k)
         out = torch.empty(n, k) if out is None else out.view(-1)[: n * k].view(n, k)
-        if self._quant_dequantize(qtype, blocks.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads()) != 0:
-            raise ValueError(f"quant_dequantize takes a known type and K a multiple of its block, got type {qtype}, K {k}")
+        self._quant_dequantize(qtype, blocks.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads())
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -116,26 +116,26 @@ typedef __m512 vec;
 #define vload(p) _mm512_loadu_ps(p)
 #define vsum(v) _mm512_reduce_add_ps(v)
 
+/* Codes are widened to 32-bit lanes straight from memory, then split into nibbles there. */
 static inline void dequant(int type, group_t gr, int64_t g, vec *w) {
     const __m512 s = _mm512_set1_ps(gr.scale), o = _mm512_set1_ps(gr.offset);
-    __m128i a, b;
     if (type == Q8_0) {
-        a = _mm_loadu_si128((const __m128i *)gr.q), b = _mm_loadu_si128((const __m128i *)(gr.q + 16));
-        w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), s);
-        w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s);
+        w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)gr.q))), s);
+        w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gr.q + 16)))), s);
         return;
     }
-    const __m128i low4 = _mm_set1_epi8(0xf);
+    const __m512i low4 = _mm512_set1_epi32(0xf);
+    __m512i a, b;
     if (type == Q4_K) { /* 32 bytes, one nibble each */
-        const int shift = (int)(g & 1) * 4;
-        a = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)gr.q), _mm_cvtsi32_si128(shift)), low4);
-        b = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(gr.q + 16)), _mm_cvtsi32_si128(shift)), low4);
+        const __m128i shift = _mm_cvtsi32_si128((int)(g & 1) * 4);
+        a = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)gr.q)), shift), low4);
+        b = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gr.q + 16))), shift), low4);
     } else {
-        const __m128i q = _mm_loadu_si128((const __m128i *)gr.q);
-        a = _mm_and_si128(q, low4), b = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)gr.q));
+        a = _mm512_and_si512(q, low4), b = _mm512_srli_epi32(q, 4);
     }
-    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), s, o);
-    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), s, o);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, o);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), s, o);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 /* 8 float lanes; a group is 4 vectors. */
@@ -151,30 +151,27 @@ static inline float vsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
+static inline __m256i widen8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+/* Codes are widened to 32-bit lanes straight from memory, then split into nibbles there. */
 static inline void dequant(int type, group_t gr, int64_t g, vec *w) {
     const __m256 s = _mm256_set1_ps(gr.scale), o = _mm256_set1_ps(gr.offset);
-    __m128i a, b;
     if (type == Q8_0) {
-        a = _mm_loadu_si128((const __m128i *)gr.q), b = _mm_loadu_si128((const __m128i *)(gr.q + 16));
-        w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), s);
-        w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))), s);
-        w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s);
-        w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s);
+        for (int v = 0; v < 4; v++)
+            w[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gr.q + 8 * v)))), s);
         return;
     }
-    const __m128i low4 = _mm_set1_epi8(0xf);
+    const __m256i low4 = _mm256_set1_epi32(0xf);
+    __m256i c[4];
     if (type == Q4_K) {
         const __m128i shift = _mm_cvtsi32_si128((int)(g & 1) * 4);
-        a = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)gr.q), shift), low4);
-        b = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(gr.q + 16)), shift), low4);
+        for (int v = 0; v < 4; v++) c[v] = _mm256_and_si256(_mm256_srl_epi32(widen8(gr.q + 8 * v), shift), low4);
     } else {
-        const __m128i q = _mm_loadu_si128((const __m128i *)gr.q);
-        a = _mm_and_si128(q, low4), b = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+        const __m256i q0 = widen8(gr.q), q1 = widen8(gr.q + 8);
+        c[0] = _mm256_and_si256(q0, low4), c[1] = _mm256_and_si256(q1, low4);
+        c[2] = _mm256_srli_epi32(q0, 4), c[3] = _mm256_srli_epi32(q1, 4);
     }
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), s, o);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8))), s, o);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), s, o);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))), s, o);
+    for (int v = 0; v < 4; v++) w[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[v]), s, o);
 }
 #endif
 

@@ -199,3 +199,17 @@ def test_block_table_matches_ggufs():
     from gguf.constants import GGML_QUANT_SIZES
 
     assert all(BLOCK[t] == GGML_QUANT_SIZES[GGML(int(t))] for t in TYPES)
+
+
+def test_bench_quant_times_each_kernel_on_a_shape(tmp_path, capsys):
+    import json
+
+    from conveyor.tools import bench_quant
+
+    out = tmp_path / "quant.json"
+    bench_quant.main(["--shapes", "k_proj/v_proj", "--repeats", "1", "--out", str(out)])
+    assert "GB/s" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert [r["kernel"] for r in results] == list(bench_quant.KERNELS)
+    assert results[0]["weight_mb"] == pytest.approx(192 * 576 // 32 * 20 / 1e6)  # Q4_1: 20 bytes a block of 32
+    assert all(r["us"] > 0 and r["gb_per_s"] > 0 for r in results)

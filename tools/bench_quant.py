@@ -5,7 +5,7 @@ linear layers of the reference model (SmolLM2-135M: hidden 576, 9/3 heads of 64,
     python -m conveyor.tools.bench_quant [--rows 1] [--threads N] [--repeats 7] [--out quant.json]
 
 Each case is timed --repeats times (about 0.1 s of calls each) after a warm-up; the median is
-reported, with the rate its weight bytes are read at. "per token" weighs each shape by its count in
+reported (and the fastest repeat), with the rate its weight bytes are read at (from the median). "per token" weighs each shape by its count in
 the model (30 layers and the lm_head): the time one decode step spends in linear layers.
 The timings are of one process on a machine that may be shared: read them as rough.
 """
@@ -29,7 +29,8 @@ SHAPES = {"q_proj/o_proj": (576, 576, 60), "k_proj/v_proj": (192, 576, 60), "gat
 KERNELS = ("Q4_1", "Q4_0", "Q8_0", "bf16 gemv", "torch fp32")
 
 
-def seconds_per_call(fn, repeats: int) -> float:
+def seconds_per_call(fn, repeats: int) -> tuple[float, float]:
+    """(median, fastest) over the repeats."""
     fn()
     start = time.perf_counter()
     fn()
@@ -40,7 +41,7 @@ def seconds_per_call(fn, repeats: int) -> float:
         for _ in range(calls):
             fn()
         times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def cases(kernels, n: int, k: int, rows: int, generator: torch.Generator):
@@ -78,14 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     for shape in names:
         n, k, count = SHAPES[shape]
         for kernel, call, nbytes in cases(kernels, n, k, args.rows, generator):
-            seconds = seconds_per_call(call, args.repeats)
+            seconds, fastest = seconds_per_call(call, args.repeats)
             results.append({"shape": f"{shape} {n}x{k}", "kernel": kernel, "us": 1e6 * seconds,
-                            "weight_mb": nbytes / 1e6, "gb_per_s": nbytes / seconds / 1e9})
+                            "best_us": 1e6 * fastest, "weight_mb": nbytes / 1e6, "gb_per_s": nbytes / seconds / 1e9})
             per_token[kernel] += count * seconds
     info = machine_info()
     print(f"{info['cpu']}, {args.threads} threads, {args.rows} row(s) of x")
-    print_table(results, [("shape", "shape"), ("kernel", "kernel"), ("us", "us/call"), ("weight_mb", "weight MB"),
-                          ("gb_per_s", "GB/s")])
+    print_table(results, [("shape", "shape"), ("kernel", "kernel"), ("us", "us/call"), ("best_us", "best us"),
+                          ("weight_mb", "weight MB"), ("gb_per_s", "GB/s")])
     if set(names) == set(SHAPES):
         print("per token, all linear layers: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in per_token.items() if v))
     write_json(args.out, {"machine": info, "args": vars(args), "results": results,

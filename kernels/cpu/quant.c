@@ -118,7 +118,15 @@ typedef __m512 vec;
 
 /* Codes are widened to 32-bit lanes straight from memory, then split into nibbles there. */
 static inline void dequant(int type, group_t gr, int64_t g, vec *w) {
-    const __m512 s = _mm512_set1_ps(gr.scale), o = _mm512_set1_ps(gr.offset);
+    __m512 s = _mm512_set1_ps(gr.scale), o;
+    if (type == Q4_1) { /* d and m in one conversion: [d, m, d, m, ...] */
+        int32_t dm;
+        memcpy(&dm, gr.q - 4, 4);
+        const __m512 pairs = _mm512_cvtph_ps(_mm256_set1_epi32(dm));
+        s = _mm512_moveldup_ps(pairs), o = _mm512_movehdup_ps(pairs);
+    } else {
+        o = type == Q4_0 ? _mm512_mul_ps(s, _mm512_set1_ps(-8.0f)) : _mm512_set1_ps(gr.offset);
+    }
     if (type == Q8_0) {
         w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)gr.q))), s);
         w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gr.q + 16)))), s);
@@ -155,7 +163,15 @@ static inline __m256i widen8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm
 
 /* Codes are widened to 32-bit lanes straight from memory, then split into nibbles there. */
 static inline void dequant(int type, group_t gr, int64_t g, vec *w) {
-    const __m256 s = _mm256_set1_ps(gr.scale), o = _mm256_set1_ps(gr.offset);
+    __m256 s = _mm256_set1_ps(gr.scale), o;
+    if (type == Q4_1) { /* d and m in one conversion: [d, m, d, m, ...] */
+        int32_t dm;
+        memcpy(&dm, gr.q - 4, 4);
+        const __m256 pairs = _mm256_cvtph_ps(_mm_set1_epi32(dm));
+        s = _mm256_moveldup_ps(pairs), o = _mm256_movehdup_ps(pairs);
+    } else {
+        o = type == Q4_0 ? _mm256_mul_ps(s, _mm256_set1_ps(-8.0f)) : _mm256_set1_ps(gr.offset);
+    }
     if (type == Q8_0) {
         for (int v = 0; v < 4; v++)
             w[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gr.q + 8 * v)))), s);

@@ -52,6 +52,32 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.blocks.numel()
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(self.blocks.to(device), self.qtype, self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> QuantizedWeight:
+        """Rows (dim 0) or columns (dim 1, on block boundaries) [start, start + length): a
+        tensor-parallel shard, as Tensor.narrow."""
+        n, k = self.shape
+        if dim == 0:
+            return QuantizedWeight(self.blocks[start:start + length], self.qtype, (length, k))
+        block_size, block_bytes = BLOCK[self.qtype]
+        if dim != 1 or start % block_size or length % block_size:
+            raise ValueError(f"narrow takes dim 0, or dim 1 with start and length multiples of {block_size} "
+                             f"for {self.qtype.name}, got dim {dim}, start {start}, length {length}")
+        first = start // block_size * block_bytes
+        columns = self.blocks[:, first:first + length // block_size * block_bytes].contiguous()
+        return QuantizedWeight(columns, self.qtype, (n, length))
+
+    @staticmethod
+    def cat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
+        """One weight of the rows of several of one type and K: a fused projection (qkv, gate_up)."""
+        qtype, k = weights[0].qtype, weights[0].shape[1]
+        if any(w.qtype != qtype or w.shape[1] != k for w in weights):
+            raise ValueError(f"cat_rows takes weights of one type and K, got "
+                             f"{[(w.qtype.name, w.shape[1]) for w in weights]}")
+        return QuantizedWeight(torch.cat([w.blocks for w in weights]), qtype, (sum(w.shape[0] for w in weights), k))
+
 
 def _fp16(two_bytes: torch.Tensor) -> torch.Tensor:
     return two_bytes.contiguous().view(torch.float16).float()

@@ -213,3 +213,14 @@ def test_bench_quant_times_each_kernel_on_a_shape(tmp_path, capsys):
     assert [r["kernel"] for r in results] == list(bench_quant.KERNELS)
     assert results[0]["weight_mb"] == pytest.approx(192 * 576 // 32 * 20 / 1e6)  # Q4_1: 20 bytes a block of 32
     assert all(r["us"] > 0 and r["gb_per_s"] > 0 for r in results)
+
+
+def test_rows_and_column_blocks_of_a_weight_dequantize_to_the_same_slices():
+    weight = random_weight(QuantType.Q4_1, 6, 128)
+    full = dequantize(weight)
+    assert torch.equal(dequantize(weight.narrow(0, 2, 3)), full[2:5])
+    assert torch.equal(dequantize(weight.narrow(1, 32, 64)), full[:, 32:96])
+    fused = QuantizedWeight.cat_rows([weight.narrow(0, 0, 2), weight.narrow(0, 2, 4)])
+    assert fused.shape == (6, 128) and torch.equal(fused.blocks, weight.blocks)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        weight.narrow(1, 16, 32)

@@ -113,6 +113,7 @@ typedef __m512 vec;
 #define NV 2
 #define vzero() _mm512_setzero_ps()
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm512_add_ps(a, b)
 #define vload(p) _mm512_loadu_ps(p)
 #define vsum(v) _mm512_reduce_add_ps(v)
 
@@ -151,6 +152,7 @@ typedef __m256 vec;
 #define NV 4
 #define vzero() _mm256_setzero_ps()
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm256_add_ps(a, b)
 #define vload(p) _mm256_loadu_ps(p)
 
 static inline float vsum(__m256 v) {
@@ -221,9 +223,9 @@ static inline __attribute__((always_inline)) void dot_groups(int type, const uin
             for (int m = 0; m < m_rows; m++) acc[m][v % nacc] = vfma(w[v], vload(x + m * k + g * 32 + v * VW), acc[m][v % nacc]);
     }
     for (int m = 0; m < m_rows; m++) {
-        float s = 0.0f;
-        for (int a = 0; a < nacc; a++) s += vsum(acc[m][a]);
-        sums[m] = s;
+        vec s = acc[m][0];
+        for (int a = 1; a < nacc; a++) s = vadd(s, acc[m][a]);
+        sums[m] = vsum(s);
     }
 }
 #else

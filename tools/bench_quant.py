@@ -5,9 +5,11 @@ linear layers of the reference model (SmolLM2-135M: hidden 576, 9/3 heads of 64,
     python -m conveyor.tools.bench_quant [--rows 1] [--threads N] [--repeats 7] [--out quant.json]
 
 Each case is timed --repeats times (about 0.1 s of calls each) after a warm-up; the median is
-reported (and the fastest repeat), with the rate its weight bytes are read at (from the median). "per token" weighs each shape by its count in
-the model (30 layers and the lm_head): the time one decode step spends in linear layers.
-The timings are of one process on a machine that may be shared: read them as rough.
+reported (and the fastest wall-clock repeat), with the rate its weight bytes are read at (from the
+median). With --threads 1 the median is of CPU time, which other processes on a shared machine
+disturb less than wall-clock time (they still share caches, memory and a hyperthread's core).
+"per token" weighs each shape by its count in the model (30 layers and the lm_head): the time one
+decode step spends in linear layers. On a shared machine, read the timings as rough.
 """
 
 from __future__ import annotations
@@ -29,19 +31,21 @@ SHAPES = {"q_proj/o_proj": (576, 576, 60), "k_proj/v_proj": (192, 576, 60), "gat
 KERNELS = ("Q4_1", "Q4_0", "Q8_0", "bf16 gemv", "torch fp32")
 
 
-def seconds_per_call(fn, repeats: int) -> tuple[float, float]:
-    """(median, fastest) over the repeats."""
+def seconds_per_call(fn, repeats: int) -> tuple[float, float, float]:
+    """Wall-clock (median, fastest) over the repeats, and the median of the calling thread's CPU
+    time, which is the whole call's on one thread and stays put while other processes take turns."""
     fn()
     start = time.perf_counter()
     fn()
     calls = max(1, int(0.1 / max(time.perf_counter() - start, 1e-7)))
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             fn()
         times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times), min(times)
+        cpu_times.append((time.thread_time() - cpu_start) / calls)
+    return statistics.median(times), min(times), statistics.median(cpu_times)
 
 
 def cases(kernels, n: int, k: int, rows: int, generator: torch.Generator):
@@ -75,16 +79,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the CPU kernels did not build here (is a C compiler installed?)")
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
+    one_thread = args.threads == 1
     results, per_token = [], dict.fromkeys(KERNELS, 0.0)
     for shape in names:
         n, k, count = SHAPES[shape]
         for kernel, call, nbytes in cases(kernels, n, k, args.rows, generator):
-            seconds, fastest = seconds_per_call(call, args.repeats)
+            seconds, fastest, cpu_seconds = seconds_per_call(call, args.repeats)
+            if one_thread:
+                seconds = cpu_seconds
             results.append({"shape": f"{shape} {n}x{k}", "kernel": kernel, "us": 1e6 * seconds,
                             "best_us": 1e6 * fastest, "weight_mb": nbytes / 1e6, "gb_per_s": nbytes / seconds / 1e9})
             per_token[kernel] += count * seconds
     info = machine_info()
-    print(f"{info['cpu']}, {args.threads} threads, {args.rows} row(s) of x")
+    print(f"{info['cpu']}, {args.threads} threads, {args.rows} row(s) of x; us/call: median "
+          f"{'CPU time' if one_thread else 'wall-clock time'}, best us: fastest wall-clock repeat")
     print_table(results, [("shape", "shape"), ("kernel", "kernel"), ("us", "us/call"), ("best_us", "best us"),
                           ("weight_mb", "weight MB"), ("gb_per_s", "GB/s")])
     if set(names) == set(SHAPES):

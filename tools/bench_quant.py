@@ -6,7 +6,8 @@ linear layers of the reference model (SmolLM2-135M: hidden 576, 9/3 heads of 64,
 
 Each case is timed --repeats times (about 0.1 s of calls each) after a warm-up; the median is
 reported (and the fastest wall-clock repeat), with the rate its weight bytes are read at (from the
-median). With --threads 1 the median is of CPU time, which other processes on a shared machine
+median). Calls take turns over as many distinct weights of a shape as the model has, so the
+caches hold what they would in a decode step. With --threads 1 the median is of CPU time, which other processes on a shared machine
 disturb less than wall-clock time (they still share caches, memory and a hyperthread's core).
 "per token" weighs each shape by its count in the model (30 layers and the lm_head): the time one
 decode step spends in linear layers. On a shared machine, read the timings as rough.
@@ -15,6 +16,7 @@ decode step spends in linear layers. On a shared machine, read the timings as ro
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -48,17 +50,25 @@ def seconds_per_call(fn, repeats: int) -> tuple[float, float, float]:
     return statistics.median(times), min(times), statistics.median(cpu_times)
 
 
-def cases(kernels, n: int, k: int, rows: int, generator: torch.Generator):
-    """(kernel name, call, weight bytes read a call) for one shape."""
-    weight = torch.randn(n, k, generator=generator) * 0.05
+def rotating(fn, weights: list):
+    """A call of fn on the next of weights each time, as a model's layers take turns."""
+    turn = itertools.cycle(weights)
+    return lambda: fn(next(turn))
+
+
+def cases(kernels, n: int, k: int, copies: int, rows: int, generator: torch.Generator):
+    """(kernel name, call, weight bytes read a call) for one shape, each call on the next of
+    `copies` distinct weights, so that the working set is the model's, not one cache-hot weight."""
+    weight = torch.randn(copies * n, k, generator=generator) * 0.05
     x = torch.randn(rows, k, generator=generator)
     for name in KERNELS[:3]:
         qweight = quantize(weight, QuantType[name])
-        yield name, lambda q=qweight: quantized_linear(x, q), qweight.nbytes
+        yield (name, rotating(lambda q: quantized_linear(x, q), [qweight.narrow(0, i * n, n) for i in range(copies)]),
+               qweight.nbytes // copies)
     w16, x16 = weight.bfloat16(), x.bfloat16()
     if rows <= kernels.gemv_max_rows:
-        yield "bf16 gemv", lambda: kernels.gemv(x16, w16), w16.numel() * 2
-    yield "torch fp32", lambda: torch.nn.functional.linear(x, weight), weight.numel() * 4
+        yield "bf16 gemv", rotating(lambda w: kernels.gemv(x16, w), list(w16.split(n))), n * k * 2
+    yield "torch fp32", rotating(lambda w: torch.nn.functional.linear(x, w), list(weight.split(n))), n * k * 4
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     results, per_token = [], dict.fromkeys(KERNELS, 0.0)
     for shape in names:
         n, k, count = SHAPES[shape]
-        for kernel, call, nbytes in cases(kernels, n, k, args.rows, generator):
+        for kernel, call, nbytes in cases(kernels, n, k, count, args.rows, generator):
             seconds, fastest, cpu_seconds = seconds_per_call(call, args.repeats)
             if one_thread:
                 seconds = cpu_seconds

@@ -7,8 +7,9 @@ linear layers of the reference model (SmolLM2-135M: hidden 576, 9/3 heads of 64,
 Each case is timed --repeats times (about 0.1 s of calls each) after a warm-up; the median is
 reported (and the fastest wall-clock repeat), with the rate its weight bytes are read at (from the
 median). Calls take turns over as many distinct weights of a shape as the model has, so the
-caches hold what they would in a decode step. With --threads 1 the median is of CPU time, which other processes on a shared machine
-disturb less than wall-clock time (they still share caches, memory and a hyperthread's core).
+caches hold what they would in a decode step. With --threads 1 the median is of CPU time, which
+other processes on a shared machine disturb less than wall-clock time (they still share caches,
+memory and a hyperthread's core).
 "per token" weighs each shape by its count in the model (30 layers and the lm_head): the time one
 decode step spends in linear layers. On a shared machine, read the timings as rough.
 """

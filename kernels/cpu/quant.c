@@ -13,8 +13,9 @@
  * (each product and the one sum are exact or rounded once, as there), then multiplied with float32
  * x: results differ from dequantize-then-matmul only in the order of the float32 accumulation.
  * quant_gemv reads each weight group once and uses it for a tile of rows of x while it is in
- * registers; rows of W are shared out over OpenMP threads. quant_dequantize writes float32 rows for a GEMM.
- * x, bias and y are float32 or bf16 (`is_bf16`), contiguous.
+ * registers; rows of W are shared out over OpenMP threads. quant_dequantize writes float32 rows
+ * for a GEMM. x, bias and y are float32 or bf16 (`is_bf16`), contiguous. Activations are never
+ * quantized, so no integer dot products (VNNI): every product is a float32 FMA.
  */
 #include <omp.h>
 #include <stdlib.h>

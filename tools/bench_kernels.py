@@ -79,11 +79,14 @@ def paged_batch(q_lens: list[int], contexts: list[int], heads: int, kv_heads: in
 
 
 def run_benchmarks(dtype: torch.dtype, device: torch.device) -> list[Result]:
-    from conveyor.kernels import activation, attention, kv_store, rmsnorm, rotary, sampling
+    return bench_attention(dtype, device) + bench_elementwise(dtype, device) + bench_penalties(device)
+
+
+def bench_attention(dtype: torch.dtype, device: torch.device) -> list[Result]:
+    from conveyor.kernels import attention, kv_store
 
     es = torch.tensor([], dtype=dtype).element_size()
     results = []
-
     for label, q_lens, contexts in [
         ("decode 64 x 2k", [1] * 64, [2047] * 64),
         ("decode 2 x 32k (split-KV)", [1] * 2, [32767] * 2),
@@ -110,8 +113,15 @@ def run_benchmarks(dtype: torch.dtype, device: torch.device) -> list[Result]:
         lambda: (kv_store.store_kv_ref(key, value, kc_ref, vc_ref, slots), kc_ref)[1],
         4 * key.numel() * es / 1e9,
     ))
+    return results
 
-    hidden = 4096
+
+def bench_elementwise(dtype: torch.dtype, device: torch.device) -> list[Result]:
+    from conveyor.kernels import activation, rmsnorm, rotary
+
+    es = torch.tensor([], dtype=dtype).element_size()
+    results = []
+    tokens, hidden = 4096, 4096
     x = torch.randn(tokens, hidden, dtype=dtype, device=device)
     residual = torch.randn_like(x)
     weight = torch.ones(hidden, dtype=dtype, device=device)
@@ -140,7 +150,13 @@ def run_benchmarks(dtype: torch.dtype, device: torch.device) -> list[Result]:
     gate_up = torch.randn(tokens, 2 * 14336, dtype=dtype, device=device)
     results.append(bench_case("silu_and_mul 4096 x 14336", lambda: activation.silu_and_mul(gate_up),
                               lambda: activation.silu_and_mul_ref(gate_up), 1.5 * gate_up.numel() * es / 1e9))
+    return results
 
+
+def bench_penalties(device: torch.device) -> list[Result]:
+    from conveyor.kernels import sampling
+
+    results = []
     seqs, vocab = 256, 128256
     logits = torch.randn(seqs, vocab, device=device)
     prompt_mask = torch.rand(seqs, vocab, device=device) < 0.01
@@ -156,13 +172,9 @@ def run_benchmarks(dtype: torch.dtype, device: torch.device) -> list[Result]:
     return results
 
 
-def compile_check(arch: int = 90, attention_dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> list[str]:
-    """Compile every kernel for a CUDA target without a GPU; returns the failures."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from conveyor.kernels import activation, attention, kv_store, rmsnorm, rotary, sampling
+def compile_cases(attention_dtypes: tuple[str, ...]) -> list[tuple]:
+    """(kernel, pointer types, constexprs, num_warps) of every kernel in the shapes models use."""
+    from conveyor.kernels import activation, attention, kv_store, quant_matmul, rmsnorm, rotary, sampling
 
     def attention_ptrs(dt, *names):
         return {n: f"*{dt}" for n in names} | {n: "*i32" for n in ("query_start_loc_ptr", "seq_lens_ptr",
@@ -201,9 +213,23 @@ def compile_check(arch: int = 90, attention_dtypes: tuple[str, ...] = ("bf16", "
          {"logits_ptr": "*fp32", "prompt_mask_ptr": "*u8", "counts_ptr": "*i32", "rep_ptr": "*fp32",
           "presence_ptr": "*fp32", "frequency_ptr": "*fp32"}, dict(BLOCK=1024), 4),
     ]
+    cases += [  # ggml's Q4_0, Q4_1, Q8_0 and Q4_K blocks (kernels/quant.py's QuantType)
+        (quant_matmul._quant_matmul_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*u8", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}"},
+         dict(QTYPE=qtype, HAS_BIAS=True, FP32_DOT=dt == "fp32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), 4)
+        for qtype in (2, 3, 8, 12) for dt in ("bf16", "fp32")
+    ]
+    return cases
+
+
+def compile_check(arch: int = 90, attention_dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> list[str]:
+    """Compile every kernel for a CUDA target without a GPU; returns the failures."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     floats = {"qk_scale", "eps"}
     failures = []
-    for kernel, ptrs, constexprs, num_warps in cases:
+    for kernel, ptrs, constexprs, num_warps in compile_cases(attention_dtypes):
         signature = {
             name: "constexpr" if name in constexprs else ptrs.get(name, "fp32" if name in floats else "i32")
             for name in kernel.arg_names

@@ -54,8 +54,8 @@ def limited(flags: frozenset[str], environ, torch_capability: str) -> tuple[froz
 
 
 @functools.cache
-def detect() -> CpuFeatures:
-    """This CPU's features, as the code that runs here sees them (emulation limits applied)."""
+def host() -> CpuFeatures:
+    """This CPU's name and flags as /proc/cpuinfo gives them, no limits applied."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -65,9 +65,14 @@ def detect() -> CpuFeatures:
     except OSError:
         pass
     model = fields.get("model name") or platform.processor() or platform.machine()
-    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
-    flags, limits = limited(flags, os.environ, torch.backends.cpu.get_cpu_capability())
-    return CpuFeatures(model, flags, limits)
+    return CpuFeatures(model, frozenset((fields.get("flags") or fields.get("Features") or "").split()))
+
+
+@functools.cache
+def detect() -> CpuFeatures:
+    """This CPU's features, as the code that runs here sees them (emulation limits applied)."""
+    flags, limits = limited(host().flags, os.environ, torch.backends.cpu.get_cpu_capability())
+    return CpuFeatures(host().model, flags, limits)
 
 
 def choose_dtype(checkpoint_dtype: torch.dtype, features: CpuFeatures) -> tuple[torch.dtype, str]:

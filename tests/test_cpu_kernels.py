@@ -218,3 +218,28 @@ def test_a_dtype_without_c_kernels_warns_once_that_ops_run_in_torch(caplog):
     assert select_ops(torch.device("cpu"), torch.float16) is TorchOps
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "torch.float16" in warning.getMessage() and "plain torch" in warning.getMessage()
+
+
+def float32_linear(weight: torch.Tensor):
+    from conveyor.gpu_worker.parallel import ColumnParallelLinear
+
+    linear = ColumnParallelLinear(weight.shape[1], [weight.shape[0]], bias=True, dtype=torch.float32)
+    linear.weight.data.copy_(weight)
+    linear.bias.data.copy_(randn(weight.shape[0], dtype=torch.float32, seed=5))
+    return linear
+
+
+def test_a_float32_model_reads_small_batches_from_bf16_copies_of_bf16_exact_weights(ops):
+    linear = float32_linear(randn(200, 96, dtype=torch.bfloat16).float())  # a bf16 checkpoint's weights
+    ops.process_weights(torch.nn.Sequential(linear))
+    assert linear.plain_weight.dtype == torch.bfloat16 and linear.weight.dtype == torch.float32
+    for rows in (1, ops.kernels.gemv_max_rows, ops.kernels.gemv_max_rows + 1):  # the GEMV, then F.linear
+        x = randn(rows, 96, dtype=torch.float32, seed=rows)
+        torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_a_float32_model_keeps_weights_bf16_would_round_on_f_linear(ops):
+    linear = float32_linear(randn(200, 96, dtype=torch.float32))
+    ops.process_weights(torch.nn.Sequential(linear))
+    assert linear.plain_weight is None and linear.gemv_max_rows == 0

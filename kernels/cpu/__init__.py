@@ -1,5 +1,5 @@
 """CPU kernels in C (this folder's *.c): paged attention, the KV store, the element-wise ops, the
-logits' argmax and a bf16 GEMV, compiled on first use and called through ctypes.
+logits' argmax and a GEMV over bf16 weights, compiled on first use and called through ctypes.
 
 They are built once per source, compiler, target ISA and CPU with the system C compiler (`CC`, default
 `cc`), for a target ISA (-O3 -march=$CONVEYOR_CPU_ARCH, default native; `load(arch)` builds another) and

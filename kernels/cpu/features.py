@@ -83,7 +83,7 @@ def choose_dtype(checkpoint_dtype: torch.dtype, features: CpuFeatures) -> tuple[
     if features.bf16_compute:
         return torch.bfloat16, "the CPU multiplies bf16 natively (AVX512-BF16 or AMX)"
     return torch.float32, ("the CPU has no AVX512-BF16 or AMX, where bf16 matmuls are emulated and several "
-                           "times slower than float32")
+                           "times slower than float32 (decode steps still read bf16 weights, through the GEMV)")
 
 
 @functools.cache

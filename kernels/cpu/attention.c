@@ -602,7 +602,10 @@ static inline int paged_attention(const void *q, int64_t q_stride, const void *k
             }
 #endif
 #if defined(VLEN)
-            if (attend_vec_any((const char *)q + q_offset * (is_bf16 ? 2 : 4), k_cache, v_cache,
+            /* bf16 takes the vector path at the head dims the AVX512-BF16 one serves (64, 128), and
+             * `attend` at the others, as with AVX512-BF16 (q . k in vdpbf16ps where it can). */
+            if ((!is_bf16 || head_dim == 64 || head_dim == 128) &&
+                attend_vec_any((const char *)q + q_offset * (is_bf16 ? 2 : 4), k_cache, v_cache,
                                (char *)out + out_offset * (is_bf16 ? 2 : 4), table, len, first, num_heads,
                                num_kv_heads, head_dim, block_size, scale, scores, is_bf16))
                 continue;

@@ -92,10 +92,10 @@ typedef __m512i vint;
 static inline vfloat vload_bf16(const bf16 *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-/* 1 / x to float precision: vrcp14ps and one Newton step, cheaper than a division */
-static inline vfloat vrecip(vfloat x) {
-    const vfloat r = _mm512_rcp14_ps(x);
-    return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f)));
+/* a / b to float precision: vrcp14ps and one Newton step, cheaper than a division */
+static inline vfloat vdiv(vfloat a, vfloat b) {
+    const vfloat r = _mm512_rcp14_ps(b);
+    return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.0f))));
 }
 /* x rounded to bf16 (nearest even, NaN kept quiet), left in the high half of each lane */
 static inline vint vround_bits(vfloat x) {
@@ -128,7 +128,7 @@ typedef __m256i vint;
 static inline vfloat vload_bf16(const bf16 *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static inline vfloat vrecip(vfloat x) { return _mm256_div_ps(_mm256_set1_ps(1.0f), x); }
+#define vdiv _mm256_div_ps
 static inline float vreduce_add(vfloat v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));

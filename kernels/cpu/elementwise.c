@@ -58,7 +58,7 @@ static inline __attribute__((always_inline)) void silu_and_mul_row_vec(const voi
     int d = 0;
     for (; d + VLEN <= dim; d += VLEN) {
         const vfloat g = vload(gate, d, is_bf16);
-        vfloat silu = vmul(g, vrecip(vadd(vset1(1.0f), vexp(vsub(vzero(), g)))));
+        vfloat silu = vdiv(g, vadd(vset1(1.0f), vexp(vsub(vzero(), g))));
         if (is_bf16) silu = vround_bf16(silu);
         vstore(out, d, vmul(silu, vload(up, d, is_bf16)), is_bf16);
     }

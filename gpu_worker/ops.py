@@ -110,7 +110,7 @@ class CpuOps(TorchOps):
         elif dtype == torch.float32:
             for module in model.modules():
                 if hasattr(module, "use_gemv"):
-                    weight = module.weight.detach()
+                    weight = module.weight.data
                     held = weight.bfloat16()
                     if torch.equal(held.float(), weight):
                         module.use_gemv(self.kernels.gemv, self.kernels.gemv_max_rows, held)

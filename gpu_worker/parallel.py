@@ -194,7 +194,7 @@ class ParallelLMHead(SmallBatchGemv, VocabParallelEmbedding):
         self.packed_weight = pack_linear_weight(self.weight)
         self.upcast = self.packed_weight is None
         if gemv is not None:
-            self.use_gemv(gemv, gemv_max_rows, self.weight)
+            self.use_gemv(gemv, gemv_max_rows, self.weight.data)
         return self.packed_weight is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30
 
 
-def resolve_dtype(config: EngineConfig, hf_config) -> torch.dtype:
-    if config.dtype != "auto":
-        return DTYPES[config.dtype]
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
-    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torch.dtype:
+    """The dtype asked for, or for `auto` the checkpoint's, except that a CPU computes in the
+    dtype it multiplies fastest (kernels/cpu/features.py)."""
+    if config.dtype == "auto":
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    else:
+        dtype = DTYPES[config.dtype]
+    if device.type != "cpu":
+        return dtype
+    from conveyor.kernels.cpu import features
+
+    return features.resolve_cpu_dtype(config.dtype, dtype, features.detect())
 
 
 @dataclass(slots=True)
@@ -45,7 +53,7 @@ class ModelRunner:
         gguf = open_gguf(config.gguf_path) if config.gguf_file else None  # parsed once: config and weights
         self.hf_config = hf_config_of(gguf) if gguf else config.load_hf_config()
         self.max_model_len = resolve_max_model_len(config, self.hf_config)  # a bad one fails before loading
-        self.dtype = resolve_dtype(config, self.hf_config)
+        self.dtype = resolve_dtype(config, self.hf_config, self.device)
         self.ops = select_ops(self.device, self.dtype, config.attention_backend)
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops, gguf)
         self.block_size = config.block_size

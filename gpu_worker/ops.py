@@ -101,8 +101,19 @@ class CpuOps(TorchOps):
         self.kernels = kernels
 
     def process_weights(self, model: torch.nn.Module) -> None:
-        gemv = self.kernels.gemv if next(model.parameters()).dtype == torch.bfloat16 else None
-        TorchOps.process_weights(model, gemv, self.kernels.gemv_max_rows if gemv else 0)
+        """bf16: as TorchOps, with the GEMV for small batches. float32: small batches read a bf16
+        copy of each linear weight that bf16 holds exactly (a bf16 checkpoint's) through the GEMV,
+        which computes in float32 from half the bytes; larger ones keep F.linear."""
+        dtype = next(model.parameters()).dtype
+        if dtype == torch.bfloat16:
+            TorchOps.process_weights(model, self.kernels.gemv, self.kernels.gemv_max_rows)
+        elif dtype == torch.float32:
+            for module in model.modules():
+                if hasattr(module, "use_gemv"):
+                    weight = module.weight.data
+                    held = weight.bfloat16()
+                    if torch.equal(held.float(), weight):
+                        module.use_gemv(self.kernels.gemv, self.kernels.gemv_max_rows, held)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.rms_norm(x, weight, eps)

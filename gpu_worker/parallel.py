@@ -69,17 +69,25 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-class LinearBase(nn.Module):
+class SmallBatchGemv:
+    """A few rows of x may go to a GEMV kernel that reads `plain_weight`: the layer's own weight
+    before packing, or a bf16 copy of a float32 one that bf16 holds exactly (half the bytes)."""
+
+    plain_weight: torch.Tensor | None = None
+    gemv = None  # (x, weight, bias) -> y for x of at most gemv_max_rows rows
+    gemv_max_rows = 0
+
+    def use_gemv(self, gemv, gemv_max_rows: int, weight: torch.Tensor) -> None:
+        self.plain_weight, self.gemv, self.gemv_max_rows = weight, gemv, gemv_max_rows
+
+
+class LinearBase(SmallBatchGemv, nn.Module):
     """A weight used as y = x W^T: as is (F.linear), or, once `pack`ed for a CPU, prepacked for
-    oneDNN or else multiplied in float32 (`upcast_linear`); a few rows of x may then go to a GEMV
-    kernel that reads the plain weight."""
+    oneDNN or else multiplied in float32 (`upcast_linear`); a few rows of x may go to a GEMV."""
 
     weight: nn.Parameter
     packed = False
     upcast = False
-    plain_weight: torch.Tensor | None = None
-    gemv = None  # (x, weight, bias) -> y for x of at most gemv_max_rows rows
-    gemv_max_rows = 0
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] <= self.gemv_max_rows:
@@ -95,7 +103,7 @@ class LinearBase(nn.Module):
         one too when a `gemv`, for batches of up to `gemv_max_rows` tokens, is given), or, where
         oneDNN cannot pack this dtype, multiply in float32. Returns whether it packed."""
         if gemv is not None:
-            self.plain_weight, self.gemv, self.gemv_max_rows = self.weight.data, gemv, gemv_max_rows
+            self.use_gemv(gemv, gemv_max_rows, self.weight.data)
         packed = pack_linear_weight(self.weight)
         if packed is None:
             self.upcast = True
@@ -169,13 +177,11 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:rows].copy_(loaded.narrow(0, self.start, rows))
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(SmallBatchGemv, VocabParallelEmbedding):
     """Logits over the full vocabulary; each rank computes its vocabulary slice, then they are gathered."""
 
     packed_weight: torch.Tensor | None = None
     upcast = False
-    gemv = None
-    gemv_max_rows = 0
 
     def pack(self, gemv=None, gemv_max_rows: int = 0) -> bool:
         """Packs a copy: the weight itself may be the (tied) embedding table, which needs its rows
@@ -184,12 +190,12 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed_weight = pack_linear_weight(self.weight)
         self.upcast = self.packed_weight is None
         if gemv is not None:
-            self.gemv, self.gemv_max_rows = gemv, gemv_max_rows
+            self.use_gemv(gemv, gemv_max_rows, self.weight.data)
         return self.packed_weight is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[0] <= self.gemv_max_rows:
-            logits = self.gemv(hidden, self.weight)
+            logits = self.gemv(hidden, self.plain_weight)
         elif self.packed_weight is not None:
             logits = packed_linear(hidden, self.packed_weight)
         elif self.upcast:

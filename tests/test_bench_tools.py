@@ -4,6 +4,7 @@ No benchmark runs here. The vLLM backend runs only when its virtualenv exists (t
 and CONVEYOR_TEST_VLLM=1 is set: vLLM takes about a minute to start on this machine.
 """
 
+import argparse
 import asyncio
 import json
 import os
@@ -400,3 +401,12 @@ def test_serving_counts_failed_requests_and_exits_nonzero(llama_dir, tmp_path, f
     report = read_json(out)
     assert report["summary"]["failed"] == 2
     assert "HTTP 500" in report["errors"][0]
+
+
+def test_compare_gives_each_backend_its_own_dtype_when_asked():
+    assert bench_compare.parse_backends("conveyor,conveyor:float32,vllm:bfloat16") == [
+        "conveyor", "conveyor:float32", "vllm:bfloat16"]
+    args, backend = bench_compare.backend_args(argparse.Namespace(dtype="auto", vllm_config="tuned"), "vllm:float32")
+    assert (backend, args.dtype) == ("vllm", "float32")
+    with pytest.raises(ValueError, match="backends must be"):
+        bench_compare.parse_backends("conveyor:int8")

@@ -1,9 +1,7 @@
-"""The C element-wise kernels of kernels/cpu against the torch ops they replace, and op selection."""
+"""The C element-wise kernels of kernels/cpu against the torch ops they replace, for every ISA path
+this machine can execute, and op selection."""
 
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,22 @@ import torch
 from conveyor.gpu_worker.models.rotary import build_cos_sin_cache
 from conveyor.gpu_worker.ops import CpuOps, TorchOps, select_ops
 from conveyor.kernels import cpu as cpu_kernels
+from conveyor.kernels.cpu import features
+
+
+def runnable(arch: str) -> bool:
+    if arch == "native":
+        return True
+    if platform.machine() != "x86_64":
+        return False
+    return arch == "x86-64" or {"avx2", "fma"} <= features.host().flags
+
+
+# The host's own ISA (AVX-512 here where it has it), AVX2+FMA (x86-64-v3) and the portable C
+# (x86-64 has only SSE2, where no vector path is built).
+ARCHS = [pytest.param(arch, marks=pytest.mark.skipif(not runnable(arch), reason=f"this CPU cannot run {arch}"))
+         for arch in ("native", "x86-64-v3", "x86-64")]
+EXPECTED_LANES = {"x86-64-v3": 8, "x86-64": 0}
 
 DTYPES = [torch.float32, torch.bfloat16]
 ids = lambda d: str(d).removeprefix("torch.")  # noqa: E731
@@ -18,11 +32,23 @@ ids = lambda d: str(d).removeprefix("torch.")  # noqa: E731
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}
 
 
-@pytest.fixture(scope="module")
-def ops() -> CpuOps:
-    kernels = cpu_kernels.load()
+def load_kernels(arch: str):
+    kernels = cpu_kernels.load(arch)
     assert kernels is not None, "the C kernels must build here (is a C compiler installed?)"
-    return CpuOps(kernels)
+    return kernels
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def ops(request) -> CpuOps:
+    return CpuOps(load_kernels(request.param))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_target_isa_builds_its_own_vector_path(arch):
+    kernels = load_kernels(arch)
+    native_lanes = 16 if "avx512f" in features.host().flags else 8 if {"avx2", "fma"} <= features.host().flags else 0
+    assert kernels.vector_lanes == EXPECTED_LANES.get(arch, native_lanes)
+    assert kernels.arch == arch and f"conveyor_cpu_{arch}_" in kernels.path  # one cached file per ISA
 
 
 def randn(*shape, dtype, seed=0):
@@ -150,6 +176,16 @@ def test_gemv_matches_f_linear(ops, rows, k):
     torch.testing.assert_close(ops.kernels.gemv(x, w).float(), expected - b.float(), atol=0.05, rtol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("k", [576, 100])
+def test_gemv_of_float32_rows_by_bf16_weights_matches_a_float32_linear(ops, rows, k):
+    x, w, b = randn(rows, k, dtype=torch.float32), randn(200, k, dtype=torch.bfloat16, seed=1), randn(200, dtype=torch.float32, seed=2)
+    expected = torch.nn.functional.linear(x, w.float(), b)
+    got = ops.kernels.gemv(x, w, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
 def test_upcast_linear_matches_a_float32_linear_across_blocks(monkeypatch):
     from conveyor.gpu_worker import parallel
 
@@ -165,24 +201,8 @@ def test_gemv_refuses_more_rows_than_it_serves(ops):
         ops.kernels.gemv(randn(too_many, 64, dtype=torch.bfloat16), randn(8, 64, dtype=torch.bfloat16))
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 targets")
-@pytest.mark.parametrize("arch,selection", [
-    ("x86-64-v2", "not built_for"),  # the portable C of every kernel (other CPUs)
-    ("x86-64-v3", "gemv and not built_for"),  # AVX2 (CI's EPYCs): the GEMV has a path of its own, the rest is portable C
-])
-def test_kernels_built_for_other_targets_agree_too(tmp_path, arch, selection):
-    """The paths a CPU without AVX512-BF16 runs, against the same references."""
-    env = {**os.environ, "CONVEYOR_CPU_ARCH": arch, "CONVEYOR_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
-                             os.path.join(os.path.dirname(__file__), "test_cpu_kernels.py"),
-                             os.path.join(os.path.dirname(__file__), "test_torch_attention.py")],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert os.listdir(tmp_path / "cpu_kernels")  # built afresh for that target
-
-
 def test_a_failed_kernel_build_warns_once_with_the_compilers_error(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_kernels, "_library", False)  # not tried yet in this process
+    monkeypatch.setattr(cpu_kernels, "_libraries", {})  # not tried yet in this process
     monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "cc --conveyor-no-such-option")
     assert cpu_kernels.load() is None and cpu_kernels.load() is None
@@ -198,3 +218,28 @@ def test_a_dtype_without_c_kernels_warns_once_that_ops_run_in_torch(caplog):
     assert select_ops(torch.device("cpu"), torch.float16) is TorchOps
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "torch.float16" in warning.getMessage() and "plain torch" in warning.getMessage()
+
+
+def float32_linear(weight: torch.Tensor):
+    from conveyor.gpu_worker.parallel import ColumnParallelLinear
+
+    linear = ColumnParallelLinear(weight.shape[1], [weight.shape[0]], bias=True, dtype=torch.float32)
+    linear.weight.data.copy_(weight)
+    linear.bias.data.copy_(randn(weight.shape[0], dtype=torch.float32, seed=5))
+    return linear
+
+
+def test_a_float32_model_reads_small_batches_from_bf16_copies_of_bf16_exact_weights(ops):
+    linear = float32_linear(randn(200, 96, dtype=torch.bfloat16).float())  # a bf16 checkpoint's weights
+    ops.process_weights(torch.nn.Sequential(linear))
+    assert linear.plain_weight.dtype == torch.bfloat16 and linear.weight.dtype == torch.float32
+    for rows in (1, ops.kernels.gemv_max_rows, ops.kernels.gemv_max_rows + 1):  # the GEMV, then F.linear
+        x = randn(rows, 96, dtype=torch.float32, seed=rows)
+        torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_a_float32_model_keeps_weights_bf16_would_round_on_f_linear(ops):
+    linear = float32_linear(randn(200, 96, dtype=torch.float32))
+    ops.process_weights(torch.nn.Sequential(linear))
+    assert linear.plain_weight is None and linear.gemv_max_rows == 0

@@ -59,8 +59,12 @@ def imported_modules(path: pathlib.Path, modules: Collection[str]) -> set[str]:
 
 
 def package_files() -> list[pathlib.Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py")
-                  if not {"tests", "examples", "build"} & set(p.relative_to(PACKAGE).parts))
+    def ours(path: pathlib.Path) -> bool:  # not tests, examples, builds, nor a virtualenv or .git
+        parts = path.relative_to(PACKAGE).parts
+        return not ({"tests", "examples", "build"} & set(parts) or any(
+            part.startswith(".") or "venv" in part for part in parts))
+
+    return sorted(p for p in PACKAGE.rglob("*.py") if ours(p))
 
 
 @functools.cache

@@ -8,6 +8,7 @@ from conveyor.gpu_worker.attention import AttentionMetadata, torch_paged_attenti
 from conveyor.kernels import cpu as cpu_kernels
 from conveyor.kernels.attention import paged_attention_ref
 
+from test_cpu_kernels import ARCHS
 from test_kernel_attention import CONFIGS, TOL, make_batch
 
 
@@ -26,11 +27,16 @@ def attention_meta(meta, kwargs) -> AttentionMetadata:
     )
 
 
-def c_kernel(q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window):
-    kernels = cpu_kernels.load()
+def c_kernel(arch: str):
+    """The C kernel built for target ISA `arch`."""
+    kernels = cpu_kernels.load(arch)
     assert kernels is not None, "the C kernels must build here (is a C compiler installed?)"
-    return kernels.paged_attention(q, k_cache, v_cache, torch.empty_like(q), meta.block_tables, meta.seq_lens,
-                                   meta.query_start_loc, scale, sliding_window)
+
+    def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window):
+        return kernels.paged_attention(q, k_cache, v_cache, torch.empty_like(q), meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, scale, sliding_window)
+
+    return attention
 
 
 def torch_path(q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window):
@@ -41,9 +47,9 @@ def torch_path(q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_wind
     return torch_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
 
 
-@pytest.fixture(params=["c-kernel", "torch"])
+@pytest.fixture(params=[*ARCHS, "torch"])
 def attention(request):
-    return c_kernel if request.param == "c-kernel" else torch_path
+    return torch_path if request.param == "torch" else c_kernel(request.param)
 
 
 def run(attention, q_lens, contexts, config, dtype):
@@ -88,7 +94,8 @@ def test_prefill_chunks_spanning_many_tiles_match_reference(config, attention):
 
 
 @DTYPES
-def test_c_kernel_reads_a_strided_query(dtype):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_c_kernel_reads_a_strided_query(dtype, arch):
     """The model's q is a view into the fused qkv projection: tokens strided, heads packed."""
     q, k_cache, v_cache, meta, kwargs = make_batch(
         [1, 9, 1], [40, 0, 17], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype,
@@ -97,8 +104,9 @@ def test_c_kernel_reads_a_strided_query(dtype):
     strided = qkv[:, : 4 * 64].view(len(q), 4, 64)
     meta = attention_meta(meta, kwargs)
     assert not strided.is_contiguous()
-    torch.testing.assert_close(c_kernel(strided, k_cache, v_cache, meta, kwargs["scale"], None),
-                               c_kernel(q, k_cache, v_cache, meta, kwargs["scale"], None), rtol=0, atol=0)
+    attention = c_kernel(arch)
+    torch.testing.assert_close(attention(strided, k_cache, v_cache, meta, kwargs["scale"], None),
+                               attention(q, k_cache, v_cache, meta, kwargs["scale"], None), rtol=0, atol=0)
 
 
 def test_decode_plan_is_built_once_and_shared_by_every_layer():
@@ -115,14 +123,15 @@ def test_decode_plan_is_built_once_and_shared_by_every_layer():
     assert attn_meta.decode_plan is plan
 
 
-def test_c_kernel_leaves_rows_of_empty_sequences_untouched():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_c_kernel_leaves_rows_of_empty_sequences_untouched(arch):
     q, k_cache, v_cache, meta, kwargs = make_batch(
         [1, 1], [30, 2], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
     )
     out = torch.full_like(q, 7.0)
     seq_lens = torch.tensor([31, 0], dtype=torch.int32)
-    cpu_kernels.load().paged_attention(q, k_cache, v_cache, out, meta["block_tables"], seq_lens,
-                                       meta["query_start_loc"], kwargs["scale"], None)
+    cpu_kernels.load(arch).paged_attention(q, k_cache, v_cache, out, meta["block_tables"], seq_lens,
+                                           meta["query_start_loc"], kwargs["scale"], None)
     assert (out[1] == 7.0).all() and not out[0].isnan().any()
 
 

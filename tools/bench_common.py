@@ -301,15 +301,18 @@ def write_json(path: str | os.PathLike | None, data: dict) -> None:
     print(f"wrote {path}")
 
 
+# What emulates an AVX2-only CPU (an AMD EPYC before Zen 4, say) on a bigger x86 one: torch's
+# kernels, oneDNN's and Conveyor's C kernels each limited to AVX2.
+AVX2_LIMITS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "CONVEYOR_CPU_ARCH": "x86-64-v3"}
+
+
 def cpu_model() -> str:
-    """The CPU's name, and whether it has AMX (bf16 matmuls run several times faster with it)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{name} ({'AMX' if ' amx_bf16' in info else 'no AMX'})"
+    """The CPU's name and the flags that decide its fast paths (-flag: absent), e.g.
+    `Xeon: avx2 fma avx512f avx512_bf16 amx_bf16`, and the AVX2 limits where this process has them."""
+    from conveyor.kernels.cpu import features
+
+    limits = [f"{name}={os.environ[name]}" for name in AVX2_LIMITS if name in os.environ]
+    return features.host().describe() + (f" under {' '.join(limits)}" if limits else "")
 
 
 def machine_info() -> dict:
@@ -319,11 +322,16 @@ def machine_info() -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]}
 
 
+def print_machine(machine: dict) -> None:
+    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
+
+
 # ---- command line ----
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (Hugging Face format)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="auto: each engine's own choice (Conveyor: what the CPU computes fastest)")
     parser.add_argument("--max-num-seqs", type=int, help="engines' batch limit (hf: generate() batch size)")
     parser.add_argument("--max-num-batched-tokens", type=int, help="engines' token budget per step")
     parser.add_argument("--max-model-len", type=int, help="engines' context limit (default: the model's)")
@@ -375,5 +383,5 @@ def report_one(args, benchmark: str, result: dict, columns) -> None:
     """Print one result as a table and write it, with the machine's facts, to `args.out`."""
     print_table([result["summary"]], columns)
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
+    print_machine(machine)
     write_json(args.out, {"benchmark": benchmark, "machine": machine, "args": vars(args), "result": result})

@@ -9,12 +9,19 @@ same prompts, as bench_serving does: Poisson arrivals at --request-rate, --max-c
 The servers get the same engine limits (--max-num-seqs, ...) and vLLM environment as the offline runs.
 
 Backends: conveyor, hf (transformers generate), vllm (tuned: tcmalloc, OpenMP bound to every
-core) and vllm-default (vLLM's CPU defaults). A vLLM backend is skipped, with a note, when its
-virtualenv is missing (tools/setup_vllm_cpu.sh). Ratios are each backend's number divided by the
-reference backend's (conveyor when it ran).
+core) and vllm-default (vLLM's CPU defaults), each optionally with a dtype of its own
+(`conveyor,conveyor:float32,vllm:bfloat16`; otherwise --dtype). A vLLM backend is skipped, with a
+note, when its virtualenv is missing (tools/setup_vllm_cpu.sh). Ratios are each backend's number
+divided by the reference backend's (the first conveyor that ran). The table shows the dtype each
+engine chose.
+
+`--emulate-avx2` runs every backend as on a CPU with AVX2 and no AVX-512 (AVX2_LIMITS in
+bench_common: torch, oneDNN and Conveyor's C kernels limited to AVX2; vLLM's own C++ kernels keep
+whatever they dispatch to).
 """
 
 import argparse
+import os
 import sys
 
 from conveyor.tools import bench_common as bc
@@ -23,7 +30,8 @@ from conveyor.tools.bench_serving import run_serving, summarize
 from conveyor.tools.bench_throughput import add_workload_args, run_throughput
 
 CHOICES = ("conveyor", "hf", "vllm", "vllm-default")
-COLUMNS = [("backend", "backend"), ("output_tok_per_s", "out tok/s"), ("requests_per_s", "req/s"),
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+COLUMNS = [("backend", "backend"), ("dtype", "dtype"), ("output_tok_per_s", "out tok/s"), ("requests_per_s", "req/s"),
            ("ttft_ms_p50", "TTFT p50 ms"), ("tpot_ms_p50", "TPOT p50 ms"), ("startup_s", "startup s"),
            ("peak_rss_mib", "peak RSS MiB"), ("peak_pss_mib", "peak PSS MiB")]
 RATIO_KEYS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50", "peak_pss_mib")
@@ -35,16 +43,20 @@ SERVING_RATIO_KEYS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50", "itl_ms_
 
 def parse_backends(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CHOICES]
+    unknown = [name for name in names if name.partition(":")[0] not in CHOICES
+               or name.partition(":")[1] and name.partition(":")[2] not in DTYPES]
     if unknown or not names:
-        raise ValueError(f"backends must be a comma-separated list of {', '.join(CHOICES)}, got {text!r}")
+        raise ValueError(f"backends must be a comma-separated list of {', '.join(CHOICES)}, each optionally "
+                         f"with :{'|'.join(DTYPES)}, got {text!r}")
     return names
 
 
 def backend_args(args: argparse.Namespace, name: str, **overrides) -> tuple[argparse.Namespace, str]:
     """(args for one backend's run, the runner backend it uses)."""
-    vllm_config = "default" if name == "vllm-default" else args.vllm_config
-    return argparse.Namespace(**{**vars(args), "vllm_config": vllm_config, **overrides}), name.split("-")[0]
+    kind, _, dtype = name.partition(":")
+    vllm_config = "default" if kind == "vllm-default" else args.vllm_config
+    return (argparse.Namespace(**{**vars(args), "vllm_config": vllm_config, "dtype": dtype or args.dtype, **overrides}),
+            kind.split("-")[0])
 
 
 def run_one(args: argparse.Namespace, name: str) -> dict:
@@ -53,12 +65,13 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
         tp_args, backend = backend_args(args, name)
         detail["throughput"] = run_throughput(tp_args, backend)
         summary = detail["throughput"]["summary"]
-        row.update({k: summary[k] for k in ("output_tok_per_s", "requests_per_s", "input_tok_per_s",
+        row.update({k: summary[k] for k in ("dtype", "output_tok_per_s", "requests_per_s", "input_tok_per_s",
                                             "elapsed_s", "startup_s", "peak_rss_mib", "peak_pss_mib")})
     if args.latency:
         lat_args, backend = backend_args(args, name, repeats=args.latency_repeats, warmup=args.latency_warmup)
         detail["latency"] = run_latency(lat_args, backend)
         summary = detail["latency"]["summary"]
+        row.setdefault("dtype", summary["dtype"])
         row.update({k: summary[k] for k in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90", "e2e_s_p50")})
         row.setdefault("startup_s", summary["startup_s"])
         row.setdefault("peak_rss_mib", summary["peak_rss_mib"])
@@ -67,7 +80,7 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
 
 def serve_one(args: argparse.Namespace, name: str) -> dict:
     """One backend's server under the serving load: its summary row (bench_serving's numbers)."""
-    serving_args, backend = backend_args(args, name, backend=name.split("-")[0], base_url=None, model_dir=args.model,
+    serving_args, backend = backend_args(args, name, backend=name.partition(":")[0].split("-")[0], base_url=None, model_dir=args.model,
                                          served_model_name=None, startup_timeout=args.timeout, request_timeout=600.0,
                                          arrival="poisson")
     results, duration = run_serving(serving_args)
@@ -98,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-throughput", dest="throughput", action="store_false")
     parser.add_argument("--no-latency", dest="latency", action="store_false")
     parser.add_argument("--serving", action="store_true", help="also load each backend's OpenAI server")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="run every backend as on an AVX2 CPU without AVX-512 (torch, oneDNN, C kernels limited)")
     parser.add_argument("--request-rate", type=float, default=4.0, help="with --serving: requests/s")
     parser.add_argument("--max-concurrency", type=int, default=16, help="with --serving: requests in flight")
     args = parser.parse_args(argv)
@@ -106,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
 
+    if args.emulate_avx2:
+        os.environ.update(bc.AVX2_LIMITS)  # every backend's processes inherit them
+    machine = bc.machine_info()
+    bc.print_machine(machine)
     rows, serving_rows, details, notes = [], [], {}, []
     for name in names:
         if name.startswith("vllm") and not bc.vllm_available(args.vllm_venv):
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         sys.exit("error: no backend ran")
 
-    reference = next((row for row in rows if row["backend"] == "conveyor"), rows[0])
+    reference = next((row for row in rows if row["backend"].startswith("conveyor")), rows[0])
     ratios = ratio_rows(rows, reference)
     if args.throughput or args.latency:
         bc.print_table(rows, COLUMNS)
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                                 ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"), ("peak_pss_mib", "PSS ×")])
     serving_ratios = []
     if serving_rows:
-        serving_reference = next((r for r in serving_rows if r["backend"] == "conveyor"), serving_rows[0])
+        serving_reference = next((r for r in serving_rows if r["backend"].startswith("conveyor")), serving_rows[0])
         serving_ratios = ratio_rows(serving_rows, serving_reference, SERVING_RATIO_KEYS)
         print(f"\nserving: {args.num_prompts} requests, Poisson at {args.request_rate:g}/s, "
               f"at most {args.max_concurrency} in flight")
@@ -149,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         bc.print_table(serving_ratios, [("backend", "backend"), ("output_tok_per_s", "out tok/s ×"),
                                         ("ttft_ms_p50", "TTFT ×"), ("tpot_ms_p50", "TPOT ×"),
                                         ("itl_ms_p99", "ITL p99 ×")])
-    machine = bc.machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cpus']} cpus, load average {machine['load_avg_1m']:.2f}")
+    bc.print_machine(machine)
     bc.write_json(args.out, {"benchmark": "compare", "machine": machine, "args": vars(args),
                              "reference": reference["backend"], "rows": rows, "ratios": ratios,
                              "serving": serving_rows, "serving_ratios": serving_ratios, "notes": notes,

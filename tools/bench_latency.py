@@ -13,7 +13,7 @@ import sys
 
 from conveyor.tools import bench_common as bc
 
-COLUMNS = [("backend", "backend"), ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p90", "TTFT p90 ms"),
+COLUMNS = [("backend", "backend"), ("dtype", "dtype"), ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p90", "TTFT p90 ms"),
            ("tpot_ms_p50", "TPOT p50 ms"), ("tpot_ms_p90", "TPOT p90 ms"), ("e2e_s_p50", "E2E p50 s"),
            ("max_itl_ms_p50", "max ITL p50 ms"), ("startup_s", "startup s"), ("peak_rss_mib", "peak RSS MiB")]
 
@@ -36,7 +36,7 @@ def latency_workload(args: argparse.Namespace, backend: str) -> dict:
 
 def summarize_latency(result: dict) -> dict:
     runs = result["runs"]
-    row = {"backend": result["backend"], "startup_s": result["startup_s"],
+    row = {"backend": result["backend"], "dtype": result.get("dtype"), "startup_s": result["startup_s"],
            "peak_rss_mib": result.get("peak_rss_mib")}
     for key, scale, name in (("ttft_s", 1e3, "ttft_ms"), ("tpot_s", 1e3, "tpot_ms"), ("e2e_s", 1, "e2e_s"),
                              ("max_itl_s", 1e3, "max_itl_ms")):

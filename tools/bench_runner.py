@@ -36,6 +36,18 @@ class ConveyorBackend:
         kv = {} if self.kv_cache_gib is None else {"kv_cache_memory": self.kv_cache_gib << 30}
         self.llm = engine(self.model, dtype=self.dtype, **kv, **self.engine_args)
 
+    def dtype_chosen(self) -> str:
+        """The dtype the workers run in: resolved here as they resolve it (same environment)."""
+        import torch
+        from transformers import AutoConfig
+
+        from conveyor.config import EngineConfig
+        from conveyor.gpu_worker.model_runner import resolve_dtype
+
+        config = EngineConfig(model=self.model, dtype=self.dtype)
+        dtype = resolve_dtype(config, AutoConfig.from_pretrained(self.model), torch.device(config.resolved_device()))
+        return str(dtype).removeprefix("torch.")
+
     def _params(self, output_len: int):
         from conveyor import RequestOutputKind, SamplingParams
 
@@ -73,6 +85,10 @@ class VllmBackend(ConveyorBackend):
             from vllm import LLM
 
             self.llm = LLM(**args)
+
+    def dtype_chosen(self) -> str:
+        engine = getattr(self.llm, "llm_engine", self.llm)
+        return str(getattr(engine, "model_config").dtype).removeprefix("torch.")
 
     def _params(self, output_len: int):
         from vllm import SamplingParams
@@ -120,12 +136,16 @@ class HfBackend:
         self.batch_size = engine_args.get("max_num_seqs")
         self.hf = None
 
+    def dtype_chosen(self) -> str:
+        return str(self.hf.dtype).removeprefix("torch.")
+
     def start(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.hf = AutoModelForCausalLM.from_pretrained(self.model, dtype=getattr(torch, self.dtype)).eval()
+        dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
+        self.hf = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype).eval()
         config = self.hf.generation_config
         pad = config.pad_token_id if config.pad_token_id is not None else self.hf.config.pad_token_id
         self.pad_id = pad if pad is not None else 0
@@ -222,7 +242,7 @@ def main(argv: list[str]) -> None:
     begin = time.perf_counter()
     backend.start()
     result = {"backend": workload["backend"], "mode": mode, "startup_s": time.perf_counter() - begin,
-              "process_startup_s": time.perf_counter() - PROCESS_START}
+              "process_startup_s": time.perf_counter() - PROCESS_START, "dtype": backend.dtype_chosen()}
     try:
         result.update(run_throughput(backend, workload) if mode == "throughput" else run_latency(backend, workload))
     finally:

@@ -14,7 +14,7 @@ import sys
 
 from conveyor.tools import bench_common as bc
 
-COLUMNS = [("backend", "backend"), ("requests_per_s", "req/s"), ("input_tok_per_s", "in tok/s"),
+COLUMNS = [("backend", "backend"), ("dtype", "dtype"), ("requests_per_s", "req/s"), ("input_tok_per_s", "in tok/s"),
            ("output_tok_per_s", "out tok/s"), ("elapsed_s", "wall s"), ("startup_s", "startup s"),
            ("peak_rss_mib", "peak RSS MiB"), ("peak_pss_mib", "peak PSS MiB")]
 
@@ -43,7 +43,7 @@ def throughput_workload(args: argparse.Namespace, backend: str) -> dict:
 
 def summarize_throughput(result: dict) -> dict:
     runs = result["runs"]
-    row = {"backend": result["backend"], "startup_s": result["startup_s"],
+    row = {"backend": result["backend"], "dtype": result.get("dtype"), "startup_s": result["startup_s"],
            "peak_rss_mib": result.get("peak_rss_mib"), "peak_pss_mib": result.get("peak_pss_mib")}
     for key in ("requests_per_s", "input_tok_per_s", "output_tok_per_s", "total_tok_per_s", "elapsed_s"):
         row[key] = bc.median([r[key] for r in runs])

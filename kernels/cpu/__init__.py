@@ -1,10 +1,11 @@
 """CPU kernels in C (this folder's *.c): paged attention, the KV store, the element-wise ops, the
-logits' argmax and a bf16 GEMV, compiled on first use and called through ctypes.
+logits' argmax, a GEMV over bf16 weights and the weight-only quantized linear (quant.c), compiled on first use and called through ctypes.
 
-They are built once per source, compiler and CPU with the system C compiler (`CC`, default `cc`),
-tuned for the host (-O3 -march=$CONVEYOR_CPU_ARCH, default native) and threaded with OpenMP;
-AVX512-BF16 paths are taken where the target has it, portable C elsewhere. The library is cached under
-$CONVEYOR_CACHE_DIR (default ~/.cache/conveyor). Loaded after torch, the library's OpenMP calls
+They are built once per source, compiler, target ISA and CPU with the system C compiler (`CC`, default
+`cc`), for a target ISA (-O3 -march=$CONVEYOR_CPU_ARCH, default native; `load(arch)` builds another) and
+threaded with OpenMP; AVX-512 (with AVX512-BF16 where the target has it) or AVX2+FMA vector paths are
+taken where the target has them, portable C elsewhere. The library is cached under
+$CONVEYOR_CACHE_DIR (default ~/.cache/conveyor), one file per target ISA. Loaded after torch, the library's OpenMP calls
 resolve to the libgomp torch already loaded, so both share one thread pool.
 
 Where they cannot be built, `load()` returns None and warns once, with the compiler's error, and
@@ -30,12 +31,17 @@ logger = logging.getLogger(__name__)
 HERE = os.path.dirname(__file__)
 SOURCES = [os.path.join(HERE, name) for name in ("attention.c", "elementwise.c", "gemv.c", "quant.c")]
 HEADERS = [os.path.join(HERE, "common.h")]
-FLAGS = ["-O3", f"-march={os.environ.get('CONVEYOR_CPU_ARCH', 'native')}", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-fPIC", "-shared", "-std=c11", "-fopenmp"]
 
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
-_library: "CpuKernels | None | bool" = False  # False: not tried yet
+_libraries: "dict[str, CpuKernels | None]" = {}  # by target ISA; None: could not be built
+
+
+def default_arch() -> str:
+    """The target ISA (-march) of the kernels the engine loads."""
+    return os.environ.get("CONVEYOR_CPU_ARCH") or "native"
 
 
 def cache_dir() -> str:
@@ -55,13 +61,15 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(compiler: list[str]) -> str:
+def _build(compiler: list[str], arch: str) -> str:
     parts = []
     for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             parts.append(f.read())
-    key = hashlib.sha256(b"\0".join([*parts, " ".join(compiler + FLAGS).encode(), _cpu_signature().encode()]))
-    path = os.path.join(cache_dir(), f"conveyor_cpu_{key.hexdigest()[:16]}.so")
+    flags = [f"-march={arch}", *FLAGS]
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(compiler + flags).encode(), _cpu_signature().encode()]))
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in arch)
+    path = os.path.join(cache_dir(), f"conveyor_cpu_{name}_{key.hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -69,7 +77,7 @@ def _build(compiler: list[str]) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        subprocess.run([*compiler, *FLAGS, *SOURCES, "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([*compiler, *flags, *SOURCES, "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(tmp, path)
     finally:
@@ -98,8 +106,8 @@ def _check_quant_blocks(blocks: torch.Tensor, qtype: int, n: int, k: int) -> Non
 class CpuKernels:
     """The compiled library's entry points, for float32 and bfloat16 tensors (`supports`)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, arch: str):
+        self.path, self.arch = path, arch
         lib = ctypes.CDLL(path)
         ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
         signatures = {  # name: (argument types, return type)
@@ -119,9 +127,11 @@ class CpuKernels:
         self._argmax.argtypes, self._argmax.restype = [ptr, i64, i64, ptr, i32], None
         self._store_kv = lib.store_kv
         self._store_kv.argtypes, self._store_kv.restype = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i32], None
-        self._gemv = lib.gemv_bf16
-        self._gemv.argtypes, self._gemv.restype = [ptr, ptr, ptr, ptr, i32, i32, i32, i32], i32
+        self._gemv = {torch.bfloat16: lib.gemv_bf16, torch.float32: lib.gemv_f32_bf16w}
+        for fn in self._gemv.values():
+            fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, i32, i32, i32, i32], i32
         self.gemv_max_rows = lib.gemv_max_rows()
+        self.vector_lanes = lib.vector_lanes()  # 16: AVX-512, 8: AVX2+FMA, 0: portable C
         self._quant_gemv = lib.quant_gemv
         self._quant_gemv.argtypes, self._quant_gemv.restype = [i32, ptr, ptr, ptr, ptr, i32, i64, i64, i32, i32], i32
         self._quant_dequantize = lib.quant_dequantize
@@ -189,15 +199,17 @@ class CpuKernels:
                        torch.get_num_threads())
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] @ weight [N, K]^T (+ bias) for bf16 and M <= gemv_max_rows: a linear layer of a
-        small batch, read at memory speed."""
-        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[0] > self.gemv_max_rows:
-            raise ValueError(f"gemv takes bf16 and at most {self.gemv_max_rows} rows, got {x.dtype} "
-                             f"{tuple(x.shape)} and {weight.dtype}")
+        """x [M, K] @ weight [N, K]^T (+ bias) for a bf16 weight and M <= gemv_max_rows: a linear
+        layer of a small batch, read at memory speed. x, bias and the result are bf16 or float32."""
+        if x.dtype not in self._gemv or weight.dtype != torch.bfloat16 or x.shape[0] > self.gemv_max_rows:
+            raise ValueError(f"gemv takes a bf16 weight, bf16 or float32 x and at most {self.gemv_max_rows} rows, "
+                             f"got x {x.dtype} {tuple(x.shape)} and weight {weight.dtype}")
+        if bias is not None and bias.dtype != x.dtype:
+            raise ValueError(f"gemv's bias must be x's dtype {x.dtype}, got {bias.dtype}")
         x = x.contiguous()
         _check_cpu_contiguous(weight=weight)
         y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-        self._gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        self._gemv[x.dtype](x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                    x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
         return y
 
@@ -274,17 +286,18 @@ class CpuKernels:
         )
 
 
-def load() -> CpuKernels | None:
-    """The compiled kernels, or None where they cannot be built here (warned once)."""
-    global _library
+def load(arch: str | None = None) -> CpuKernels | None:
+    """The kernels compiled for target ISA `arch` (-march; default `default_arch()`), or None where
+    they cannot be built here (warned once per ISA). Libraries for several ISAs load side by side."""
+    arch = arch or default_arch()
     with _lock:
-        if _library is False:
+        if arch not in _libraries:
             compiler = shlex.split(os.environ.get("CC", "cc"))
             try:
-                _library = CpuKernels(_build(compiler))
+                _libraries[arch] = CpuKernels(_build(compiler, arch), arch)
             except (OSError, subprocess.SubprocessError) as exc:
                 reason = (getattr(exc, "stderr", None) or str(exc)).strip()
                 logger.warning("Conveyor's C kernels for the CPU could not be built, so every CPU op runs in "
                                "plain torch, which is slower. Reason: %s", reason)
-                _library = None
-        return _library
+                _libraries[arch] = None
+        return _libraries[arch]

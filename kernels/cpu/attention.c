@@ -16,10 +16,6 @@
 
 #include "common.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 /* Offset of context token t in a cache: block sizes are powers of two, so shifts, not divisions. */
 static inline int64_t token_base(const int32_t *table, int t, int block_size, int64_t token_stride) {
     const int shift = __builtin_ctz((unsigned)block_size);
@@ -66,66 +62,110 @@ static inline __m512 sum_each16(const __m512 v[16]) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15), d);
 }
 
-/* q . k of one cached row: HD/16 products summed lane-wise (q already scaled). */
-static inline __attribute__((always_inline)) __m512 row_dot_f32(const __m512 *qv, const float *kh, const int HD) {
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kh));
-    for (int c = 1; c < HD / 16; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + 16 * c), acc);
+#define sum_each sum_each16
+#elif defined(VLEN)
+/* r[i] = the sum of v[i]'s 8 lanes: two rounds of pairwise adds, then the 128-bit halves added. */
+static inline __m256 sum_each8(const __m256 v[8]) {
+    const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+#define sum_each sum_each8
+#endif
+
+#if defined(VLEN)
+/* q . k of one cached row, starting at element `at` of the cache: HD/VLEN products summed
+ * lane-wise (q already scaled). */
+static inline __attribute__((always_inline)) vfloat row_dot(const vfloat *qv, const void *cache, int64_t at,
+                                                            const int HD, const int is_bf16) {
+    vfloat acc = vmul(qv[0], vload(cache, at, is_bf16));
+    for (int c = 1; c < HD / VLEN; c++) acc = vfmadd(qv[c], vload(cache, at + VLEN * c, is_bf16), acc);
     return acc;
 }
 
-/* `attend` for float32 with head_dim HD (a literal, a multiple of 16), one query head at a time:
- * q . k for 16 tokens at once, summed by one transposing tree; p . v with two interleaved sets of
- * accumulators, so consecutive tokens' FMAs do not wait on each other. */
-static inline __attribute__((always_inline)) void attend_f32(
-    const float *q, const float *k_cache, const float *v_cache, float *out, const int32_t *table, int len,
-    int first, int num_heads, int num_kv_heads, int block_size, float scale, float *scores, const int HD) {
+/* Two sets of p . v accumulators where one set has too few vectors to keep the FMAs busy. */
+#define PV_SPLIT(HD) ((HD) / VLEN < 8)
+
+/* `attend` in float32 vectors (bf16 widened on load) with head_dim HD (a literal, a multiple of
+ * VLEN), one query head at a time: q . k for VLEN tokens at once, summed by one transposing tree;
+ * p . v for two tokens at a time, into two sets of accumulators where PV_SPLIT. */
+static inline __attribute__((always_inline)) void attend_vec(
+    const void *q, const void *k_cache, const void *v_cache, void *out, const int32_t *table, int len, int first,
+    int num_heads, int num_kv_heads, int block_size, float scale, float *scores, const int HD, const int is_bf16) {
     const int n = len - first, group = num_heads / num_kv_heads;
     const int64_t token_stride = (int64_t)num_kv_heads * HD;
     for (int hq = 0; hq < num_heads; hq++) {
         const int64_t kv_offset = (int64_t)(hq / group) * HD;
         float *sh = scores + (int64_t)hq * n;
-        __m512 qv[HD / 16];
-        for (int c = 0; c < HD / 16; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + (int64_t)hq * HD + 16 * c),
-                                                              _mm512_set1_ps(scale));
+        vfloat qv[HD / VLEN];
+        for (int c = 0; c < HD / VLEN; c++) qv[c] = vmul(vload(q, (int64_t)hq * HD + VLEN * c, is_bf16), vset1(scale));
         int t = first;
-        for (; t + 16 <= len; t += 16) {
-            __m512 dots[16];
-            for (int j = 0; j < 16; j++) {
+        for (; t + VLEN <= len; t += VLEN) {
+            vfloat dots[VLEN];
+            for (int j = 0; j < VLEN; j++) {
                 if (hq == 0 && t + j + PREFETCH_DISTANCE < len)
-                    prefetch_row(k_cache, table, t + j + PREFETCH_DISTANCE, block_size, token_stride, 0);
-                dots[j] = row_dot_f32(qv, k_cache + token_base(table, t + j, block_size, token_stride) + kv_offset, HD);
+                    prefetch_row(k_cache, table, t + j + PREFETCH_DISTANCE, block_size, token_stride, is_bf16);
+                dots[j] = row_dot(qv, k_cache, token_base(table, t + j, block_size, token_stride) + kv_offset, HD,
+                                  is_bf16);
             }
-            _mm512_storeu_ps(sh + (t - first), sum_each16(dots));
+            vstore_f32(sh + (t - first), sum_each(dots));
         }
         for (; t < len; t++)
-            sh[t - first] = _mm512_reduce_add_ps(
-                row_dot_f32(qv, k_cache + token_base(table, t, block_size, token_stride) + kv_offset, HD));
+            sh[t - first] = vreduce_add(
+                row_dot(qv, k_cache, token_base(table, t, block_size, token_stride) + kv_offset, HD, is_bf16));
 
-        const __m512 inv_sum = _mm512_set1_ps(softmax_unnormalised(sh, n));
-        __m512 even[HD / 16], odd[HD / 16];
-        for (int c = 0; c < HD / 16; c++) even[c] = odd[c] = _mm512_setzero_ps();
+        const vfloat inv_sum = vset1(softmax_unnormalised(sh, n));
+        vfloat even[HD / VLEN], odd[PV_SPLIT(HD) ? HD / VLEN : 1];
+        for (int c = 0; c < HD / VLEN; c++) even[c] = vzero();
+        for (int c = 0; c < (PV_SPLIT(HD) ? HD / VLEN : 1); c++) odd[c] = vzero();
         int i = 0;
         for (; i + 2 <= n; i += 2) {
             if (hq == 0 && first + i + 1 + PREFETCH_DISTANCE < len) {
-                prefetch_row(v_cache, table, first + i + PREFETCH_DISTANCE, block_size, token_stride, 0);
-                prefetch_row(v_cache, table, first + i + 1 + PREFETCH_DISTANCE, block_size, token_stride, 0);
+                prefetch_row(v_cache, table, first + i + PREFETCH_DISTANCE, block_size, token_stride, is_bf16);
+                prefetch_row(v_cache, table, first + i + 1 + PREFETCH_DISTANCE, block_size, token_stride, is_bf16);
             }
-            const float *v0 = v_cache + token_base(table, first + i, block_size, token_stride) + kv_offset;
-            const float *v1 = v_cache + token_base(table, first + i + 1, block_size, token_stride) + kv_offset;
-            const __m512 p0 = _mm512_set1_ps(sh[i]), p1 = _mm512_set1_ps(sh[i + 1]);
-            for (int c = 0; c < HD / 16; c++) {
-                even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), even[c]);
-                odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * c), odd[c]);
+            const int64_t v0 = token_base(table, first + i, block_size, token_stride) + kv_offset;
+            const int64_t v1 = token_base(table, first + i + 1, block_size, token_stride) + kv_offset;
+            const vfloat p0 = vset1(sh[i]), p1 = vset1(sh[i + 1]);
+            for (int c = 0; c < HD / VLEN; c++) {
+                even[c] = vfmadd(p0, vload(v_cache, v0 + VLEN * c, is_bf16), even[c]);
+                if (PV_SPLIT(HD)) odd[c] = vfmadd(p1, vload(v_cache, v1 + VLEN * c, is_bf16), odd[c]);
+                else even[c] = vfmadd(p1, vload(v_cache, v1 + VLEN * c, is_bf16), even[c]);
             }
         }
         if (i < n) {
-            const float *v0 = v_cache + token_base(table, first + i, block_size, token_stride) + kv_offset;
-            const __m512 p0 = _mm512_set1_ps(sh[i]);
-            for (int c = 0; c < HD / 16; c++) even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), even[c]);
+            const int64_t v0 = token_base(table, first + i, block_size, token_stride) + kv_offset;
+            const vfloat p0 = vset1(sh[i]);
+            for (int c = 0; c < HD / VLEN; c++) even[c] = vfmadd(p0, vload(v_cache, v0 + VLEN * c, is_bf16), even[c]);
         }
-        for (int c = 0; c < HD / 16; c++)
-            _mm512_storeu_ps(out + (int64_t)hq * HD + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), inv_sum));
+        for (int c = 0; c < HD / VLEN; c++) {
+            const vfloat sum = PV_SPLIT(HD) ? vadd(even[c], odd[c]) : even[c];
+            vstore(out, (int64_t)hq * HD + VLEN * c, vmul(sum, inv_sum), is_bf16);
+        }
     }
+}
+
+/* attend_vec specialised for the head_dim and dtype; returns 0 where head_dim has no vector path. */
+static int attend_vec_any(const void *q, const void *k_cache, const void *v_cache, void *out, const int32_t *table,
+                          int len, int first, int num_heads, int num_kv_heads, int head_dim, int block_size,
+                          float scale, float *scores, int is_bf16) {
+#define ATTEND_CASE(HD)                                                                                       \
+    case HD:                                                                                                  \
+        if (is_bf16)                                                                                          \
+            attend_vec(q, k_cache, v_cache, out, table, len, first, num_heads, num_kv_heads, block_size, scale, \
+                       scores, HD, 1);                                                                        \
+        else                                                                                                  \
+            attend_vec(q, k_cache, v_cache, out, table, len, first, num_heads, num_kv_heads, block_size, scale, \
+                       scores, HD, 0);                                                                        \
+        return 1;
+    switch (head_dim) {
+        ATTEND_CASE(16)
+        ATTEND_CASE(32)
+        ATTEND_CASE(64)
+        ATTEND_CASE(128)
+    }
+#undef ATTEND_CASE
+    return 0;
 }
 #endif
 
@@ -561,29 +601,14 @@ static inline int paged_attention(const void *q, int64_t q_stride, const void *k
                 continue;
             }
 #endif
-#if defined(__AVX512F__)
-            if (!is_bf16 && (head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128)) {
-                const float *qf32 = (const float *)q + q_offset;
-                float *of32 = (float *)out + out_offset;
-                switch (head_dim) {
-                case 16:
-                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
-                               scale, scores, 16);
-                    break;
-                case 32:
-                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
-                               scale, scores, 32);
-                    break;
-                case 64:
-                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
-                               scale, scores, 64);
-                    break;
-                default:
-                    attend_f32(qf32, k_cache, v_cache, of32, table, len, first, num_heads, num_kv_heads, block_size,
-                               scale, scores, 128);
-                }
+#if defined(VLEN)
+            /* bf16 takes the vector path at the head dims the AVX512-BF16 one serves (64, 128), and
+             * `attend` at the others, as with AVX512-BF16 (q . k in vdpbf16ps where it can). */
+            if ((!is_bf16 || head_dim == 64 || head_dim == 128) &&
+                attend_vec_any((const char *)q + q_offset * (is_bf16 ? 2 : 4), k_cache, v_cache,
+                               (char *)out + out_offset * (is_bf16 ? 2 : 4), table, len, first, num_heads,
+                               num_kv_heads, head_dim, block_size, scale, scores, is_bf16))
                 continue;
-            }
 #endif
             if (is_bf16)
                 attend(q, k_cache, v_cache, out, table, len, first, q_offset, out_offset, num_heads, num_kv_heads,

@@ -13,92 +13,89 @@
 /* Each op is written for one row; the entry points at the end run rows on OpenMP threads, with
  * the dtype a literal in each so the compiler specialises and vectorises the row per dtype. */
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(VLEN)
+/* Vector rows, VLEN lanes at a time (common.h) for both dtypes, with the same roundings as the
+ * scalar rows below; the last dim % VLEN elements go one at a time. */
 
-static inline __m512 load16_bf16(const bf16 *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-static inline __m512 round16_bf16(__m512 x) { /* to the nearest bf16 (even on ties), as store() */
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-/* the first `count` (< 16) lanes; the others read as 0 */
-static inline __m512 load_tail_bf16(const bf16 *p, int count) {
-    const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-static inline void store16_bf16(bf16 *p, __m512 x) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x)); }
-
-static inline void store_tail_bf16(bf16 *p, __m512 x, int count) {
-    _mm256_mask_storeu_epi16(p, (__mmask16)((1u << count) - 1), (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-/* bf16 RMSNorm rows, 16 lanes at a time with the same roundings as rms_norm_row; `residual` (when
- * not NULL) is added to x first and receives the sum, and the result goes to out. */
-static inline void rms_norm_row_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int dim,
-                                     float eps) {
-    __m512 sum = _mm512_setzero_ps();
+/* RMSNorm of one row; `residual` (when not NULL) is added to x first and receives the sum, and
+ * the result goes to out. */
+static inline __attribute__((always_inline)) void rms_norm_row_vec(const void *x, void *residual, const void *weight,
+                                                                   void *out, int dim, float eps, const int is_bf16) {
+    vfloat sum = vzero();
+    float tail = 0.0f;
     int d = 0;
-    for (; d + 16 <= dim; d += 16) {
-        __m512 v = load16_bf16(x + d);
+    for (; d + VLEN <= dim; d += VLEN) {
+        vfloat v = vload(x, d, is_bf16);
         if (residual) {
-            v = round16_bf16(_mm512_add_ps(v, load16_bf16(residual + d)));
-            store16_bf16(residual + d, v);
+            v = vadd(v, vload(residual, d, is_bf16));
+            if (is_bf16) v = vround_bf16(v);
+            vstore(residual, d, v, is_bf16);
         }
-        sum = _mm512_fmadd_ps(v, v, sum);
-    }
-    if (d < dim) {
-        __m512 v = load_tail_bf16(x + d, dim - d);
-        if (residual) {
-            v = round16_bf16(_mm512_add_ps(v, load_tail_bf16(residual + d, dim - d)));
-            store_tail_bf16(residual + d, v, dim - d);
-        }
-        sum = _mm512_fmadd_ps(v, v, sum);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sum) / dim + eps));
-    const bf16 *normed = residual ? residual : x;
-    for (d = 0; d + 16 <= dim; d += 16)
-        store16_bf16(out + d, _mm512_mul_ps(round16_bf16(_mm512_mul_ps(load16_bf16(normed + d), inv)),
-                                            load16_bf16(weight + d)));
-    if (d < dim)
-        store_tail_bf16(out + d, _mm512_mul_ps(round16_bf16(_mm512_mul_ps(load_tail_bf16(normed + d, dim - d), inv)),
-                                               load_tail_bf16(weight + d, dim - d)), dim - d);
-}
-
-/* bf16 SiLU-and-mul, 16 lanes at a time: 1 / (1 + e^-g) by vrcp14ps and one Newton step (a
- * relative error near 1e-7, as the division's) instead of a division, which is the loop's cost. */
-static inline void silu_and_mul_row_bf16(const bf16 *x, bf16 *out, int64_t r, int dim) {
-    const bf16 *gate = x + r * 2 * dim, *up = gate + dim;
-    bf16 *o = out + r * dim;
-    int d = 0;
-    for (; d + 16 <= dim; d += 16) {
-        const __m512 g = load16_bf16(gate + d);
-        const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-        __m512 inv = _mm512_rcp14_ps(den);
-        inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.0f)));
-        const __m512 silu = round16_bf16(_mm512_mul_ps(g, inv));
-        store16_bf16(o + d, _mm512_mul_ps(silu, load16_bf16(up + d)));
+        sum = vfmadd(v, v, sum);
     }
     for (; d < dim; d++) {
-        const float g = load(gate, d, 1);
-        store(o, d, round_as(g / (1.0f + exp_approx(-g)), 1) * load(up, d, 1), 1);
+        float v = load(x, d, is_bf16);
+        if (residual) {
+            v = round_as(v + load(residual, d, is_bf16), is_bf16);
+            store(residual, d, v, is_bf16);
+        }
+        tail += v * v;
+    }
+    const float inv = 1.0f / sqrtf((vreduce_add(sum) + tail) / dim + eps);
+    const void *normed = residual ? residual : x;
+    for (d = 0; d + VLEN <= dim; d += VLEN) {
+        vfloat v = vmul(vload(normed, d, is_bf16), vset1(inv));
+        if (is_bf16) v = vround_bf16(v);
+        vstore(out, d, vmul(v, vload(weight, d, is_bf16)), is_bf16);
+    }
+    for (; d < dim; d++)
+        store(out, d, round_as(load(normed, d, is_bf16) * inv, is_bf16) * load(weight, d, is_bf16), is_bf16);
+}
+
+/* SiLU-and-mul of one row: gate and up dim elements each, out dim. */
+static inline __attribute__((always_inline)) void silu_and_mul_row_vec(const void *gate, const void *up, void *out,
+                                                                       int dim, const int is_bf16) {
+    int d = 0;
+    for (; d + VLEN <= dim; d += VLEN) {
+        const vfloat g = vload(gate, d, is_bf16);
+        vfloat silu = vdiv(g, vadd(vset1(1.0f), vexp(vsub(vzero(), g))));
+        if (is_bf16) silu = vround_bf16(silu);
+        vstore(out, d, vmul(silu, vload(up, d, is_bf16)), is_bf16);
+    }
+    for (; d < dim; d++) {
+        const float g = load(gate, d, is_bf16);
+        store(out, d, round_as(g / (1.0f + exp_approx(-g)), is_bf16) * load(up, d, is_bf16), is_bf16);
+    }
+}
+
+/* Neox rotation of one head's first 2 * half dims by cos and sin. */
+static inline __attribute__((always_inline)) void rotate_head_vec(void *head, const float *cos, const float *sin,
+                                                                  int half, const int is_bf16) {
+    int d = 0;
+    for (; d + VLEN <= half; d += VLEN) {
+        const vfloat x1 = vload(head, d, is_bf16), x2 = vload(head, half + d, is_bf16);
+        const vfloat c = vload_f32(cos + d), s = vload_f32(sin + d);
+        vstore(head, d, vsub(vmul(x1, c), vmul(x2, s)), is_bf16);
+        vstore(head, half + d, vadd(vmul(x2, c), vmul(x1, s)), is_bf16);
+    }
+    for (; d < half; d++) {
+        const float x1 = load(head, d, is_bf16), x2 = load(head, half + d, is_bf16);
+        store(head, d, x1 * cos[d] - x2 * sin[d], is_bf16);
+        store(head, half + d, x2 * cos[d] + x1 * sin[d], is_bf16);
     }
 }
 #endif
+
+/* p + i elements of the dtype */
+static inline void *element(const void *p, int64_t i, int is_bf16) { return (char *)p + i * (is_bf16 ? 2 : 4); }
 
 /* out[r] = weight * round(x[r] / rms(x[r])); x rows `x_stride` elements apart, out contiguous. */
 static inline void rms_norm_row(const void *x, int64_t x_stride, const void *weight, void *out, int64_t r,
                                 int dim, float eps, int is_bf16) {
     const int64_t in = r * x_stride, o = r * dim;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (is_bf16) {
-        rms_norm_row_bf16((const bf16 *)x + in, NULL, weight, (bf16 *)out + o, dim, eps);
-        return;
-    }
+#if defined(VLEN)
+    rms_norm_row_vec(element(x, in, is_bf16), NULL, weight, element(out, o, is_bf16), dim, eps, is_bf16);
+    return;
 #endif
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -115,11 +112,10 @@ static inline void rms_norm_row(const void *x, int64_t x_stride, const void *wei
 static inline void fused_add_rms_norm_row(void *x, void *residual, const void *weight, int64_t r, int dim,
                                           float eps, int is_bf16) {
     const int64_t o = r * dim;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (is_bf16) {
-        rms_norm_row_bf16((bf16 *)x + o, (bf16 *)residual + o, weight, (bf16 *)x + o, dim, eps);
-        return;
-    }
+#if defined(VLEN)
+    rms_norm_row_vec(element(x, o, is_bf16), element(residual, o, is_bf16), weight, element(x, o, is_bf16), dim, eps,
+                     is_bf16);
+    return;
 #endif
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -135,13 +131,11 @@ static inline void fused_add_rms_norm_row(void *x, void *residual, const void *w
 
 /* out[r] = silu(x[r, :dim]) * x[r, dim:]; x [rows, 2*dim] and out [rows, dim] contiguous. */
 static inline void silu_and_mul_row(const void *x, void *out, int64_t r, int dim, int is_bf16) {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (is_bf16) {
-        silu_and_mul_row_bf16(x, out, r, dim);
-        return;
-    }
-#endif
     const int64_t gate = r * 2 * dim, up = gate + dim, o = r * dim;
+#if defined(VLEN)
+    silu_and_mul_row_vec(element(x, gate, is_bf16), element(x, up, is_bf16), element(out, o, is_bf16), dim, is_bf16);
+    return;
+#endif
     for (int64_t d = 0; d < dim; d++) {
         const float g = load(x, gate + d, is_bf16);
         const float silu = round_as(g / (1.0f + exp_approx(-g)), is_bf16);
@@ -161,6 +155,10 @@ static inline void rotary_neox_token(const int64_t *positions, void *q, int64_t 
         void *base = h < num_q_heads ? q : k;
         const int64_t start = h < num_q_heads ? t * q_stride + (int64_t)h * head_dim
                                               : t * k_stride + (int64_t)(h - num_q_heads) * head_dim;
+#if defined(VLEN)
+        rotate_head_vec(element(base, start, is_bf16), cos, sin, half, is_bf16);
+        continue;
+#endif
         for (int d = 0; d < half; d++) {
             const float x1 = load(base, start + d, is_bf16), x2 = load(base, start + half + d, is_bf16);
             store(base, start + d, x1 * cos[d] - x2 * sin[d], is_bf16);
@@ -207,8 +205,13 @@ void argmax_rows_f32(const float *x, int64_t rows, int64_t cols, int64_t *out, i
         for (int64_t start = 0; start < cols; start += ARGMAX_CHUNK) {
             const int64_t end = start + ARGMAX_CHUNK < cols ? start + ARGMAX_CHUNK : cols;
             float chunk_top = -INFINITY;
-#pragma omp simd reduction(max : chunk_top)
-            for (int64_t i = start; i < end; i++) chunk_top = row[i] > chunk_top ? row[i] : chunk_top;
+            int64_t i = start;
+#if defined(VLEN)
+            vfloat top_lanes = vset1(-INFINITY);
+            for (; i + VLEN <= end; i += VLEN) top_lanes = vmax(top_lanes, vload_f32(row + i));
+            chunk_top = vreduce_max(top_lanes);
+#endif
+            for (; i < end; i++) chunk_top = row[i] > chunk_top ? row[i] : chunk_top;
             if (chunk_top > top) {
                 top = chunk_top;
                 best = start;
@@ -221,3 +224,13 @@ void argmax_rows_f32(const float *x, int64_t rows, int64_t cols, int64_t *out, i
 
 ENTRY_POINTS(f32, 0)
 ENTRY_POINTS(bf16, 1)
+
+/* The float lanes of the vector paths this library was built with: 16 (AVX-512), 8 (AVX2+FMA) or
+ * 0 (portable C only). */
+int vector_lanes(void) {
+#if defined(VLEN)
+    return VLEN;
+#else
+    return 0;
+#endif
+}

@@ -23,14 +23,17 @@ import threading
 
 import torch
 
+from conveyor.kernels.quant import BLOCK as QUANT_BLOCK
+
 logger = logging.getLogger(__name__)
 
 HERE = os.path.dirname(__file__)
-SOURCES = [os.path.join(HERE, name) for name in ("attention.c", "elementwise.c", "gemv.c")]
+SOURCES = [os.path.join(HERE, name) for name in ("attention.c", "elementwise.c", "gemv.c", "quant.c")]
 HEADERS = [os.path.join(HERE, "common.h")]
 FLAGS = ["-O3", f"-march={os.environ.get('CONVEYOR_CPU_ARCH', 'native')}", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-fPIC", "-shared", "-std=c11", "-fopenmp"]
 
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _library: "CpuKernels | None | bool" = False  # False: not tried yet
 
@@ -81,6 +84,17 @@ def _check_cpu_contiguous(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a contiguous CPU tensor")
 
 
+def _check_quant_blocks(blocks: torch.Tensor, qtype: int, n: int, k: int) -> None:
+    block_size, block_bytes = QUANT_BLOCK.get(qtype, (0, 0))
+    if not block_size or k <= 0 or k % block_size:
+        raise ValueError(f"qtype must be one of {[int(t) for t in QUANT_BLOCK]} with K a positive multiple of its "
+                         f"block size, got type {qtype}, K {k}")
+    if (blocks.dtype != torch.uint8 or blocks.numel() < n * k // block_size * block_bytes
+            or not blocks.is_contiguous() or blocks.device.type != "cpu"):
+        raise ValueError(f"blocks must be contiguous CPU uint8 holding {n} rows of {k // block_size * block_bytes} "
+                         f"bytes, got {blocks.dtype} {tuple(blocks.shape)} on {blocks.device}")
+
+
 class CpuKernels:
     """The compiled library's entry points, for float32 and bfloat16 tensors (`supports`)."""
 
@@ -108,6 +122,10 @@ class CpuKernels:
         self._gemv = lib.gemv_bf16
         self._gemv.argtypes, self._gemv.restype = [ptr, ptr, ptr, ptr, i32, i32, i32, i32], i32
         self.gemv_max_rows = lib.gemv_max_rows()
+        self._quant_gemv = lib.quant_gemv
+        self._quant_gemv.argtypes, self._quant_gemv.restype = [i32, ptr, ptr, ptr, ptr, i32, i64, i64, i32, i32], i32
+        self._quant_dequantize = lib.quant_dequantize
+        self._quant_dequantize.argtypes, self._quant_dequantize.restype = [i32, ptr, ptr, i64, i64, i32], i32
 
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
@@ -182,6 +200,36 @@ class CpuKernels:
         self._gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                    x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
         return y
+
+    def quant_gemv(self, x: torch.Tensor, blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] @ W^T (+ bias) for W [N, K] = `shape` held as ggml blocks of type `qtype` (raw
+        uint8 `blocks`, layouts in quant.c), each weight block read once for all M rows; x, bias and
+        the result are float32 or bf16, contiguous. Lean: it runs once per linear layer a step."""
+        n, k = shape
+        dtype = x.dtype
+        if (x.dim() != 2 or x.shape[1] != k or dtype not in _ACTIVATION_DTYPES or not x.is_contiguous()
+                or x.device.type != "cpu" or not x.shape[0]):
+            raise ValueError(f"x must be a contiguous CPU tensor [M >= 1, {k}] of float32 or bf16, got "
+                             f"{tuple(x.shape)} {dtype} on {x.device}")
+        _check_quant_blocks(blocks, qtype, n, k)
+        if bias is not None and (bias.shape != (n,) or bias.dtype != dtype or not bias.is_contiguous()):
+            raise ValueError(f"bias must be contiguous [{n}] {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        y = torch.empty((x.shape[0], n), dtype=dtype)
+        if self._quant_gemv(qtype, blocks.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                            y.data_ptr(), x.shape[0], n, k, dtype is torch.bfloat16, torch.get_num_threads()):
+            raise MemoryError("quant_gemv could not allocate float32 rows of x")
+        return y
+
+    def quant_dequantize(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """W [N, K] = `shape` from its ggml blocks (raw uint8, rows [0, N) of `blocks`) as float32,
+        into `out` (contiguous, at least N*K elements) when given."""
+        n, k = shape
+        _check_quant_blocks(blocks, qtype, n, k)
+        out = torch.empty(n, k) if out is None else out.view(-1)[: n * k].view(n, k)
+        self._quant_dequantize(qtype, blocks.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads())
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [..., D], rows of D contiguous (rows may be strided) -> a new contiguous tensor."""

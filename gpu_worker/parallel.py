@@ -261,8 +261,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.packed_weight is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:  # the last shard's padding rows give zero logits, cut below
-            logits = F.pad(quantized_linear(hidden, self.qweight), (0, self.shard_size - self.qweight.shape[0]))
+        if self.qweight is not None:
+            logits = quantized_linear(hidden, self.qweight)
+            if logits.shape[-1] < self.shard_size:  # the last shard's padding rows: zeros, cut below
+                logits = F.pad(logits, (0, self.shard_size - logits.shape[-1]))
         elif hidden.shape[0] <= self.gemv_max_rows:
             logits = self.gemv(hidden, self.weight)
         elif self.packed_weight is not None:

@@ -4,7 +4,8 @@ import functools
 import importlib.util
 import logging
 import os
-from typing import Annotated, Literal, NewType, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Literal, NewType, Union, get_args, get_origin
 
 import msgspec
 
@@ -55,6 +56,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "the llama.cpp GGUF file in the model directory to load: config, tokenizer and weights (default: "
         "found where the model is a .gguf file or a directory holding one and no config.json)")] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # None is "none": every weight dequantized to the engine's dtype, the reference.
+    quantization: Annotated[Literal["auto", "none", "gguf", "int8", "int4"] | None, option(
+        "weight-only quantization of the linear layers: gguf keeps a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K blocks "
+        "and multiplies with them; int8/int4 quantize a float model's to Q8_0/Q4_1 at load; none dequantizes "
+        "every weight to the dtype (default: gguf for a GGUF file, else none)")] = "auto"
     tensor_parallel_size: Annotated[int, option("worker processes, one per rank", alias="-tp")] = 1
     max_model_len: Annotated[int | None, option("longest prompt + output (default: the model's)")] = None
     block_size: Annotated[int, option("tokens per KV-cache block")] = 16
@@ -67,7 +73,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "schedule the next step while the workers run the current one (default: on CUDA, and on a CPU with "
         "cores to spare beyond the workers' threads)")] = None
     kv_cache_memory: Annotated[Bytes | None, option(
-        "KV-cache bytes per rank, e.g. 4GiB (default: 2 GiB on CPU, 85% of free GPU memory)")] = None
+        "KV-cache bytes per rank, e.g. 4GiB (default: on CPU what max_num_seqs sequences of max_model_len "
+        "tokens take, at most 2 GiB; 85% of free GPU memory)")] = None
     num_kv_blocks: Annotated[int | None, option("exact number of KV-cache blocks (overrides the above)")] = None
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # With each request's arrival number, the seed of a request that has none.
@@ -96,10 +103,16 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def __post_init__(self) -> None:
         self.model, self.gguf_file = resolve_gguf(self.model, self.gguf_file)
+        if self.quantization is None:
+            self.quantization = "none"
         for field in msgspec.structs.fields(self):
             if choices := literal_choices(field.type):
                 value = getattr(self, field.name)
                 _check(value in choices, field.name, value, f"{', '.join(choices[:-1])} or {choices[-1]}")
+        if self.quantization == "auto":
+            self.quantization = "gguf" if self.gguf_file else "none"
+        _check(self.quantization != "gguf" or self.gguf_file is not None, "quantization", self.quantization,
+               "none, int8 or int4 for a Hugging Face model (gguf keeps a GGUF file's blocks)")
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len, ">= 1")
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
@@ -215,9 +228,12 @@ def bind_process(cpus: list[int], who: str) -> None:
 
 
 def literal_choices(field_type) -> tuple:
-    """The values a `Literal` field type, annotated or not, allows; () for any other type."""
+    """The values a `Literal` field type, annotated or not, `| None` or not, allows; () for any other type."""
     if get_origin(field_type) is Annotated:
         field_type = get_args(field_type)[0]
+    if get_origin(field_type) in (Union, UnionType):
+        literals = [arg for arg in get_args(field_type) if arg is not type(None)]
+        field_type = literals[0] if len(literals) == 1 else field_type
     return get_args(field_type) if get_origin(field_type) is Literal else ()
 
 

@@ -1,5 +1,7 @@
 """Builds a model and fills it from (sharded) safetensors or a GGUF file, tensor by tensor, so peak
-memory stays near the size of the model itself."""
+memory stays near the size of the model itself. With a `quantization`, the linear layers' weights and
+the LM head's come quantized (kernels/quant.py): a GGUF file's blocks as they are ("gguf"), or a float
+model's quantized at load ("int8", "int4")."""
 
 import json
 import logging
@@ -12,6 +14,7 @@ from safetensors import safe_open
 from conveyor.gpu_worker.gguf_loader import iterate_gguf_weights, rope_freq_factors
 from conveyor.gpu_worker.models import get_model_class
 from conveyor.gpu_worker.models.rotary import build_cos_sin_cache
+from conveyor.kernels.quant import LOAD_TIME_TYPES, QuantizedWeight, QuantType, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +38,35 @@ def iterate_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def quantized_at_load(weights: Iterator[tuple[str, torch.Tensor]], qtype: QuantType,
+                      tie_word_embeddings: bool) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """The linear layers' weights and the LM head's (a tied one is the embedding) as `qtype` blocks."""
+    head = "model.embed_tokens.weight" if tie_word_embeddings else "lm_head.weight"
+    for name, tensor in weights:
+        if name.endswith("_proj.weight") or name == head:
+            if tensor.shape[-1] % 32:
+                raise ValueError(f"quantization needs rows of whole 32-element blocks, but {name!r} has "
+                                 f"{tensor.shape[-1]} columns")
+            tensor = quantize(tensor, qtype)
+        yield name, tensor
+
+
 def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.device, ops,
-               gguf=None) -> torch.nn.Module:
-    """Weights from `gguf` (a GGUFReader of a file in `model_dir`) where given, else safetensors."""
+               gguf=None, quantization: str = "none") -> torch.nn.Module:
+    """Weights from `gguf` (a GGUFReader of a file in `model_dir`) where given, else safetensors;
+    `quantization` is EngineConfig's, resolved ("none", "gguf", "int8" or "int4")."""
     model_class = get_model_class(hf_config)
     with torch.device(device):
         model = model_class(hf_config, dtype, ops)
-    loaded = model.load_weights(iterate_weights(model_dir)) if gguf is None else load_gguf_weights(model, gguf)
+    if gguf is None:
+        weights = iterate_weights(model_dir)
+    else:
+        weights = iterate_gguf_weights(gguf, model.config, model.expected_weights(), quantization == "gguf")
+    if quantization in LOAD_TIME_TYPES:
+        weights = quantized_at_load(weights, LOAD_TIME_TYPES[quantization], model.lm_head.tied)
+    loaded = model.load_weights(weights)
+    if gguf is not None:
+        load_rope_freq_factors(model, gguf)
     missing = model.expected_weights() - loaded
     if missing:
         names = sorted(m.split("#")[0] for m in missing)
@@ -50,10 +75,8 @@ def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.devi
     return model.eval()
 
 
-def load_gguf_weights(model: torch.nn.Module, reader) -> set[str]:
-    loaded = model.load_weights(iterate_gguf_weights(reader, model.config, model.expected_weights()))
+def load_rope_freq_factors(model: torch.nn.Module, reader) -> None:
     freq_factors = rope_freq_factors(reader)
     if freq_factors is not None:
         head_dim = model.model.layers[0].self_attn.head_dim
         model.cos_sin_cache = build_cos_sin_cache(model.config, head_dim, model.cos_sin_cache.device, freq_factors)
-    return loaded

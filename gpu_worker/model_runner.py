@@ -55,7 +55,8 @@ class ModelRunner:
         self.max_model_len = resolve_max_model_len(config, self.hf_config)  # a bad one fails before loading
         self.dtype = resolve_dtype(config, self.hf_config, self.device)
         self.ops = select_ops(self.device, self.dtype, config.attention_backend)
-        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops, gguf)
+        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops, gguf,
+                                config.quantization)
         self.block_size = config.block_size
         self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties)
         self.requests: dict[str, CachedRequestState] = {}
@@ -77,8 +78,10 @@ class ModelRunner:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 budget = int(free * 0.85)
-            else:
-                budget = DEFAULT_CPU_KV_CACHE_MEMORY
+            else:  # no more than every sequence at its longest needs
+                blocks_per_seq = -(-self.max_model_len // self.block_size)
+                budget = min(DEFAULT_CPU_KV_CACHE_MEMORY,
+                             self.config.max_num_seqs * blocks_per_seq * self.kv_block_bytes())
         return max(1, budget // self.kv_block_bytes())
 
     def init_kv_cache(self, num_blocks: int) -> None:

@@ -109,7 +109,7 @@ class CpuOps(TorchOps):
             TorchOps.process_weights(model, self.kernels.gemv, self.kernels.gemv_max_rows)
         elif dtype == torch.float32:
             for module in model.modules():
-                if hasattr(module, "use_gemv"):
+                if hasattr(module, "use_gemv") and getattr(module, "qweight", None) is None:  # quantized: own kernel
                     weight = module.weight.data
                     held = weight.bfloat16()
                     if torch.equal(held.float(), weight):

@@ -1,5 +1,7 @@
 """Reference results from transformers itself, for exactness tests."""
 
+import pathlib
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -42,3 +44,23 @@ def hf_sequence_logprobs(model_dir: str, prompts, outputs) -> list[list[float]]:
             lp = torch.log_softmax(logits.float(), -1)
             results.append(lp.gather(1, torch.tensor(output).view(-1, 1)).view(-1).tolist())
     return results
+
+
+def dequantized_model(model_dir: str, out_dir, quantization: str) -> str:
+    """A copy of the model whose weights are those an engine with `quantization` ("int8", "int4")
+    multiplies with: each weight the engine quantizes at load, dequantized back to float32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from conveyor.gpu_worker.model_loader import quantized_at_load
+    from conveyor.kernels.quant import LOAD_TIME_TYPES, QuantizedWeight, dequantize
+
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    tied = AutoConfig.from_pretrained(model_dir).tie_word_embeddings
+    for path in sorted(pathlib.Path(out_dir).glob("*.safetensors")):
+        weights = quantized_at_load(iter(load_file(path).items()), LOAD_TIME_TYPES[quantization], tied)
+        save_file({name: dequantize(w) if isinstance(w, QuantizedWeight) else w for name, w in weights}, path,
+                  metadata={"format": "pt"})
+    return str(out_dir)

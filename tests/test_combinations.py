@@ -1,5 +1,6 @@
 """Features proven together: one workload through every pair of engine options, each run against
-one reference (transformers, float32).
+one reference (transformers, float32): of the model itself, or, where the engine quantizes its
+weights at load, of the model with those weights dequantized (the values the engine multiplies with).
 
 The workload mixes greedy, seeded and unseeded requests, shared prefixes, a repeated prompt and
 priorities, and its prompts hold many times one step's token budget, so prefills batch, chunk and
@@ -17,7 +18,7 @@ import pytest
 from transformers import AutoConfig
 
 from conveyor import AsyncLLM, SamplingParams
-from reference import hf_greedy, hf_sequence_logprobs, make_prompts
+from reference import dequantized_model, hf_greedy, hf_sequence_logprobs, make_prompts
 
 AXES = {
     "tensor_parallel_size": (1, 2),
@@ -26,6 +27,7 @@ AXES = {
     "enable_chunked_prefill": (True, False),
     "async_scheduling": (False, True),
     "preemption": (False, True),  # a KV cache too small for the whole workload at once
+    "quantization": (None, "int8"),
 }
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 128
@@ -98,19 +100,34 @@ def workload(llama_dir) -> Workload:
 
 
 @pytest.fixture(scope="module")
-def greedy_reference(llama_dir, workload):
-    return hf_greedy(llama_dir, workload.prompts, MAX_TOKENS)
+def reference_dirs(llama_dir, tmp_path_factory) -> dict:
+    """quantization -> the model transformers runs as the reference."""
+    dirs = {None: llama_dir}
+    for quantization in AXES["quantization"][1:]:
+        dirs[quantization] = dequantized_model(llama_dir, tmp_path_factory.mktemp(f"llama-{quantization}"),
+                                               quantization)
+    return dirs
 
 
 @pytest.fixture(scope="module")
-def seeded_reference(llama_dir, workload):
-    """A plain engine's seeded tokens: one process, default options, room for everything."""
-    async def run():
-        async with AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=512, max_model_len=MAX_MODEL_LEN) as llm:
+def greedy_reference(reference_dirs, workload) -> dict:
+    return {q: hf_greedy(path, workload.prompts, MAX_TOKENS) for q, path in reference_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def seeded_reference(llama_dir, workload) -> dict:
+    """quantization -> a plain engine's seeded tokens: one process, default options, room for everything."""
+    async def run(quantization):
+        async with AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=512, max_model_len=MAX_MODEL_LEN,
+                            quantization=quantization) as llm:
             return await workload.run(llm)
 
-    results = asyncio.run(run())
-    return {i: tokens for i, (tokens, _) in enumerate(results) if workload.kinds[i] == "seeded"}
+    references = {}
+    for quantization in AXES["quantization"]:
+        results = asyncio.run(run(quantization))
+        references[quantization] = {i: tokens for i, (tokens, _) in enumerate(results)
+                                    if workload.kinds[i] == "seeded"}
+    return references
 
 
 def test_every_pair_of_options_runs_together():
@@ -120,18 +137,20 @@ def test_every_pair_of_options_runs_together():
 
 
 @pytest.mark.parametrize("row", ROWS, ids=row_id)
-async def test_workload_is_exact_under(row, llama_dir, workload, greedy_reference, seeded_reference):
+async def test_workload_is_exact_under(row, llama_dir, workload, reference_dirs, greedy_reference,
+                                       seeded_reference):
     async with AsyncLLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, **engine_options(row)) as llm:
         results = await workload.run(llm)
         preemptions = (await llm.get_stats())["num_preemptions"]
     assert (preemptions > 0) == row["preemption"]
 
     tokens = [t for t, _ in results]
-    transformers_logprobs = hf_sequence_logprobs(llama_dir, workload.prompts, tokens)
+    quantization = row["quantization"]
+    transformers_logprobs = hf_sequence_logprobs(reference_dirs[quantization], workload.prompts, tokens)
     for i, (got_tokens, got_logprobs) in enumerate(results):
         kind = workload.kinds[i]
         if kind == "greedy":
-            assert got_tokens == greedy_reference[i][0], f"request {i}"
+            assert got_tokens == greedy_reference[quantization][i][0], f"request {i}"
         if kind == "seeded":
-            assert got_tokens == seeded_reference[i], f"request {i}"
+            assert got_tokens == seeded_reference[quantization][i], f"request {i}"
         assert got_logprobs == pytest.approx(transformers_logprobs[i], abs=LOGPROB_TOLERANCE), f"request {i}"

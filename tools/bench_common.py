@@ -36,6 +36,10 @@ class BenchError(RuntimeError):
 # ---- workloads ----
 
 def model_vocab_size(model: str) -> int:
+    if not (pathlib.Path(model) / "config.json").exists():  # a GGUF file, or a directory holding one
+        from conveyor.config import EngineConfig
+
+        return EngineConfig(model=model).load_hf_config().vocab_size
     with open(pathlib.Path(model) / "config.json") as f:
         config = json.load(f)
     return config.get("vocab_size") or config["text_config"]["vocab_size"]
@@ -329,14 +333,16 @@ def print_machine(machine: dict) -> None:
 # ---- command line ----
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory (Hugging Face format)")
+    parser.add_argument("--model", required=True, help="model directory (Hugging Face format) or GGUF file")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="auto: each engine's own choice (Conveyor: what the CPU computes fastest)")
+    parser.add_argument("--quantization", choices=("none", "gguf", "int8", "int4"),
+                        help="engines' weight quantization (default: each engine's own for the model)")
     parser.add_argument("--max-num-seqs", type=int, help="engines' batch limit (hf: generate() batch size)")
     parser.add_argument("--max-num-batched-tokens", type=int, help="engines' token budget per step")
     parser.add_argument("--max-model-len", type=int, help="engines' context limit (default: the model's)")
     parser.add_argument("--kv-cache-gib", type=int, default=2,
-                        help="KV-cache memory of conveyor and vllm, the same for both (GiB)")
+                        help="KV-cache memory of conveyor and vllm, the same for both (GiB; 0: each engine's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VLLM_VENV), help="virtualenv made by setup_vllm_cpu.sh")
     parser.add_argument("--vllm-config", choices=("tuned", "default"), default="tuned",
@@ -350,7 +356,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_args(args: argparse.Namespace) -> dict:
     """The engine limits given (of add_engine_args), the same for every backend."""
-    names = ("max_num_seqs", "max_num_batched_tokens", "max_model_len")
+    names = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "quantization")
     return {name: getattr(args, name, None) for name in names if getattr(args, name, None) is not None}
 
 

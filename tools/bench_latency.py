@@ -30,7 +30,8 @@ def latency_workload(args: argparse.Namespace, backend: str) -> dict:
     # a seed apart from the throughput prompts', so a shared prefix cache could not help either
     prompts = bc.random_prompts(args.warmup + args.repeats, args.input_len, vocab, args.seed + 1_000_003)
     return {"backend": backend, "mode": "latency", "model": args.model, "dtype": args.dtype,
-            "engine_args": bc.engine_args(args), "kv_cache_gib": args.kv_cache_gib, "output_len": args.output_len,
+            "engine_args": bc.engine_args(args), "kv_cache_gib": args.kv_cache_gib or None,
+            "output_len": args.output_len,
             "warmup": prompts[:args.warmup], "runs": prompts[args.warmup:]}
 
 

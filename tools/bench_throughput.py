@@ -37,7 +37,8 @@ def throughput_workload(args: argparse.Namespace, backend: str) -> dict:
     else:
         batches = [bc.random_prompts(args.num_prompts, args.input_len, vocab, args.seed + i) for i in range(runs)]
     return {"backend": backend, "mode": "throughput", "model": args.model, "dtype": args.dtype,
-            "engine_args": bc.engine_args(args), "kv_cache_gib": args.kv_cache_gib, "output_len": args.output_len,
+            "engine_args": bc.engine_args(args), "kv_cache_gib": args.kv_cache_gib or None,
+            "output_len": args.output_len,
             "warmup": [p for batch in batches[:args.warmup] for p in batch], "runs": batches[args.warmup:]}
 
 

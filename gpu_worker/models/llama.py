@@ -11,6 +11,7 @@ from torch import nn
 
 from conveyor.gpu_worker.attention import AttentionMetadata
 from conveyor.gpu_worker.models.rotary import build_cos_sin_cache
+from conveyor.kernels.quant import QuantizedWeight
 from conveyor.gpu_worker.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -139,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight, self.lm_head.tied = self.model.embed_tokens.weight, True
         head_dim = self.model.layers[0].self_attn.head_dim
         device = self.model.embed_tokens.weight.device
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(config, head_dim, device), persistent=False)
@@ -150,8 +151,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Fills parameters from (checkpoint name, tensor) pairs; returns the checkpoint names used."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> set[str]:
+        """Fills parameters from (checkpoint name, tensor) pairs; returns the checkpoint names used.
+        A quantized tied embedding is also the LM head's quantized weight."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for checkpoint_name, tensor in weights:
@@ -174,6 +176,8 @@ class LlamaForCausalLM(nn.Module):
                 param.data.copy_(tensor)
             else:
                 load(param, tensor, part, checkpoint_name)
+            if self.lm_head.tied and name == "model.embed_tokens.weight" and isinstance(tensor, QuantizedWeight):
+                self.lm_head.load_weight(param, tensor, 0, checkpoint_name)
             loaded.add(checkpoint_name)
         return loaded
 

@@ -32,6 +32,19 @@ def descendants_of(pid: int) -> list[int]:
     return result
 
 
+def conveyor_processes(pids: list[int]) -> list[int]:
+    """Those of `pids` running Conveyor's code (an engine core, a worker, an API server), not a
+    library's passing helper such as the `ldconfig -p` that importing huggingface_hub may run."""
+    def is_conveyor(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"conveyor" in f.read()
+        except OSError:  # ended meanwhile
+            return False
+
+    return [pid for pid in pids if is_conveyor(pid)]
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -20,7 +20,7 @@ from conveyor.config import EngineConfig, RequestLimits
 from conveyor.frontend.args import engine_args, parse_size
 from conveyor.frontend.cli import build_parser, main
 from conveyor.frontend.launcher import passed_arguments
-from procs import children_of, descendants_of, ipc_dirs_of, wait_until
+from procs import children_of, conveyor_processes, descendants_of, ipc_dirs_of, wait_until
 
 CONVEYOR = [shutil.which("conveyor")] if shutil.which("conveyor") else [sys.executable, "-m", "conveyor.frontend.cli"]
 ENGINE = ["--dtype", "float32", "--num-kv-blocks", "64", "--max-model-len", "256"]
@@ -80,7 +80,7 @@ def serve_until_it_fails(model_dir, *args: str) -> tuple[int, list[str], list[in
     deadline = time.monotonic() + 180
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            kids = descendants_of(proc.pid)
+            kids = conveyor_processes(descendants_of(proc.pid))
             seen.update(kids)
             dirs |= ipc_dirs_of([proc.pid, *kids])
             time.sleep(0.05)

@@ -88,15 +88,23 @@ def sampling_params(args: argparse.Namespace):
                           output_kind=RequestOutputKind.DELTA)
 
 
-async def chat(args: argparse.Namespace) -> int:
+def start_engine(command: str, args: argparse.Namespace):
+    """The AsyncLLM of `conveyor COMMAND`, or, where it cannot start, the exit status of the one-line
+    report of why."""
     from conveyor.frontend.async_llm import AsyncLLM
+
+    try:
+        return AsyncLLM(**engine_args(args))
+    except Exception as exc:
+        return startup_failure(command, exc)
+
+
+async def chat(args: argparse.Namespace) -> int:
     from conveyor.frontend.chat import chat as run_chat
 
     params = sampling_params(args)
-    try:
-        engine = AsyncLLM(**engine_args(args))
-    except Exception as exc:
-        return startup_failure("chat", exc)
+    if isinstance(engine := start_engine("chat", args), int):
+        return engine
     try:
         return await run_chat(engine, params, system=args.system)
     except ValueError as exc:  # a model without a chat template
@@ -107,13 +115,9 @@ async def chat(args: argparse.Namespace) -> int:
 
 
 async def generate(args: argparse.Namespace) -> int:
-    from conveyor.frontend.async_llm import AsyncLLM
-
     params = sampling_params(args)
-    try:
-        engine = AsyncLLM(**engine_args(args))
-    except Exception as exc:
-        return startup_failure("generate", exc)
+    if isinstance(engine := start_engine("generate", args), int):
+        return engine
     try:
         prompt = args.prompt
         if args.chat:

@@ -10,6 +10,8 @@ cycle.
 import ast
 import functools
 import pathlib
+import subprocess
+import sys
 from collections.abc import Collection
 
 import pytest
@@ -129,3 +131,17 @@ def test_package_imports_have_no_cycle():
     belongs elsewhere."""
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_a_checkout_on_sys_path_shadows_no_distribution():
+    """Run from a checkout, the package's own directory is on sys.path; importing `conveyor` takes it
+    off, so `kernels` (Hugging Face's, which transformers imports) is not Conveyor's subpackage."""
+    probe = (
+        "import importlib.util, conveyor; "
+        "spec = importlib.util.find_spec('kernels'); "
+        "print(spec.origin if spec else None)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=PACKAGE, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert not found.startswith(str(PACKAGE)), found

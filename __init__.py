@@ -5,10 +5,19 @@ submodules) never pay for importing the frontend's stack.
 """
 
 import importlib
+import os
+import sys
+
+# The repository root is this package's own directory. Run from a checkout (`python -m ...`,
+# pytest), it sits on sys.path, where its subpackages (kernels, ipc, tools, ...) would shadow
+# top-level distributions of the same name: transformers imports Hugging Face's `kernels`.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _PACKAGE_DIR]
 
 _EXPORTS = {
     "AsyncLLM": "conveyor.frontend.async_llm",
     "LLM": "conveyor.frontend.llm",
+    "LoRARequest": "conveyor.lora",
     "CompletionOutput": "conveyor.frontend.outputs",
     "RequestMetrics": "conveyor.frontend.outputs",
     "RequestOutput": "conveyor.frontend.outputs",

@@ -1,6 +1,6 @@
 """The package's import graph follows the process diagram: each layer imports only the layers below.
 
-    frontend ──> engine_core ──> ipc ──> config, gguf_metadata, sampling_params, seeds
+    frontend ──> engine_core ──> ipc ──> config, gguf_metadata, lora, sampling_params, seeds
         └──────────────────────> gpu_worker ──> kernels
 
 Imports inside functions count too: a lazy import is still a dependency. Nor do imports go round in a
@@ -10,6 +10,8 @@ cycle.
 import ast
 import functools
 import pathlib
+import subprocess
+import sys
 from collections.abc import Collection
 
 import pytest
@@ -26,7 +28,7 @@ ALLOWED = {
     "frontend": {"base", "ipc", "engine_core"},
     "tools": {"base", "ipc", "kernels", "gpu_worker", "engine_core", "frontend", "tools"},
 }
-BASE_MODULES = {"config", "gguf_metadata", "sampling_params", "seeds", "__init__"}
+BASE_MODULES = {"config", "gguf_metadata", "lora", "sampling_params", "seeds", "__init__"}
 
 
 def layer_of(module: str) -> str:
@@ -129,3 +131,17 @@ def test_package_imports_have_no_cycle():
     belongs elsewhere."""
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_a_checkout_on_sys_path_shadows_no_distribution():
+    """Run from a checkout, the package's own directory is on sys.path; importing `conveyor` takes it
+    off, so `kernels` (Hugging Face's, which transformers imports) is not Conveyor's subpackage."""
+    probe = (
+        "import importlib.util, conveyor; "
+        "spec = importlib.util.find_spec('kernels'); "
+        "print(spec.origin if spec else None)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=PACKAGE, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert not found.startswith(str(PACKAGE)), found

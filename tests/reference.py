@@ -27,20 +27,20 @@ def load_reference(model_dir: str, adapter: str | None = None):
 def hf_greedy(model_dir: str, prompts, max_tokens=MAX_TOKENS, adapter: str | None = None):
     """transformers' own forward, one prompt at a time: (tokens, chosen-token logprobs)."""
     model = load_reference(model_dir, adapter)
-    results = []
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model(ids, use_cache=True)
-            tokens, logprobs = [], []
-            for _ in range(max_tokens):
-                lp = torch.log_softmax(out.logits[0, -1].float(), -1)
-                token = int(lp.argmax())
-                tokens.append(token)
-                logprobs.append(float(lp[token]))
-                out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-            results.append((tokens, logprobs))
-    return results
+        return [greedy_after(model, model(torch.tensor([prompt]), use_cache=True), max_tokens) for prompt in prompts]
+
+
+def greedy_after(model, out, max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding from the output `out` of the prompt's forward: (tokens, chosen-token logprobs)."""
+    tokens, logprobs = [], []
+    for _ in range(max_tokens):
+        lp = torch.log_softmax(out.logits[0, -1].float(), -1)
+        token = int(lp.argmax())
+        tokens.append(token)
+        logprobs.append(float(lp[token]))
+        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, logprobs
 
 
 def hf_sequence_logprobs(model_dir: str, prompts, outputs, adapters=None) -> list[list[float]]:
@@ -101,12 +101,4 @@ def hf_greedy_with_table(model_dir: str, prompt: list[int], table: torch.Tensor,
     with torch.inference_mode():
         embeds = model.get_input_embeddings()(ids.masked_fill(virtual, 0))
         embeds[virtual] = table.float()[ids[virtual] - vocab]
-        out = model(inputs_embeds=embeds, use_cache=True)
-        tokens, logprobs = [], []
-        for _ in range(max_tokens):
-            lp = torch.log_softmax(out.logits[0, -1].float(), -1)
-            token = int(lp.argmax())
-            tokens.append(token)
-            logprobs.append(float(lp[token]))
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens, logprobs
+        return greedy_after(model, model(inputs_embeds=embeds, use_cache=True), max_tokens)

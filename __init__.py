@@ -17,6 +17,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _PACKAG
 _EXPORTS = {
     "AsyncLLM": "conveyor.frontend.async_llm",
     "LLM": "conveyor.frontend.llm",
+    "LoRARequest": "conveyor.lora",
     "CompletionOutput": "conveyor.frontend.outputs",
     "RequestMetrics": "conveyor.frontend.outputs",
     "RequestOutput": "conveyor.frontend.outputs",

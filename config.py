@@ -100,6 +100,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     step_timeout: Annotated[float, option(
         "seconds a model step may take before the engine counts a worker as hung and stops, naming it "
         "(default 600)", metavar="S")] = 600.0
+    enable_lora: Annotated[bool, option("serve LoRA adapters (PEFT format) over the model, many in one batch")] = False
+    max_loras: Annotated[int, option("most distinct LoRA adapters in one step")] = 1
+    max_lora_rank: Annotated[int, option("highest rank of a LoRA adapter")] = 16
+    max_cpu_loras: Annotated[int | None, option(
+        "LoRA adapters the workers keep loaded, least recently used evicted (default: max_loras)")] = None
 
     def __post_init__(self) -> None:
         self.model, self.gguf_file = resolve_gguf(self.model, self.gguf_file)
@@ -123,6 +128,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
                self.kv_cache_memory, "> 0 bytes")
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, ">= 1")
         _check(self.step_timeout > 0, "step_timeout", self.step_timeout, "> 0 seconds")
+        _check(self.max_loras >= 1, "max_loras", self.max_loras, ">= 1")
+        _check(1 <= self.max_lora_rank <= 512, "max_lora_rank", self.max_lora_rank, "in [1, 512]")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        _check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", self.max_cpu_loras,
+               f">= max_loras ({self.max_loras})")
         if self.engine_secret is not None and len(self.engine_secret) < MIN_SECRET_CHARS:
             raise ValueError(f"engine_secret must be at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand "
                              f"-hex 16`), got {len(self.engine_secret)}")

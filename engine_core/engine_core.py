@@ -92,12 +92,17 @@ class EngineCore:
         num_prompt_tokens = len(message.prompt_token_ids)
         if message.request_id in self.scheduler.requests:  # frontends pick ids independently
             error = f"request_id {message.request_id!r} is already in use"
+        elif (error := prompt_table_problem(message, self.executor.hidden_size)) is not None:
+            pass
         elif (error := out_of_vocabulary(message, self.executor.vocab_size)) is None:
             try:
                 max_tokens = resolve_max_tokens(num_prompt_tokens, params.max_tokens, self.scheduler.max_model_len)
                 error = self.scheduler.check_fits(num_prompt_tokens, max_tokens)
             except ValueError as e:
                 error = str(e)
+        lora_path = None
+        if error is None and message.lora_id:
+            lora_path, error = self.resolve_lora(message)
         if error is not None:
             return EngineCoreOutput(message.request_id, [], finish_reason="error", error=error)
         seed = params.seed
@@ -112,12 +117,24 @@ class EngineCore:
             arrival_time=message.arrival_time,
             priority=message.priority,
             lora_id=message.lora_id,
+            lora_path=lora_path,
             cache_salt=message.cache_salt,
+            prompt_embedding_table=message.prompt_embedding_table,
             max_tokens=max_tokens,
             sampling_seed=seed,
             block_hashes=block_hashes or [],
         ))
         return None
+
+    def resolve_lora(self, message: EngineCoreRequest) -> tuple[str | None, str | None]:
+        """(the adapter's path, None), or (None, why the request cannot name it)."""
+        if not self.config.enable_lora:
+            return None, "LoRA adapters need an engine started with enable_lora"
+        if message.lora_id < 0:
+            return None, f"lora_id must be >= 0, got {message.lora_id}"
+        pending = message.lora_path is None and any(
+            r.lora_id == message.lora_id for r in self.scheduler.requests.values())
+        return self.scheduler.lora_cache.resolve(message.lora_id, message.lora_path, pending)
 
     def abort(self, request_ids: list[str], client_index: int) -> list[Request]:
         """Those of `request_ids` that belong to the frontend `client_index` (no other frontend's)."""
@@ -434,7 +451,7 @@ class EngineCoreProc:
                     check_output_address(message.output_address)
                 if isinstance(message, EngineCoreRequest) and config.enable_prefix_caching:
                     block_hashes = prompt_block_hashes(message.prompt_token_ids, config.block_size, message.lora_id,
-                                                       message.cache_salt)
+                                                       message.cache_salt, message.prompt_embedding_table)
             # garbage on the port, a peer of another version, a truncated or mistyped message, a
             # missing side frame, token ids beyond int64: the message fails, never the core
             except Exception as exc:
@@ -506,17 +523,30 @@ def death_reason(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(exc)).strip()
 
 
+def prompt_table_problem(message: EngineCoreRequest, hidden_size: int) -> str | None:
+    """Why a request's prompt-tuning table cannot run, or None."""
+    table = message.prompt_embedding_table
+    if table is None:
+        return None
+    if message.sampling_params.prompt_logprobs is not None:
+        return "prompt_logprobs cannot be computed for a prompt with a prompt_embedding_table"
+    return table.problem(hidden_size)
+
+
 def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None:
-    """Why a request's token ids do not fit the model (the workers would fail on them), or None."""
+    """Why a request's token ids do not fit the model (the workers would fail on them), or None.
+    Prompt ids past the vocabulary index its prompt-tuning table, if it has one."""
     params = message.sampling_params
-    fields = [("prompt_token_ids", message.prompt_token_ids),
-              ("stop_token_ids and eos_token_id", params.all_stop_token_ids),
-              ("allowed_token_ids", params.allowed_token_ids or ()), ("logit_bias", list(params.logit_bias or ())),
-              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids])]
-    for name, ids in fields:
-        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            return f"{name} must hold token ids in [0, {vocab_size}), got {bad[:8]}"
+    table = message.prompt_embedding_table
+    fields = [("prompt_token_ids", message.prompt_token_ids, vocab_size + (table.shape[0] if table else 0)),
+              ("stop_token_ids and eos_token_id", params.all_stop_token_ids, vocab_size),
+              ("allowed_token_ids", params.allowed_token_ids or (), vocab_size),
+              ("logit_bias", list(params.logit_bias or ()), vocab_size),
+              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids], vocab_size)]
+    for name, ids, limit in fields:
+        if ids and (min(ids) < 0 or max(ids) >= limit):
+            bad = [t for t in ids if not 0 <= t < limit]
+            return f"{name} must hold token ids in [0, {limit}), got {bad[:8]}"
     return None
 
 

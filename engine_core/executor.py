@@ -69,6 +69,7 @@ class Executor:
         self.max_model_len = ready[0].max_model_len
         self.device_type = ready[0].device_type
         self.vocab_size = ready[0].vocab_size
+        self.hidden_size = ready[0].hidden_size
         self.spin_s = ring_spin_s(config.has_spare_cpus(self.device_type))
         if self.device_type == "cpu" and (cpus := config.engine_core_cpus()) is not None:
             bind_process(cpus, "the engine core")  # off the workers' CPUs, which are bound already

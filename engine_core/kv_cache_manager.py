@@ -1,8 +1,9 @@
 """Which KV-cache blocks each request owns, and the prefix cache that lets requests share them.
 
 Block hashes: block i of a request hashes (hash of block i-1, its `block_size` token ids); block
-0 chains from a root hash of the request's extra keys (`lora_id`, `cache_salt`), so every block
-of a request carries them. The hash is SHA-256, as an int: collision-resistant (one tenant cannot
+0 chains from a root hash of the request's extra keys (`lora_id`, `cache_salt`, and a digest of
+its prompt-tuning table, whose rows its virtual token ids stand for), so every block of a request
+carries them. The hash is SHA-256, as an int: collision-resistant (one tenant cannot
 craft a prompt that reads another's KV) and equal across processes and machines (blocks can be
 matched between engines). It costs about 1 µs per full block, computed once per block,
 incrementally; a new request's prompt blocks are hashed in the core's input thread as it arrives.
@@ -20,11 +21,15 @@ from conveyor.engine_core.block_pool import BlockPool, KVCacheBlock
 
 if TYPE_CHECKING:
     from conveyor.engine_core.request import Request
+    from conveyor.ipc.messages import EmbeddingTable
 
 
-def root_block_hash(lora_id: int, cache_salt: str | None) -> int:
+def root_block_hash(lora_id: int, cache_salt: str | None, table: EmbeddingTable | None = None) -> int:
     salt = b"\x00" if cache_salt is None else b"\x01" + cache_salt.encode()
     data = b"conveyor-kv/1" + lora_id.to_bytes(8, "little", signed=True) + salt
+    if table is not None:
+        header = f"{table.dtype}{table.shape}".encode()
+        data += b"\x02" + hashlib.sha256(header + table.data).digest()
     return int.from_bytes(hashlib.sha256(data).digest(), "little")
 
 
@@ -32,15 +37,16 @@ def update_block_hashes(request: Request, block_size: int) -> list[int]:
     """Extend `request.block_hashes` to cover every full block of its tokens; O(new tokens)."""
     hashes = request.block_hashes
     if len(hashes) < len(request.all_token_ids) // block_size:
-        root = root_block_hash(request.lora_id, request.cache_salt) if not hashes else None
+        root = None if hashes else root_block_hash(request.lora_id, request.cache_salt, request.prompt_embedding_table)
         extend_block_hashes(hashes, root, request.all_token_ids, block_size)
     return hashes
 
 
-def prompt_block_hashes(token_ids: list[int], block_size: int, lora_id: int, cache_salt: str | None) -> list[int]:
+def prompt_block_hashes(token_ids: list[int], block_size: int, lora_id: int, cache_salt: str | None,
+                        table: EmbeddingTable | None = None) -> list[int]:
     """The hashes of a new request's full prompt blocks: what `update_block_hashes` computes first
     for it, computed beforehand (the core's input thread does, off the scheduling path)."""
-    return extend_block_hashes([], root_block_hash(lora_id, cache_salt), token_ids, block_size)
+    return extend_block_hashes([], root_block_hash(lora_id, cache_salt, table), token_ids, block_size)
 
 
 def extend_block_hashes(hashes: list[int], root: int | None, token_ids: list[int], block_size: int) -> list[int]:

@@ -2,6 +2,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from conveyor.ipc.messages import EmbeddingTable
 from conveyor.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
 
 
@@ -30,7 +31,9 @@ class Request:
     arrival_time: float = field(default_factory=time.time)
     priority: int = 0
     lora_id: int = 0
+    lora_path: str | None = None  # the adapter's PEFT directory
     cache_salt: str | None = None
+    prompt_embedding_table: EmbeddingTable | None = None  # rows of the virtual token ids >= the vocabulary
     max_tokens: int = DEFAULT_MAX_TOKENS  # the output budget (resolve_max_tokens)
     sampling_seed: int = 0  # the seed of its random draws (conveyor/seeds.py)
     status: RequestStatus = RequestStatus.WAITING

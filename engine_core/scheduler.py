@@ -3,7 +3,8 @@
 One token budget per step (`max_num_batched_tokens`) is spent first on running requests
 (decodes and unfinished prefill chunks), then on waiting ones, FCFS or by priority. Long prompts
 are chunked so decodes keep flowing. When blocks run out, the lowest-priority running request is
-preempted (freed, recomputed later).
+preempted (freed, recomputed later). The running requests use at most `max_loras` distinct LoRA
+adapters, so every step does: a waiting request of another adapter waits for one to finish.
 
 Steps may be scheduled while earlier ones are still in flight (async scheduling): a request whose
 step will sample holds a placeholder for the token until the result comes back, and its next step
@@ -19,6 +20,7 @@ from collections import deque
 
 from conveyor.config import EngineConfig
 from conveyor.engine_core.kv_cache_manager import KVCacheManager
+from conveyor.engine_core.lora_cache import LoRACache
 from conveyor.engine_core.request import Request, RequestStatus
 from conveyor.ipc.messages import (
     CachedRequestData,
@@ -87,6 +89,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up, since start
         self.prefix_cache_hits = 0
+        self.lora_cache = LoRACache(config.max_cpu_loras)
 
     # ---- requests in and out ----
 
@@ -159,8 +162,13 @@ class Scheduler:
             new_blocks[request.request_id] = blocks
             budget -= n
 
+        running_loras = {r.lora_id for r in self.running if r.lora_id}
+        other_loras: list[Request] = []  # waiting for a running adapter to finish
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if request.lora_id and request.lora_id not in running_loras and len(running_loras) >= self.config.max_loras:
+                other_loras.append(self.waiting.pop())
+                continue
             hits, num_hit_tokens = ([], 0)
             if request.num_computed_tokens == 0:
                 hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
@@ -179,9 +187,13 @@ class Scheduler:
                 request.first_scheduled_time = time.time()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if request.lora_id:
+                running_loras.add(request.lora_id)
             scheduled[request.request_id] = n
             new_blocks[request.request_id] = blocks
             budget -= n
+        for request in reversed(other_loras):
+            self.waiting.add(request, front=True)
 
         if not scheduled:
             return None  # requests dropped meanwhile reach the workers with the next step
@@ -221,8 +233,11 @@ class Scheduler:
         cached = CachedRequestData()
         cached_counts = []
         samples: dict[str, tuple[Request, int]] = {}
+        step_loras: dict[int, str] = {}
         for request_id, n in scheduled.items():
             request = self.requests[request_id]
+            if request.lora_id:
+                step_loras[request.lora_id] = request.lora_path
             if request_id in self.known_to_workers:
                 cached.request_ids.append(request_id)
                 cached.new_block_ids.append(new_blocks[request_id])
@@ -238,6 +253,8 @@ class Scheduler:
                     request.num_computed_tokens,
                     request.output_token_ids,
                     request.sampling_seed,
+                    request.lora_id,
+                    request.prompt_embedding_table,
                 ))
                 new_counts.append(n)
             request.num_computed_tokens += n
@@ -245,7 +262,9 @@ class Scheduler:
                 request.num_output_placeholders += 1  # the step reaches its end: it samples
                 samples[request_id] = (request, request.num_preemptions)
         self.in_flight[self.step_id] = samples
-        output = SchedulerOutput(self.step_id, new, cached, new_counts + cached_counts, self.dropped_ids)
+        evictions, loads = self.lora_cache.prepare(step_loras)
+        output = SchedulerOutput(self.step_id, new, cached, new_counts + cached_counts, self.dropped_ids,
+                                 evictions, loads)
         self.dropped_ids = []
         self.step_id += 1
         return output
@@ -311,7 +330,7 @@ class Scheduler:
         prefix = self.kv_cache.make_prefix_cache_stats()  # counts since the previous call
         self.prefix_cache_queries += prefix.queries
         self.prefix_cache_hits += prefix.hits
-        return SchedulerStats(
+        stats = SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             kv_cache_usage=self.kv_cache.usage,
@@ -321,3 +340,9 @@ class Scheduler:
             step_time=step_time,
             model_time=model_time,
         )
+        if self.config.enable_lora:
+            stats.num_running_loras = len({r.lora_id for r in self.running if r.lora_id})
+            stats.num_waiting_loras = len({r.lora_id for r in self.requests.values()
+                                           if r.lora_id and r.status != RequestStatus.RUNNING})
+            stats.num_lora_loads = self.lora_cache.num_loads
+        return stats

@@ -36,8 +36,10 @@ from conveyor.frontend.async_llm import AsyncLLM
 from conveyor.frontend.errors import EngineDeadError
 from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                        DetokenizeResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
+                                        TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest)
 from conveyor.frontend.serving import APIError, OpenAIServing, error_body, sse_error
+from conveyor.lora import LoRARequest, lora_id_for_path
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +185,10 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], served_model_name: str,
+def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], model_names: list[str],
                     limits: RequestLimits) -> None:
-    """Put the schemas of the bodies that `json_body` names into /openapi.json, with the one model
-    name that exists and this server's request limits."""
+    """Put the schemas of the bodies that `json_body` names into /openapi.json, with the model names
+    that exist (the served model's, its adapters') and this server's request limits."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
@@ -194,7 +196,7 @@ def describe_bodies(app: FastAPI, models: tuple[type[BaseModel], ...], served_mo
                                          ref_template="#/components/schemas/{model}")
             for model in models:
                 properties = defs["$defs"][model.__name__]["properties"]
-                properties["model"]["anyOf"] = [{"type": "string", "enum": [served_model_name]}, {"type": "null"}]
+                properties["model"]["anyOf"] = [{"type": "string", "enum": model_names}, {"type": "null"}]
                 for field, limit in (("n", limits.max_n), ("best_of", limits.max_n),
                                      ("logprobs", limits.max_logprobs), ("top_logprobs", limits.max_logprobs)):
                     if field in properties:
@@ -215,20 +217,24 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, *, lif
               public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               trust_request_chat_template: bool = False,
               allowed_logits_processors: Collection[str] = (),
-              request_limits: RequestLimits = RequestLimits()) -> FastAPI:
+              request_limits: RequestLimits = RequestLimits(),
+              lora_modules: Collection[LoRARequest] = (), allow_lora_updates: bool = False) -> FastAPI:
     """The OpenAI-compatible app over `engine` (an AsyncLLM). With `engine=None`, `lifespan` must set
     `app.state.serving.engine` before the first request.
 
     `public_metrics`: serve /metrics without the API key (for scrapers that send none).
     `trust_request_chat_template`: render a chat template a request brings (it is code).
-    `allowed_logits_processors`: the only logits processors requests may name."""
+    `allowed_logits_processors`: the only logits processors requests may name.
+    `lora_modules`: adapters that a request's `model` may name instead of the served model.
+    `allow_lora_updates`: serve /v1/load_lora_adapter and /v1/unload_lora_adapter (else 404)."""
     app = FastAPI(title="Conveyor", lifespan=lifespan)
     app.state.serving = OpenAIServing(engine, served_model_name, ServerMetrics(served_model_name),
                                       allowed_logits_processors,
-                                      trust_request_chat_template=trust_request_chat_template)
+                                      trust_request_chat_template=trust_request_chat_template,
+                                      lora_modules=lora_modules, allow_lora_updates=allow_lora_updates)
     install_error_handlers(app)
     describe_bodies(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest),
-                    served_model_name, request_limits)
+                    [served_model_name, *(lora.lora_name for lora in lora_modules)], request_limits)
     app.add_middleware(LimitRequestBody, max_bytes=max_request_bytes)
     if api_key is not None:
         open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
@@ -288,21 +294,52 @@ async def chat_completions(request: Request):
     return await answer(request, ChatCompletionRequest, OpenAIServing.chat_events, OpenAIServing.chat)
 
 
-def model_card(serving: OpenAIServing) -> ModelCard:
+def model_card(serving: OpenAIServing, name: str) -> ModelCard:
+    """The served model's card, or an adapter's: its PEFT directory as root, the model as parent."""
     engine = serving.engine
+    max_model_len = engine.max_model_len if engine else None
+    if (lora := serving.lora_modules.get(name)) is not None:
+        return ModelCard(id=name, root=lora.lora_path, parent=serving.model_name, max_model_len=max_model_len)
     return ModelCard(id=serving.model_name, root=engine.config.model if engine else None,
-                     max_model_len=engine.max_model_len if engine else None)
+                     max_model_len=max_model_len)
 
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return ModelList(data=[model_card(serving_of(request))]).model_dump()
+    serving = serving_of(request)
+    names = [serving.model_name, *serving.lora_modules]
+    return ModelList(data=[model_card(serving, name) for name in names]).model_dump()
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
     serving_of(request).check_model(model_id)
-    return model_card(serving_of(request)).model_dump()
+    return model_card(serving_of(request), model_id).model_dump()
+
+
+def lora_updates(request: Request) -> OpenAIServing:
+    serving = serving_of(request)
+    if not serving.allow_lora_updates:
+        raise APIError(404, "LoRA adapters are loaded at start (--lora-modules); run the server with "
+                            "--allow-lora-updates to load them at run time", code="not_found")
+    live_engine(serving)
+    return serving
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request):
+    serving = lora_updates(request)
+    body = await parse(request, LoadLoRAAdapterRequest)
+    serving.load_lora_adapter(body.lora_name, body.lora_path)
+    return Response(f"LoRA adapter {body.lora_name!r} loaded", media_type="text/plain")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request):
+    serving = lora_updates(request)
+    body = await parse(request, UnloadLoRAAdapterRequest)
+    serving.unload_lora_adapter(body.lora_name)
+    return Response(f"LoRA adapter {body.lora_name!r} unloaded", media_type="text/plain")
 
 
 @router.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
@@ -370,6 +407,18 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
         engine = AsyncLLM(engine_address=engine_address, **engine_args(args))
     except Exception as exc:
         return startup_failure("serve", exc)
+    try:
+        # ids from the paths: every API server of a shared engine gives an adapter the same one
+        lora_modules = [LoRARequest(name, lora_id_for_path(path), path)
+                        for name, path in getattr(args, "lora_modules", None) or []]
+        names = [args.served_model_name or args.model, *(lora.lora_name for lora in lora_modules)]
+        if len(set(names)) < len(names):
+            raise ValueError(f"lora_modules must have names of their own, distinct from the model's, got {names}")
+        for lora in lora_modules:
+            engine.resolve_lora(lora)  # an adapter that does not fit the model stops the start
+    except Exception as exc:
+        engine.shutdown()
+        return startup_failure("serve", exc)
     server: _Server | None = None
     died = False
 
@@ -394,7 +443,8 @@ def run_server(args: Any, engine_address: str | None = None, sockets: list | Non
                         public_metrics=args.public_metrics, max_request_bytes=args.max_request_body,
                         trust_request_chat_template=args.trust_request_chat_template,
                         allowed_logits_processors=getattr(args, "allowed_logits_processors", None) or (),
-                        request_limits=engine.config.request_limits)
+                        request_limits=engine.config.request_limits, lora_modules=lora_modules,
+                        allow_lora_updates=getattr(args, "allow_lora_updates", False))
         config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
                                 timeout_graceful_shutdown=args.shutdown_timeout,
                                 log_level=getattr(args, "log_level", "info"), access_log=False)

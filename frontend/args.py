@@ -47,6 +47,14 @@ def parse_size(text: str) -> int:
 PARSERS = {int: int, float: float, str: str, Bytes: parse_size}
 
 
+def parse_lora_module(text: str) -> tuple[str, str]:
+    """(name, path) from 'name=path'."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected a LoRA module as NAME=PATH, got {text!r}")
+    return name, path
+
+
 def unwrap(field_type) -> tuple[Any, msgspec.Meta | None]:
     """A field's type without its `Annotated` metadata and `| None`, and that metadata."""
     meta = None
@@ -135,6 +143,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--allowed-logits-processors", nargs="+", default=[], metavar="PATH",
                    help="import paths ('pkg.module:fn') that requests may name in logits_processors; "
                         "they run in the engine's processes (default: none)")
+    s.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) that requests name as their model (needs --enable-lora)")
+    s.add_argument("--allow-lora-updates", action="store_true",
+                   help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, which add and remove adapters "
+                        "of this API server at run time")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted")
     m = parser.add_argument_group("multi-process")

@@ -12,6 +12,9 @@ Leaving the iterator early (break, cancel, close) aborts the request in the engi
 import asyncio
 import atexit
 import logging
+import os
+import shutil
+import tempfile
 import time
 import uuid
 import weakref
@@ -30,14 +33,16 @@ from conveyor.frontend.outputs import RequestMetrics, RequestOutput
 from conveyor.frontend.parallel_sampling import generate_n
 from conveyor.sampling_params import (INT64_MAX, INT64_MIN, SamplingParams, resolve_logits_processor,
                                       resolve_max_tokens)
-from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
+from conveyor.ipc.messages import EMBEDDING_DTYPES, EmbeddingTable, EngineCoreOutputs, EngineCoreRequest
 from conveyor.ipc.process import freeze_startup_objects
+from conveyor.lora import WEIGHTS_FILE, LoRARequest, check_adapter, save_adapter
 
 logger = logging.getLogger(__name__)
 
 TOKENIZE_OFF_LOOP_CHARS = 256  # longer prompts are tokenized on a thread, off the event loop
 
 PromptType = str | dict[str, Any] | list[int]
+NO_LORA = (0, None)  # (adapter id, its path): the base model
 
 
 def eos_token_ids(model: str, tokenizer) -> list[int]:
@@ -60,9 +65,11 @@ def check_priority(priority: int) -> None:
         raise ValueError(f"priority must be an int in [{INT64_MIN}, {INT64_MAX}], got {priority!r}")
 
 
-def _release(client: CoreClient, executor: ThreadPoolExecutor) -> None:
+def _release(client: CoreClient, executor: ThreadPoolExecutor, lora_dir: str | None) -> None:
     client.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
+    if lora_dir is not None:
+        shutil.rmtree(lora_dir, ignore_errors=True)
 
 
 def cache_salt_of(prompt: PromptType) -> str | None:
@@ -72,6 +79,29 @@ def cache_salt_of(prompt: PromptType) -> str | None:
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"cache_salt must be a non-empty string if given, got {salt!r}")
     return salt
+
+
+def embedding_table_of(prompt: PromptType, hidden_size: int) -> EmbeddingTable | None:
+    """A prompt dict's `prompt_embedding_table` (prompt tuning, the seed's form): a [rows, hidden_size]
+    float tensor whose row i stands for the virtual token id vocab_size + i of `prompt_token_ids`."""
+    table = prompt.get("prompt_embedding_table") if isinstance(prompt, dict) else None
+    if table is None:
+        return None
+    if "prompt_token_ids" not in prompt:
+        raise ValueError("prompt_embedding_table needs prompt_token_ids (ids >= the vocabulary size index the "
+                         "table), not a text prompt")
+    import torch
+
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] < 1 or table.shape[1] != hidden_size:
+        shape = list(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"prompt_embedding_table must be a tensor of shape [rows >= 1, {hidden_size}], got {shape}")
+    dtype = str(table.dtype).removeprefix("torch.")
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"prompt_embedding_table must be of dtype {', '.join(EMBEDDING_DTYPES)}, got {dtype}")
+    table = table.detach().cpu().contiguous()
+    if not bool(torch.isfinite(table).all()):
+        raise ValueError("prompt_embedding_table must hold finite values")
+    return EmbeddingTable(dtype, list(table.shape), table.view(torch.uint8).numpy().tobytes())
 
 
 class AsyncLLM:
@@ -88,7 +118,11 @@ class AsyncLLM:
         # Start the engine first: transformers imports and the tokenizer loads here (seconds)
         # while the workers load the model.
         self.client = CoreClient(self.config, self._on_outputs, self.output_processor.fail_all, engine_address)
-        self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor)
+        # adapters given in memory, written as PEFT directories for the workers to read
+        self.lora_dir = tempfile.mkdtemp(prefix="conveyor-lora-") if self.config.enable_lora else None
+        self.checked_adapters: dict[str, float] = {}  # path -> modification time when checked
+        self.saved_adapters: dict[int, dict] = {}  # id -> the lora_weights last written for it
+        self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor, self.lora_dir)
         atexit.register(self._finalizer)
         try:
             self.hf_config = self.config.load_hf_config()
@@ -112,25 +146,28 @@ class AsyncLLM:
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs (`async for`). Nothing is sent to the engine before the
         first iteration; closing the stream early aborts the request. A request beyond the
-        engine's `request_limits` raises ValueError. (A plain function returning the stream, not a
-        generator wrapping it: one layer less on every output of every request.)"""
+        engine's `request_limits`, or naming an adapter that does not fit the model, raises
+        ValueError. (A plain function returning the stream, not a generator wrapping it: one layer
+        less on every output of every request.)"""
         params = sampling_params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
+        lora = self.resolve_lora(lora_request)
         if params.use_beam_search:
-            return beam_search_stream(self, prompt, params, request_id, priority)
+            return beam_search_stream(self, prompt, params, request_id, priority, lora)
         if params.n > 1:
-            return generate_n(self, prompt, params, request_id, priority)
-        return self._generate_one(prompt, params, request_id, priority, self.config.request_limits)
+            return generate_n(self, prompt, params, request_id, priority, lora)
+        return self._generate_one(prompt, params, request_id, priority, self.config.request_limits, lora)
 
-    async def _generate_one(self, prompt, params, request_id, priority,
-                            limits: RequestLimits | None) -> AsyncIterator[RequestOutput]:
+    async def _generate_one(self, prompt, params, request_id, priority, limits: RequestLimits | None,
+                            lora: tuple[int, str | None] = NO_LORA) -> AsyncIterator[RequestOutput]:
         """One engine request; `limits` None only for the engine's own requests (beam search's)."""
         if limits is not None:
             params.check_limits(limits)
-        state = await self.add_request(prompt, params, request_id, priority)
+        state = await self.add_request(prompt, params, request_id, priority, lora)
         try:
             while True:
                 output = await state.mailbox.get()
@@ -142,10 +179,13 @@ class AsyncLLM:
             await self.abort(state.request_id)
 
     async def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str,
-                          priority: int = 0) -> RequestState:
+                          priority: int = 0, lora: tuple[int, str | None] = NO_LORA) -> RequestState:
         self._check_alive()
         check_priority(priority)
         cache_salt = cache_salt_of(prompt)
+        table = embedding_table_of(prompt, self.hf_config.hidden_size)
+        if table is not None and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs cannot be asked for a prompt with a prompt_embedding_table")
         to_encode = prompt.get("prompt") if isinstance(prompt, dict) and "prompt_token_ids" not in prompt else prompt
         if isinstance(to_encode, str) and len(to_encode) > TOKENIZE_OFF_LOOP_CHARS:
             loop = asyncio.get_running_loop()
@@ -159,11 +199,44 @@ class AsyncLLM:
         self.output_processor.add_request(state)
         try:
             self.client.add_request(EngineCoreRequest(request_id, token_ids, params, arrival, priority=priority,
-                                                      cache_salt=cache_salt))
+                                                      lora_id=lora[0], cache_salt=cache_salt, lora_path=lora[1],
+                                                      prompt_embedding_table=table))
         except BaseException:
             self.output_processor.remove(request_id)
             raise
         return state
+
+    def resolve_lora(self, lora_request: LoRARequest | None) -> tuple[int, str | None]:
+        """(adapter id, PEFT directory) of a request's adapter, checked against the model; the
+        directory is None for an id alone, which the engine resolves (or refuses, if evicted)."""
+        if lora_request is None:
+            return NO_LORA
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if not self.config.enable_lora:
+            raise ValueError("lora_request needs an engine started with enable_lora=True")
+        path = lora_request.lora_path
+        if lora_request.lora_weights is not None:
+            path = os.path.join(self.lora_dir, str(lora_request.lora_int_id))
+            if self.saved_adapters.get(lora_request.lora_int_id) is not lora_request.lora_weights:
+                staged = path + ".new"  # checked before it replaces what the workers may read
+                shutil.rmtree(staged, ignore_errors=True)
+                save_adapter(staged, lora_request.lora_weights, lora_request.lora_config)
+                check_adapter(staged, self.hf_config, self.config.max_lora_rank)
+                shutil.rmtree(path, ignore_errors=True)
+                os.rename(staged, path)
+                self.saved_adapters[lora_request.lora_int_id] = lora_request.lora_weights
+        if path is None:
+            return lora_request.lora_int_id, None
+        path = os.path.abspath(path)
+        try:
+            mtime = os.path.getmtime(os.path.join(path, WEIGHTS_FILE))
+        except OSError:
+            mtime = None
+        if mtime is None or self.checked_adapters.get(path) != mtime:
+            check_adapter(path, self.hf_config, self.config.max_lora_rank)
+            self.checked_adapters[path] = mtime
+        return lora_request.lora_int_id, path
 
     def process_inputs(self, prompt: PromptType, params: SamplingParams):
         """Tokenize, validate and bind one request: (text, token ids, params, detokenizer). Runs on
@@ -173,7 +246,9 @@ class AsyncLLM:
         for path in params.logits_processors or ():
             resolve_logits_processor(path)  # a bad one fails here, not in the engine
         params = self._bind(params)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
+        vocab = self.hf_config.vocab_size
+        real_ids = token_ids if not token_ids or max(token_ids) < vocab else [t for t in token_ids if t < vocab]
+        detokenizer = IncrementalDetokenizer(self.tokenizer, real_ids, params) if params.detokenize else None
         return text, token_ids, params, detokenizer
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
@@ -206,7 +281,9 @@ class AsyncLLM:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), self._check_token_ids(prompt["prompt_token_ids"])
+                table = prompt.get("prompt_embedding_table")  # its rows stand for the ids past the vocabulary
+                rows = len(table) if table is not None and hasattr(table, "__len__") else 0
+                return prompt.get("prompt"), self._check_token_ids(prompt["prompt_token_ids"], rows)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -217,10 +294,12 @@ class AsyncLLM:
             raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
         return prompt, self.tokenizer.encode(prompt)
 
-    def _check_token_ids(self, token_ids) -> list[int]:
-        vocab = self.hf_config.vocab_size
-        if not isinstance(token_ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt_token_ids must be a list of ints in [0, {vocab})")
+    def _check_token_ids(self, token_ids, virtual_rows: int = 0) -> list[int]:
+        limit = self.hf_config.vocab_size + virtual_rows
+        if not isinstance(token_ids, list) or not all(isinstance(t, int) and 0 <= t < limit for t in token_ids):
+            raise ValueError(f"prompt_token_ids must be a list of ints in [0, {limit})"
+                             + (f" (the vocabulary, then the prompt_embedding_table's {virtual_rows} rows)"
+                                if virtual_rows else ""))
         return token_ids
 
     def _bind(self, params: SamplingParams) -> SamplingParams:

@@ -26,17 +26,19 @@ class Beam:
     finished: bool = False
 
 
-async def beam_search_stream(llm, prompt, params: SamplingParams, request_id: str,
-                             priority: int = 0) -> AsyncIterator[RequestOutput]:
+async def beam_search_stream(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0,
+                             lora: tuple[int, str | None] = (0, None)) -> AsyncIterator[RequestOutput]:
     """`llm.generate` for `use_beam_search`: one output, the finished beams."""
     params.check_limits(llm.config.request_limits)
-    yield await beam_search(llm, prompt, params, request_id, priority)
+    yield await beam_search(llm, prompt, params, request_id, priority, lora)
 
 
-async def beam_search(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0) -> RequestOutput:
+async def beam_search(llm, prompt, params: SamplingParams, request_id: str, priority: int = 0,
+                      lora: tuple[int, str | None] = (0, None)) -> RequestOutput:
     width = params.n
     text, prompt_ids = llm.tokenize(prompt)
-    salt = {"cache_salt": prompt["cache_salt"]} if isinstance(prompt, dict) and "cache_salt" in prompt else {}
+    salt = {key: prompt[key] for key in ("cache_salt", "prompt_embedding_table")  # what every beam's prompt keeps
+            if isinstance(prompt, dict) and key in prompt}
     max_tokens = resolve_max_tokens(len(prompt_ids), params.max_tokens, llm.max_model_len)
     stop_ids = set() if params.ignore_eos else set(llm.eos_token_ids) | set(params.stop_token_ids)
     num_candidates = max(2, 1 + len(stop_ids)) * width
@@ -51,7 +53,7 @@ async def beam_search(llm, prompt, params: SamplingParams, request_id: str, prio
     for step in range(max_tokens):
         tops = await asyncio.gather(*(
             _next_logprobs(llm, {"prompt_token_ids": prompt_ids + beam.tokens, **salt}, step_params,
-                           f"{request_id}-beam{step}.{b}", priority)
+                           f"{request_id}-beam{step}.{b}", priority, lora)
             for b, beam in enumerate(running)
         ))
         candidates = sorted(
@@ -94,9 +96,9 @@ def _can_improve(running: list[Beam], finished: list[Beam], width: int, generate
     return best_possible > min(beam.score for beam in finished)
 
 
-async def _next_logprobs(llm, prompt: dict, params, request_id, priority) -> list[tuple[int, float]]:
+async def _next_logprobs(llm, prompt: dict, params, request_id, priority, lora) -> list[tuple[int, float]]:
     # the engine's own request: it may ask for more logprobs than a caller may (request_limits)
-    async for output in llm._generate_one(prompt, params, request_id, priority, None):
+    async for output in llm._generate_one(prompt, params, request_id, priority, None, lora):
         pass
     position = output.outputs[0].logprobs[0]
     return [(token, entry.logprob) for token, entry in position.items()]

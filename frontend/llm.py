@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from conveyor.frontend.async_llm import AsyncLLM, PromptType
 from conveyor.frontend.outputs import RequestOutput
+from conveyor.lora import LoRARequest
 from conveyor.sampling_params import RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -38,8 +39,10 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; results come back in input order."""
+        """Run every prompt to completion; results come back in input order. `lora_request`: one
+        adapter for every prompt, or one (or None: the base model) per prompt."""
         prompts = normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [final_only(sampling_params or SamplingParams())] * len(prompts)
@@ -48,7 +51,14 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params must be one SamplingParams or one per prompt "
                                  f"({len(prompts)}), got {len(params)}")
-        future = asyncio.run_coroutine_threadsafe(self._run(prompts, params, use_tqdm), self.loop)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request must be one LoRARequest or one per prompt ({len(prompts)}), "
+                                 f"got {len(loras)}")
+        future = asyncio.run_coroutine_threadsafe(self._run(prompts, params, loras, use_tqdm), self.loop)
         try:
             return future.result()
         except KeyboardInterrupt:
@@ -74,13 +84,13 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    async def _run(self, prompts, params, use_tqdm: bool) -> list[RequestOutput]:
+    async def _run(self, prompts, params, loras, use_tqdm: bool) -> list[RequestOutput]:
         bar = tqdm(total=len(prompts), desc="Generating", unit="req", disable=not use_tqdm)
         generated = 0
 
-        async def one(prompt, p):
+        async def one(prompt, p, lora):
             nonlocal generated
-            async for output in self.engine.generate(prompt, p):
+            async for output in self.engine.generate(prompt, p, lora_request=lora):
                 pass
             generated += sum(len(c.token_ids) for c in output.outputs)
             bar.update(1)
@@ -88,7 +98,7 @@ class LLM:
             return output
 
         try:
-            tasks = [asyncio.ensure_future(one(prompt, p)) for prompt, p in zip(prompts, params)]
+            tasks = [asyncio.ensure_future(one(prompt, p, lora)) for prompt, p, lora in zip(prompts, params, loras)]
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:

@@ -125,3 +125,9 @@ class EngineStatsCollector:
                      hits)
         yield family(GaugeMetricFamily, "conveyor_prefix_cache_hit_rate",
                      "Prefix-cache hits / queries since the engine started (0-1).", hits / queries if queries else 0.0)
+        yield family(GaugeMetricFamily, "conveyor_num_loras_running",
+                     "Distinct LoRA adapters of the running requests.", stats.get("num_running_loras", 0))
+        yield family(GaugeMetricFamily, "conveyor_num_loras_waiting",
+                     "Distinct LoRA adapters of the waiting requests.", stats.get("num_waiting_loras", 0))
+        yield family(CounterMetricFamily, "conveyor_lora_loads", "LoRA adapters the workers loaded, reloads after "
+                     "eviction included.", stats.get("num_lora_loads", 0))

@@ -18,8 +18,8 @@ from conveyor.sampling_params import RequestOutputKind, SamplingParams, child_se
 YIELD_EVERY = 16  # requests added in a row before yielding to the event loop (n > 1, many prompts)
 
 
-async def generate_n(llm, prompt, params: SamplingParams, request_id: str,
-                     priority: int) -> AsyncIterator[RequestOutput]:
+async def generate_n(llm, prompt, params: SamplingParams, request_id: str, priority: int,
+                     lora: tuple[int, str | None]) -> AsyncIterator[RequestOutput]:
     """`llm.generate` for `params.n` > 1: every update of any sample, as `params.output_kind` asks
     (DELTA: the samples that changed; CUMULATIVE: every sample so far; FINAL_ONLY: one output)."""
     params.check_limits(llm.config.request_limits)
@@ -29,9 +29,11 @@ async def generate_n(llm, prompt, params: SamplingParams, request_id: str,
     try:
         for i in range(n):
             child = msgspec.structs.replace(params, n=1, seed=child_seed(params.seed, i))
-            state = await llm.add_request(prompt, child, f"{i}_{request_id}", priority)
+            state = await llm.add_request(prompt, child, f"{i}_{request_id}", priority, lora)
             states.append(state)
-            prompt = {"prompt": state.prompt, "prompt_token_ids": state.prompt_token_ids}  # tokenized once
+            prompt = {"prompt": state.prompt, "prompt_token_ids": state.prompt_token_ids,  # tokenized once
+                      **{key: prompt[key] for key in ("cache_salt", "prompt_embedding_table")
+                         if isinstance(prompt, dict) and key in prompt}}
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # the loop serves others (and notices a caller that left)
         latest: list[RequestOutput | None] = [None] * n

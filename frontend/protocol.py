@@ -333,6 +333,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "conveyor"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 
@@ -348,6 +349,15 @@ class TokenizeRequest(Strict):
                                                                  "template")
     add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens to a prompt")
     add_generation_prompt: bool = Field(True, description="end the messages with the assistant's turn")
+
+
+class LoadLoRAAdapterRequest(Strict):
+    lora_name: str = Field(min_length=1, description="the name requests give as their model")
+    lora_path: str = Field(min_length=1, description="the adapter's PEFT directory, on the server's host")
+
+
+class UnloadLoRAAdapterRequest(Strict):
+    lora_name: str = Field(min_length=1, description="an adapter's name")
 
 
 class TokenizeResponse(BaseModel):

@@ -21,6 +21,7 @@ from conveyor.frontend.protocol import (APIError, ChatChoice, ChatCompletionChun
                                         CompletionLogprobs, CompletionRequest, CompletionResponse,
                                         DeltaMessage, ErrorInfo, ErrorResponse, PromptTokensDetails, TopLogprob,
                                         TokenizeRequest, Usage, random_id, to_sampling_params)
+from conveyor.lora import LoRARequest, lora_id_for_path
 from conveyor.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -136,18 +137,43 @@ class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI bodies."""
 
     def __init__(self, engine, model_name: str, metrics: ServerMetrics,
-                 allowed_logits_processors: Collection[str] = (), trust_request_chat_template: bool = False):
+                 allowed_logits_processors: Collection[str] = (), trust_request_chat_template: bool = False,
+                 lora_modules: Collection[LoRARequest] = (), allow_lora_updates: bool = False):
         self.engine = engine
         self.model_name = model_name
+        self.lora_modules = {lora.lora_name: lora for lora in lora_modules}  # served under their names
+        self.allow_lora_updates = allow_lora_updates  # /v1/load_lora_adapter, /v1/unload_lora_adapter
         self.metrics = metrics
         self.allowed_logits_processors = frozenset(allowed_logits_processors)
         self.prompts = PromptPreparer(trust_request_chat_template)
         self._token_text: dict[int, str] = {}
 
     def check_model(self, name: str | None) -> None:
-        """A request may name only the served model; any other is OpenAI's 404."""
-        if name is not None and name != self.model_name:
+        """A request may name only the served model or one of its adapters; any other is OpenAI's 404."""
+        if name is not None and name != self.model_name and name not in self.lora_modules:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def lora_of(self, body) -> LoRARequest | None:
+        """The adapter a (checked) body's `model` names, or None for the base model."""
+        return self.lora_modules.get(body.model)
+
+    def response_model(self, body) -> str:
+        return body.model if body.model in self.lora_modules else self.model_name
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter at `path` as `name`, under its path's id (`lora_id_for_path`)."""
+        if name == self.model_name or name in self.lora_modules:
+            raise APIError(400, f"The model `{name}` exists already.", "lora_name")
+        try:
+            lora = LoRARequest(name, lora_id_for_path(path), path)
+            self.engine.resolve_lora(lora)
+        except ValueError as e:
+            raise APIError(400, str(e), "lora_path") from None
+        self.lora_modules[name] = lora
+
+    def unload_lora_adapter(self, name: str) -> None:
+        if self.lora_modules.pop(name, None) is None:
+            raise APIError(404, f"The LoRA adapter `{name}` does not exist.", "lora_name", "model_not_found")
 
     # -- engine requests --
 
@@ -155,9 +181,9 @@ class OpenAIServing:
         return to_sampling_params(body, self.allowed_logits_processors)
 
     async def generate(self, prompts: list, params: SamplingParams, priority: int,
-                       request_id: str) -> AsyncIterator[Piece]:
+                       request_id: str, lora: LoRARequest | None = None) -> AsyncIterator[Piece]:
         """Every choice's deltas, of every prompt (the engine runs the n samples of each)."""
-        streams = [self._engine_stream(prompt, params, f"{request_id}-{p}", priority, p, p * params.n)
+        streams = [self._engine_stream(prompt, params, f"{request_id}-{p}", priority, p, p * params.n, lora)
                    for p, prompt in enumerate(prompts)]
         pieces = streams[0] if len(streams) == 1 else merge(streams)
         async with aclosing(pieces):
@@ -165,12 +191,12 @@ class OpenAIServing:
                 yield piece
 
     async def _engine_stream(self, prompt, params: SamplingParams, request_id: str, priority: int,
-                             prompt_index: int, base: int) -> AsyncIterator[Piece]:
+                             prompt_index: int, base: int, lora: LoRARequest | None) -> AsyncIterator[Piece]:
         tokens: dict[int, int] = {}
         unfinished: set[int] = set()
         last: RequestOutput | None = None
         try:
-            async for out in self.engine.generate(prompt, params, request_id, priority):
+            async for out in self.engine.generate(prompt, params, request_id, priority, lora):
                 last = out
                 if out.error_code is not None:
                     raise APIError(out.error_code, out.error_message or "request failed")
@@ -188,11 +214,11 @@ class OpenAIServing:
             for index in unfinished:  # left early: generate() aborted them in the engine
                 self.metrics.observe_completion("abort", tokens[index], last)
 
-    async def _collect(self, prompts, params, priority, request_id):
+    async def _collect(self, prompts, params, priority, request_id, lora):
         choices: dict[int, ChoiceText] = {}
         outputs: dict[int, RequestOutput] = {}
         usage = UsageCounter()
-        async with aclosing(self.generate(prompts, params, priority, request_id)) as pieces:
+        async with aclosing(self.generate(prompts, params, priority, request_id, lora)) as pieces:
             async for piece in pieces:
                 usage.add(piece)
                 choices.setdefault(piece.index, ChoiceText()).add(piece.completion)
@@ -248,9 +274,9 @@ class OpenAIServing:
     async def completion(self, body: CompletionRequest) -> CompletionResponse:
         params = self.sampling_params(body)
         prompts = await self.prompts.completion_prompts(self.engine, body, params)
-        request_id = random_id("cmpl")
-        choices, outputs, usage = await self._collect(prompts, params, body.priority, request_id)
-        return CompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
+        request_id, lora = random_id("cmpl"), self.lora_of(body)
+        choices, outputs, usage = await self._collect(prompts, params, body.priority, request_id, lora)
+        return CompletionResponse(id=request_id, model=self.response_model(body), usage=usage, choices=[
             CompletionChoice(
                 index=i, text=(self.prompt_text(outputs[i]) if body.echo else "") + c.text,
                 logprobs=None if params.logprobs is None else self.completion_logprobs(c.logprobs, 0),
@@ -260,11 +286,11 @@ class OpenAIServing:
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[str]:
         params = self.sampling_params(body)
         prompts = await self.prompts.completion_prompts(self.engine, body, params)
-        request_id = random_id("cmpl")
+        request_id, lora = random_id("cmpl"), self.lora_of(body)
         offsets = {}
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            return sse(CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
+            return sse(CompletionResponse(id=request_id, model=self.response_model(body), choices=choices, usage=usage))
 
         def render(piece) -> str | None:
             c, text = piece.completion, piece.completion.text
@@ -282,7 +308,7 @@ class OpenAIServing:
             return chunk([CompletionChoice(index=piece.index, text=text, logprobs=logprobs,
                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
 
-        events = self._events(self.generate(prompts, params, body.priority, request_id), render, chunk,
+        events = self._events(self.generate(prompts, params, body.priority, request_id, lora), render, chunk,
                               body.include_usage)
         async with aclosing(events):  # a client that leaves closes this generator: close the request's too
             async for event in events:
@@ -315,9 +341,9 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         params = self.sampling_params(body)
         prompt = await self.prompts.chat_prompt(self.engine, body)
-        request_id = random_id("chatcmpl")
-        choices, _, usage = await self._collect([prompt], params, body.priority, request_id)
-        return ChatCompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
+        request_id, lora = random_id("chatcmpl"), self.lora_of(body)
+        choices, _, usage = await self._collect([prompt], params, body.priority, request_id, lora)
+        return ChatCompletionResponse(id=request_id, model=self.response_model(body), usage=usage, choices=[
             ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
                        logprobs=None if params.logprobs is None else self.chat_logprobs(c.logprobs, params.logprobs),
                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
@@ -326,10 +352,11 @@ class OpenAIServing:
     async def chat_events(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
         params = self.sampling_params(body)
         prompt = await self.prompts.chat_prompt(self.engine, body)
-        request_id = random_id("chatcmpl")
+        request_id, lora = random_id("chatcmpl"), self.lora_of(body)
 
         def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
-            return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage))
+            return sse(ChatCompletionChunk(id=request_id, model=self.response_model(body), choices=choices,
+                                           usage=usage))
 
         def render(piece) -> str | None:
             c = piece.completion
@@ -342,7 +369,7 @@ class OpenAIServing:
         # lazy: made once the first output shows the request (its n included) was accepted
         opening = (chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
                    for i in range(body.n))
-        events = self._events(self.generate([prompt], params, body.priority, request_id), render, chunk,
+        events = self._events(self.generate([prompt], params, body.priority, request_id, lora), render, chunk,
                               body.include_usage, opening)
         async with aclosing(events):
             async for event in events:

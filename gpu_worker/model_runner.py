@@ -9,10 +9,11 @@ import torch
 from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.gguf_metadata import hf_config_of, open_gguf
 from conveyor.gpu_worker.attention import AttentionMetadata
+from conveyor.gpu_worker.lora import LoRAManager
 from conveyor.gpu_worker.model_loader import load_model
 from conveyor.gpu_worker.ops import select_ops
 from conveyor.gpu_worker.sampler import Sampler, SamplingState, compute_logprobs, make_sampling_state
-from conveyor.ipc.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
+from conveyor.ipc.messages import EmbeddingTable, Logprobs, ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torc
     return features.resolve_cpu_dtype(config.dtype, dtype, features.detect())
 
 
+def embedding_tensor(table: EmbeddingTable, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A prompt-tuning table's rows as the model's embeddings (checked by the core: `problem`)."""
+    raw = torch.frombuffer(bytearray(table.data), dtype=torch.uint8)
+    return raw.view(getattr(torch, table.dtype)).view(table.shape).to(device, dtype)
+
+
 @dataclass(slots=True)
 class CachedRequestState:
     request_id: str
@@ -44,6 +51,8 @@ class CachedRequestState:
     sampling: SamplingState
     num_prompt_tokens: int
     prompt_logprobs: list[Logprobs | None] | None = None  # collected chunk by chunk until sampled
+    lora_id: int = 0
+    embedding_table: torch.Tensor | None = None  # prompt tuning: rows of the ids >= the vocabulary
 
 
 class ModelRunner:
@@ -60,6 +69,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties)
         self.requests: dict[str, CachedRequestState] = {}
+        self.lora = LoRAManager(self.model, self.dtype, self.device, self.ops) if config.enable_lora else None
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[torch.Tensor] = []
 
@@ -96,9 +106,15 @@ class ModelRunner:
     def update_states(self, step: SchedulerOutput) -> None:
         for request_id in step.finished_request_ids:
             self.requests.pop(request_id, None)
+        for lora_id in step.lora_evictions:
+            self.lora.evict(lora_id)
+        for lora_id, path in step.lora_loads.items():
+            self.lora.load(lora_id, path)
+        vocab = self.hf_config.vocab_size
         for new in step.new_requests:
-            sampling = make_sampling_state(new.sampling_params, new.prompt_token_ids, self.device,
-                                           new.sampling_seed)
+            table = new.prompt_embedding_table
+            real_prompt = new.prompt_token_ids if table is None else [t for t in new.prompt_token_ids if t < vocab]
+            sampling = make_sampling_state(new.sampling_params, real_prompt, self.device, new.sampling_seed)
             sampling.output_token_ids.extend(new.output_token_ids)
             self.requests[new.request_id] = CachedRequestState(
                 new.request_id,
@@ -109,6 +125,8 @@ class ModelRunner:
                 len(new.prompt_token_ids),
                 # the first prompt token has no logprob; a resumed request already sent them
                 [None] if new.sampling_params.prompt_logprobs is not None and not new.output_token_ids else None,
+                new.lora_id,
+                None if table is None else embedding_tensor(table, self.dtype, self.device),
             )
         cached = step.cached_requests
         for request_id, new_block_ids, num_computed in zip(cached.request_ids, cached.new_block_ids,
@@ -129,8 +147,10 @@ class ModelRunner:
                        key=lambda item: (item[1] != 1, item[1]))
         states = [self.requests[request_id] for request_id, _ in order]
         num_tokens = [n for _, n in order]
-        input_ids, positions, meta, logits_indices, sampling_states = self.prepare_inputs(states, num_tokens)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        input_ids, positions, meta, logits_indices, sampling_states, virtual = self.prepare_inputs(states, num_tokens)
+        if self.lora is not None:
+            self.lora.batch.prepare([s.lora_id for s in states], num_tokens)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, virtual)
         self.collect_prompt_logprobs(hidden, states, num_tokens)
         sampled_ids: list[list[int]] = []
         request_ids: list[str] = []
@@ -146,6 +166,9 @@ class ModelRunner:
                 state.sampling.output_token_ids.append(token)
                 if state.sampling.error is not None:
                     errors[state.request_id] = state.sampling.error
+                    continue
+                if state.lora_id and state.lora_id in self.lora.failed:
+                    errors[state.request_id] = self.lora.failed[state.lora_id]
                     continue
                 request_ids.append(state.request_id)
                 sampled_ids.append([token])
@@ -188,7 +211,7 @@ class ModelRunner:
         input_ids = np.empty(total, dtype=np.int64)
         max_blocks = max(len(s.block_ids) for s in states)
         block_tables = np.zeros((len(states), max_blocks), dtype=np.int32)
-        logits_indices, sampling_states = [], []
+        logits_indices, sampling_states, tabled = [], [], []
         q0 = 0  # plain ints in this loop: numpy scalars cost more than the work
         for i, (state, n) in enumerate(zip(states, num_tokens)):
             start, token_ids = state.num_computed_tokens, state.token_ids
@@ -197,6 +220,8 @@ class ModelRunner:
             else:
                 input_ids[q0 : q0 + n] = token_ids[start : start + n]
             block_tables[i, : len(state.block_ids)] = state.block_ids
+            if state.embedding_table is not None and start < state.num_prompt_tokens:
+                tabled.append((state, q0, n))
             q0 += n
             if start + n >= len(token_ids):  # reaches the end of what is known: sample
                 logits_indices.append(q0 - 1)
@@ -216,4 +241,21 @@ class ModelRunner:
             query_lens_cpu=num_tokens,
             seq_lens_cpu=seq_lens.tolist(),
         )
-        return to(input_ids), to(positions), meta, logits_indices, sampling_states
+        virtual = self.virtual_embeddings(input_ids, tabled)
+        return to(input_ids), to(positions), meta, logits_indices, sampling_states, virtual
+
+    def virtual_embeddings(self, input_ids: np.ndarray, tabled) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Prompt tuning: the step's tokens whose ids index their request's table (ids past the
+        vocabulary), as (token indices, table rows); their ids in `input_ids` become 0 for the lookup."""
+        vocab = self.hf_config.vocab_size
+        indices, rows = [], []
+        for state, q0, n in tabled:
+            ids = input_ids[q0:q0 + n]
+            found = np.flatnonzero(ids >= vocab)
+            if len(found):
+                indices.append(torch.from_numpy(found + q0))
+                rows.append(state.embedding_table[torch.from_numpy(ids[found] - vocab)])
+                ids[found] = 0
+        if not indices:
+            return None
+        return torch.cat(indices).to(self.device), torch.cat(rows)

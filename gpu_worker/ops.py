@@ -83,6 +83,24 @@ class TorchOps:
         return torch_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
 
 
+    @staticmethod
+    def lora_shrink(x: torch.Tensor, rows: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
+        """x[rows] A^T in float32 (rows None: every row of x)."""
+        xs = x if rows is None else x.index_select(0, rows)
+        return F.linear(xs.float(), a.float())
+
+    @staticmethod
+    def lora_expand(s: torch.Tensor, rows: torch.Tensor | None, b: torch.Tensor, y: torch.Tensor,
+                    offset: int) -> None:
+        """y[rows, offset:offset+N] += s B^T, in place."""
+        out = y.narrow(1, offset, b.shape[0])
+        delta = F.linear(s, b.float()).to(y.dtype)
+        if rows is None:
+            out += delta
+        else:
+            out.index_add_(0, rows, delta)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rot = cos.shape[-1] * 2
     x1, x2 = x[..., : rot // 2], x[..., rot // 2 : rot]

@@ -106,6 +106,7 @@ class LinearBase(SmallBatchGemv, nn.Module):
     qweight: QuantizedWeight | None = None
     packed = False
     upcast = False
+    lora = None  # a LoRALayer (gpu_worker/lora.py) where the engine serves adapters
 
     def __init__(self, num_parts: int):
         super().__init__()
@@ -171,7 +172,15 @@ class ColumnParallelLinear(LinearBase):
         self.bias = nn.Parameter(torch.empty(sum(self.output_sizes), dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        y = self.matmul(x, self.bias)
+        if self.lora is not None:
+            self.lora.apply(x, y)
+        return y
+
+    def lora_shard(self, a: torch.Tensor, b: torch.Tensor, part: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA pair of `part` as this rank holds it: A whole, B's rows of the rank's output slice."""
+        size = self.output_sizes[part]
+        return a, b.narrow(0, _tp_rank * size, size)
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, part: int, name: str) -> None:
         size = self.output_sizes[part]
@@ -189,13 +198,21 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype):
         super().__init__(1)
+        self.output_size = output_size
         self.input_size = divide(input_size, _tp_size, "linear input size")
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(self.matmul(x))
+        y = self.matmul(x)
+        if self.lora is not None:
+            self.lora.apply(x, y)  # a partial sum, as the base layer's: the all-reduce completes both
+        y = all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def lora_shard(self, a: torch.Tensor, b: torch.Tensor, part: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA pair as this rank holds it: A's columns of the rank's input slice, B whole."""
+        return a.narrow(1, _tp_rank * self.input_size, self.input_size), b
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, part: int, name: str) -> None:
         if param.dim() == 1:  # bias: added once, after the reduce

@@ -7,6 +7,7 @@ from conveyor.gpu_worker.attention import AttentionMetadata
 from conveyor.kernels.activation import silu_and_mul
 from conveyor.kernels.attention import paged_attention
 from conveyor.kernels.kv_store import store_kv
+from conveyor.kernels.lora import lora_expand, lora_shrink
 from conveyor.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from conveyor.kernels.rotary import rotary_embedding
 from conveyor.kernels.sampling import apply_penalties
@@ -24,6 +25,8 @@ class TritonOps:
         return logits.argmax(dim=-1)
 
     penalties = staticmethod(apply_penalties)  # the sampler's, in place on float32 logits
+    lora_shrink = staticmethod(lora_shrink)
+    lora_expand = staticmethod(lora_expand)  # in place on the layer's output
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

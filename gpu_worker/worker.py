@@ -85,7 +85,8 @@ def worker_main() -> None:
         runner = ModelRunner(config, device)
         freeze_startup_objects()  # the model's objects never become garbage
         outputs.send(encoder.encode(WorkerReady(rank, runner.determine_num_blocks(), runner.max_model_len,
-                                                device.type, runner.hf_config.vocab_size)))
+                                                device.type, runner.hf_config.vocab_size,
+                                                runner.hf_config.hidden_size)))
         with torch.inference_mode():
             run_steps(runner, inputs, outputs, ring_spin_s(config.has_spare_cpus(device.type)), rank)
     except Exception:

@@ -29,6 +29,28 @@ class Logprobs(msgspec.Struct, array_like=True, gc=False):
 
 # ---- frontend -> core ---------------------------------------------------------------------------
 
+EMBEDDING_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}  # name -> bytes per value
+
+
+class EmbeddingTable(msgspec.Struct, array_like=True, gc=False):
+    """A request's prompt-tuning table, raw (no pickle): row i is the embedding of the virtual token
+    id vocab_size + i. The core checks it without torch (`problem`); workers view `data` as a tensor."""
+
+    dtype: str
+    shape: list[int]  # [rows, hidden_size]
+    data: bytes
+
+    def problem(self, hidden_size: int) -> str | None:
+        """Why the table cannot be a model's (`hidden_size`) prompt-tuning table, or None."""
+        if self.dtype not in EMBEDDING_DTYPES:
+            return f"prompt_embedding_table must be of dtype {', '.join(EMBEDDING_DTYPES)}, got {self.dtype}"
+        if len(self.shape) != 2 or self.shape[0] < 1 or self.shape[1] != hidden_size:
+            return f"prompt_embedding_table must have shape [rows >= 1, {hidden_size}], got {self.shape}"
+        if len(self.data) != self.shape[0] * self.shape[1] * EMBEDDING_DTYPES[self.dtype]:
+            return f"prompt_embedding_table holds {len(self.data)} bytes, not a {self.dtype} table of {self.shape}"
+        return None
+
+
 
 class EngineCoreRequest(Message, tag="req"):
     request_id: str
@@ -37,8 +59,10 @@ class EngineCoreRequest(Message, tag="req"):
     arrival_time: float
     client_index: int = 0
     priority: int = 0
-    lora_id: int = 0
+    lora_id: int = 0  # 0: the base model
     cache_salt: str | None = None
+    lora_path: str | None = None  # the adapter's PEFT directory; None: one the engine holds already
+    prompt_embedding_table: EmbeddingTable | None = None
 
 
 class Abort(Message, tag="abort"):
@@ -106,6 +130,9 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_steps: int = 0  # since start, with the two totals below
     total_step_time: float = 0.0
     total_model_time: float = 0.0
+    num_running_loras: int = 0  # distinct LoRA adapters among the running requests
+    num_waiting_loras: int = 0  # and among the waiting ones
+    num_lora_loads: int = 0  # adapters the workers loaded, reloads after eviction included, since start
 
 
 class EngineCoreOutputs(Message, tag="out"):
@@ -147,6 +174,8 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_computed_tokens: int
     output_token_ids: list[int] = []  # tokens generated before a preemption
     sampling_seed: int = 0  # Request.sampling_seed
+    lora_id: int = 0
+    prompt_embedding_table: EmbeddingTable | None = None
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -164,6 +193,8 @@ class SchedulerOutput(Message, tag="step"):
     cached_requests: CachedRequestData
     num_scheduled_tokens: list[int]  # per request: the new ones, then the cached ones, in order
     finished_request_ids: list[str]  # finished or preempted: workers drop their state
+    lora_evictions: list[int] = []  # adapters to drop, before the loads
+    lora_loads: dict[int, str] = {}  # adapter id -> PEFT directory, to load before the forward
 
     def scheduled_request_ids(self) -> list[str]:
         """The requests of `num_scheduled_tokens`, in its order."""
@@ -201,6 +232,7 @@ class WorkerReady(Message, tag="ready"):
     max_model_len: int  # the engine's limit, resolved against the model's config where it is loaded
     device_type: str = "cpu"  # where the rank runs the model: cpu | cuda
     vocab_size: int = 0  # the model's: the core refuses requests with token ids beyond it
+    hidden_size: int = 0  # the width of a prompt-tuning table's rows
 
 
 class WorkerResult(Message, tag="wresult"):

@@ -262,7 +262,8 @@ def test_missing_or_wrong_api_key_is_401(live):
 
 def test_every_route_but_health_needs_the_api_key(live):
     for method, path in [("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/metrics"), ("GET", "/docs"),
-                         ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/v1/models")]:
+                         ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/v1/models"),
+                         ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")]:
         assert_error(httpx.request(method, f"{live.url}{path}", json={"prompt": "x", "tokens": [1]}), 401)
     assert httpx.get(f"{live.url}/health").status_code == 200
 

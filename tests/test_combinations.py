@@ -4,9 +4,12 @@ weights at load, of the model with those weights dequantized (the values the eng
 
 The workload mixes greedy, seeded and unseeded requests, shared prefixes, a repeated prompt and
 priorities, and its prompts hold many times one step's token budget, so prefills batch, chunk and
-queue. In every run: greedy tokens equal transformers' and their logprobs agree; seeded tokens
-equal those of a plain engine; every reported logprob of a sampled token is transformers' logprob
-of that token on the same sequence.
+queue; with LoRA, a third of its requests run under each of two adapters, sharing prefixes with
+requests of the base model and of the other adapter, and transformers' reference is peft's
+forward under each request's adapter. In every run:
+greedy tokens equal transformers' and their logprobs agree; seeded tokens equal those of a plain
+engine; every reported logprob of a sampled token is transformers' logprob of that token on the
+same sequence.
 
 A new engine option joins `AXES`; `pairwise_rows` keeps every pair of option values in some run.
 """
@@ -17,8 +20,8 @@ import itertools
 import pytest
 from transformers import AutoConfig
 
-from conveyor import AsyncLLM, SamplingParams
-from reference import dequantized_model, hf_greedy, hf_sequence_logprobs, make_prompts
+from conveyor import AsyncLLM, LoRARequest, SamplingParams
+from reference import dequantized_model, hf_greedy, hf_sequence_logprobs, make_lora_adapter, make_prompts
 
 AXES = {
     "tensor_parallel_size": (1, 2),
@@ -28,6 +31,7 @@ AXES = {
     "async_scheduling": (False, True),
     "preemption": (False, True),  # a KV cache too small for the whole workload at once
     "quantization": (None, "int8"),
+    "lora": (False, True),
 }
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 128
@@ -59,7 +63,9 @@ def row_id(row: dict) -> str:
 
 
 def engine_options(row: dict) -> dict:
-    options = {name: value for name, value in row.items() if name != "preemption"}
+    options = {name: value for name, value in row.items() if name not in ("preemption", "lora")}
+    if row["lora"]:
+        options |= {"enable_lora": True, "max_loras": 2}  # as many running requests as without adapters
     # chunked: prompts split across 64-token steps; whole: every prompt (and a preempted request's
     # prompt and output) fits one step
     options["max_num_batched_tokens"] = 64 if row["enable_chunked_prefill"] else MAX_MODEL_LEN
@@ -68,14 +74,20 @@ def engine_options(row: dict) -> dict:
 
 
 class Workload:
-    """Twelve requests: three kinds of sampling, shared prefixes, one prompt sent twice."""
+    """Twelve requests: three kinds of sampling, shared prefixes, one prompt sent twice; with
+    adapters, requests 3-5 run under the first and 6-8 under the second."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, adapter_dirs: list[str]):
         prefix = make_prompts(vocab_size, lens=(40,), seed=7)[0]
         tails = make_prompts(vocab_size, lens=(1, 9, 17, 30, 3, 26, 60, 1, 45, 12), seed=8)
         self.prompts = [prefix + tail for tail in tails[:6]] + tails[6:] + [prefix + tails[1]] * 2
         self.kinds = ["greedy", "seeded", "unseeded"] * 4
         self.priorities = [i % 3 for i in range(len(self.prompts))]
+        self.adapter_dirs = adapter_dirs
+
+    def adapters(self, lora: bool) -> list[str | None]:
+        """Each request's adapter directory (None: the base model)."""
+        return [([None] + self.adapter_dirs)[i // 3 % 3] if lora else None for i in range(len(self.prompts))]
 
     def params(self, i: int) -> SamplingParams:
         kind = self.kinds[i]
@@ -83,10 +95,13 @@ class Workload:
                               seed=1000 + i if kind == "seeded" else None,
                               max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
 
-    async def run(self, llm: AsyncLLM):
+    async def run(self, llm: AsyncLLM, lora: bool):
+        adapters = self.adapters(lora)
+
         async def one(i):
+            request = None if adapters[i] is None else LoRARequest(f"a{i // 3}", i // 3 % 3, adapters[i])
             async for out in llm.generate({"prompt_token_ids": self.prompts[i]}, self.params(i),
-                                          priority=self.priorities[i]):
+                                          priority=self.priorities[i], lora_request=request):
                 pass
             completion = out.outputs[0]
             return completion.token_ids, [lps[t].logprob for t, lps in zip(completion.token_ids, completion.logprobs)]
@@ -95,8 +110,12 @@ class Workload:
 
 
 @pytest.fixture(scope="module")
-def workload(llama_dir) -> Workload:
-    return Workload(AutoConfig.from_pretrained(llama_dir).vocab_size)
+def workload(llama_dir, tmp_path_factory) -> Workload:
+    root = tmp_path_factory.mktemp("adapters")
+    adapter_dirs = [make_lora_adapter(llama_dir, root / "qkvo", 8, ["q_proj", "k_proj", "v_proj", "o_proj"], seed=1),
+                    make_lora_adapter(llama_dir, root / "mlp", 4, ["gate_proj", "up_proj", "down_proj"], seed=2,
+                                      use_rslora=True)]
+    return Workload(AutoConfig.from_pretrained(llama_dir).vocab_size, adapter_dirs)
 
 
 @pytest.fixture(scope="module")
@@ -111,22 +130,34 @@ def reference_dirs(llama_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def greedy_reference(reference_dirs, workload) -> dict:
-    return {q: hf_greedy(path, workload.prompts, MAX_TOKENS) for q, path in reference_dirs.items()}
+    """(quantization, lora) -> request index -> transformers' greedy tokens (peft's, under an adapter)."""
+    references = {}
+    for quantization, path in reference_dirs.items():
+        base = [tokens for tokens, _ in hf_greedy(path, workload.prompts, MAX_TOKENS)]
+        references[quantization, False] = dict(enumerate(base))
+        adapters = workload.adapters(True)
+        tokens = references[quantization, True] = {i: base[i] for i, a in enumerate(adapters) if a is None}
+        for adapter in set(adapters) - {None}:
+            indices = [i for i, a in enumerate(adapters) if a == adapter]
+            results = hf_greedy(path, [workload.prompts[i] for i in indices], MAX_TOKENS, adapter=adapter)
+            tokens.update({i: result[0] for i, result in zip(indices, results)})
+    return references
 
 
 @pytest.fixture(scope="module")
 def seeded_reference(llama_dir, workload) -> dict:
-    """quantization -> a plain engine's seeded tokens: one process, default options, room for everything."""
-    async def run(quantization):
+    """(quantization, lora) -> a plain engine's seeded tokens: one process, default options (LoRA on,
+    which the base model's requests do not notice), room for everything, every adapter in one step."""
+    async def run(quantization):  # a seeded request's tokens depend on nothing else: one engine serves both
         async with AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=512, max_model_len=MAX_MODEL_LEN,
-                            quantization=quantization) as llm:
-            return await workload.run(llm)
+                            quantization=quantization, enable_lora=True, max_loras=2) as llm:
+            return [await workload.run(llm, lora) for lora in AXES["lora"]]
 
     references = {}
     for quantization in AXES["quantization"]:
-        results = asyncio.run(run(quantization))
-        references[quantization] = {i: tokens for i, (tokens, _) in enumerate(results)
-                                    if workload.kinds[i] == "seeded"}
+        for lora, results in zip(AXES["lora"], asyncio.run(run(quantization))):
+            references[quantization, lora] = {i: tokens for i, (tokens, _) in enumerate(results)
+                                              if workload.kinds[i] == "seeded"}
     return references
 
 
@@ -140,17 +171,18 @@ def test_every_pair_of_options_runs_together():
 async def test_workload_is_exact_under(row, llama_dir, workload, reference_dirs, greedy_reference,
                                        seeded_reference):
     async with AsyncLLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, **engine_options(row)) as llm:
-        results = await workload.run(llm)
+        results = await workload.run(llm, row["lora"])
         preemptions = (await llm.get_stats())["num_preemptions"]
     assert (preemptions > 0) == row["preemption"]
 
     tokens = [t for t, _ in results]
-    quantization = row["quantization"]
-    transformers_logprobs = hf_sequence_logprobs(reference_dirs[quantization], workload.prompts, tokens)
+    quantization, lora = row["quantization"], row["lora"]
+    transformers_logprobs = hf_sequence_logprobs(reference_dirs[quantization], workload.prompts, tokens,
+                                                 workload.adapters(lora))
     for i, (got_tokens, got_logprobs) in enumerate(results):
         kind = workload.kinds[i]
         if kind == "greedy":
-            assert got_tokens == greedy_reference[quantization][i][0], f"request {i}"
+            assert got_tokens == greedy_reference[quantization, lora][i], f"request {i}"
         if kind == "seeded":
-            assert got_tokens == seeded_reference[quantization][i], f"request {i}"
+            assert got_tokens == seeded_reference[quantization, lora][i], f"request {i}"
         assert got_logprobs == pytest.approx(transformers_logprobs[i], abs=LOGPROB_TOLERANCE), f"request {i}"

@@ -14,12 +14,14 @@ from conveyor.frontend.async_llm import check_priority
 from conveyor.frontend.protocol import ChatCompletionRequest, CompletionRequest, to_sampling_params
 from conveyor.sampling_params import RequestOutputKind, SamplingParams
 from conveyor.gpu_worker.sampler import Sampler, make_sampling_state
-from conveyor.ipc.messages import (Abort, CachedRequestData, EngineCoreInput, EngineCoreOutput,
+from conveyor.ipc.messages import (Abort, CachedRequestData, EmbeddingTable, EngineCoreInput, EngineCoreOutput,
                                    EngineCoreOutputMessage, EngineCoreOutputs, EngineCoreRequest, EngineDead,
                                    Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput, SchedulerStats,
                                    UtilityCall, UtilityResult, WorkerCall, WorkerError, WorkerInput, WorkerOutput,
                                    WorkerResult)
 from conveyor.ipc.serial import Decoder, Encoder
+from conveyor.gpu_worker.model_runner import embedding_tensor
+from conveyor.lora import LoRARequest
 
 V = 32  # the sampler's vocabulary in these tests
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -126,6 +128,47 @@ def test_sampling_params_encode_and_sample_or_refuse_naming_the_field(kwargs, ou
         sample(params, output)
 
 
+# ---- LoRA requests ----
+
+LORA_VALID = {"lora_name": st.text(min_size=1, max_size=4), "lora_int_id": st.integers(1, 2**31 - 1),
+              "lora_path": st.one_of(st.none(), st.text(min_size=1, max_size=4)),
+              "lora_weights": st.one_of(st.none(), st.just({"w": torch.zeros(1)})),
+              "lora_config": st.one_of(st.none(), st.just({"r": 1}))}
+
+
+@FUZZ
+@given(fields=with_hostile_fields(LORA_VALID))
+def test_lora_request_is_built_or_refused_naming_the_field(fields):
+    fields = {"lora_name": "a", "lora_int_id": 1, **fields}
+    try:
+        request = LoRARequest(**fields)
+    except ValueError as e:
+        assert any(name in str(e).split(" ")[0] for name in fields), str(e)
+        return
+    assert isinstance(request.lora_name, str) and request.lora_name
+    assert 1 <= request.lora_int_id <= 2**31 - 1
+    assert (request.lora_weights is None) == (request.lora_config is None)
+    assert request.lora_path is None or request.lora_weights is None
+    message = EngineCoreRequest("r", [1], SamplingParams(), 0.0, lora_id=request.lora_int_id,
+                                lora_path=request.lora_path)
+    assert Decoder(EngineCoreInput).decode(Encoder().encode(message)) == message
+
+
+@FUZZ
+@given(dtype=st.sampled_from(["float32", "bfloat16", "float16", "int8", "", "x" * 40]),
+       shape=st.lists(st.one_of(st.integers(-2, 5), st.sampled_from([-(2**63), 2**31, 2**63 - 1, 2**64 - 1])),
+                      max_size=3), data=st.binary(max_size=80))
+def test_prompt_embedding_table_is_refused_by_the_core_or_fits_the_worker(dtype, shape, data):
+    table = EmbeddingTable(dtype, shape, data)
+    message = EngineCoreRequest("r", [1], SamplingParams(), 0.0, prompt_embedding_table=table)
+    decoded = Decoder(EngineCoreInput, tensors=False).decode(Encoder().encode(message))
+    problem = decoded.prompt_embedding_table.problem(hidden_size=4)
+    if problem is None:
+        assert embedding_tensor(table, torch.float32, torch.device("cpu")).shape == (shape[0], 4)
+    else:
+        assert problem.startswith("prompt_embedding_table")
+
+
 # ---- OpenAI request bodies ----
 
 BODY = {name: VALID[name] for name in (
@@ -168,6 +211,8 @@ PARAMS = SamplingParams(n=2, seed=5, logit_bias={3: 1.0}, stop=["x"], logprobs=2
 SOCKETS = {
     "core input": (EngineCoreInput, [
         EngineCoreRequest("r1", [1, 2, 3], PARAMS, 1.5, priority=-2, cache_salt="s"),
+        EngineCoreRequest("r2", [1], PARAMS, 1.5, lora_id=3, lora_path="/adapters/a",
+                          prompt_embedding_table=EmbeddingTable("float32", [1, 2], bytes(8))),
         Abort(["r1", "r2"]), UtilityCall(7, "stats", [1, "a"])]),
     "core output": (EngineCoreOutputMessage, [
         EngineCoreOutputs([EngineCoreOutput("r1", [4, 5], [LP], [None, LP], "stop", 5, 2, 1.0)], 2.0,
@@ -176,6 +221,8 @@ SOCKETS = {
     "worker input": (WorkerInput, [
         SchedulerOutput(3, [NewRequestData("r1", [1, 2], PARAMS, [0, 1], 0, [9])],
                         CachedRequestData(["r2"], [[4]], [17]), [2, 1], ["r0"]),
+        SchedulerOutput(4, [NewRequestData("r3", [1], PARAMS, [2], 0, lora_id=7)], CachedRequestData(), [1], [],
+                        [5], {7: "/adapters/b"}),
         WorkerCall("init_kv_cache", [12])]),
     "worker output": (WorkerOutput, [
         ModelRunnerOutput(3, ["r1"], [[7]], [LP], {"r1": [None, LP]}, 0.1, {"r2": "failed"}),

@@ -198,3 +198,20 @@ def test_cpus_split_between_worker_ranks_and_the_engine_core(monkeypatch):
     assert oversubscribed.worker_cpus(0) is None and oversubscribed.engine_core_cpus() is None
     unbound = EngineConfig(model="unused", worker_threads=3, bind_cores=False)
     assert unbound.worker_cpus(0) is None and unbound.engine_core_cpus() is None
+
+
+def test_a_step_holds_at_most_max_loras_adapters_and_the_others_wait():
+    s = make_scheduler(enable_lora=True, max_loras=2, max_cpu_loras=3)
+    for i, lora_id in enumerate([1, 2, 3, 0, 1, 3]):
+        request = add(s, f"r{i}", max_tokens=1)
+        request.lora_id, request.lora_path = lora_id, f"/adapter{lora_id}" if lora_id else None
+    step = s.schedule()
+    assert set(scheduled(step)) == {"r0", "r1", "r3", "r4"}  # adapters 1 and 2, and the base model
+    assert step.lora_loads == {1: "/adapter1", 2: "/adapter2"}
+    assert {n.request_id: n.lora_id for n in step.new_requests} == {"r0": 1, "r1": 2, "r3": 0, "r4": 1}
+    assert [r.request_id for r in s.waiting._fifo] == ["r2", "r5"]  # waiting, in order, not failed
+    outputs = s.update_from_output(result(step, {rid: 100 for rid in scheduled(step)}))
+    assert set(finished(outputs)) == {"r0", "r1", "r3", "r4"}
+    step = s.schedule()
+    assert set(scheduled(step)) == {"r2", "r5"}
+    assert step.lora_loads == {3: "/adapter3"} and step.lora_evictions == []

@@ -123,8 +123,10 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, input_ids, positions, kv_caches, meta, cos_sin_cache) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, meta, cos_sin_cache, virtual=None) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        if virtual is not None:  # prompt tuning: (token indices, their embeddings) replace the lookups
+            x[virtual[0]] = virtual[1]
         rope = self.ops.prepare_rotary(positions, cos_sin_cache, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, kv_cache, meta, rope)
@@ -145,8 +147,8 @@ class LlamaForCausalLM(nn.Module):
         device = self.model.embed_tokens.weight.device
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(config, head_dim, device), persistent=False)
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, self.cos_sin_cache)
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, virtual=None) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, self.cos_sin_cache, virtual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden).float()

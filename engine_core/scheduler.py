@@ -253,6 +253,7 @@ class Scheduler:
     def update_from_output(self, result: ModelRunnerOutput) -> list[tuple[Request, EngineCoreOutput]]:
         outputs = []
         samples = self.in_flight.pop(result.step_id)
+        grammar_ended = set(result.grammar_ended or ())
         for i, (request_id, token_ids) in enumerate(zip(result.request_ids, result.sampled_token_ids)):
             request = self._awaiting(samples, request_id)
             if request is None:
@@ -260,6 +261,8 @@ class Scheduler:
             request.num_output_placeholders -= 1
             request.append_output_token_ids(token_ids)
             status = self._check_stop(request)
+            if status is None and request_id in grammar_ended:
+                status = RequestStatus.FINISHED_STOPPED
             output = EngineCoreOutput(
                 request_id,
                 token_ids,

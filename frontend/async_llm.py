@@ -28,6 +28,7 @@ from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState, deliver_threadsafe
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
 from conveyor.frontend.parallel_sampling import generate_n
+from conveyor.frontend.structured_outputs import GrammarCompiler
 from conveyor.sampling_params import (INT64_MAX, INT64_MIN, SamplingParams, resolve_logits_processor,
                                       resolve_max_tokens)
 from conveyor.ipc.messages import EngineCoreOutputs, EngineCoreRequest
@@ -60,9 +61,10 @@ def check_priority(priority: int) -> None:
         raise ValueError(f"priority must be an int in [{INT64_MIN}, {INT64_MAX}], got {priority!r}")
 
 
-def _release(client: CoreClient, executor: ThreadPoolExecutor) -> None:
+def _release(client: CoreClient, executor: ThreadPoolExecutor, grammars: GrammarCompiler) -> None:
     client.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
+    grammars.shutdown()
 
 
 def cache_salt_of(prompt: PromptType) -> str | None:
@@ -88,7 +90,8 @@ class AsyncLLM:
         # Start the engine first: transformers imports and the tokenizer loads here (seconds)
         # while the workers load the model.
         self.client = CoreClient(self.config, self._on_outputs, self.output_processor.fail_all, engine_address)
-        self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor)
+        self.grammars = GrammarCompiler()  # structured outputs' grammars, compiled on a thread of their own
+        self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor, self.grammars)
         atexit.register(self._finalizer)
         try:
             self.hf_config = self.config.load_hf_config()
@@ -97,6 +100,7 @@ class AsyncLLM:
             self.tokenizer = self.config.load_tokenizer()
             self.eos_token_ids = eos_token_ids(self.config.model, self.tokenizer)
             self.output_processor.tokenizer = self.tokenizer
+            self.grammars.bind(self.tokenizer, self.hf_config.vocab_size)
             self.client.wait_ready()
             self.max_model_len = self.client.max_model_len  # the core's word (the workers resolved it)
         except BaseException:
@@ -153,6 +157,8 @@ class AsyncLLM:
         else:
             prepared = self.process_inputs(prompt, params)
         text, token_ids, params, detokenizer = prepared
+        if params.structured_outputs is not None:  # waits for its grammar; nothing else does
+            params.compiled_grammar = await self.grammars.compile(params.structured_outputs)
         arrival = time.time()
         state = RequestState(request_id, text, token_ids, params, detokenizer,
                              OutputMailbox(asyncio.get_running_loop(), params.output_kind), RequestMetrics(arrival))
@@ -226,6 +232,7 @@ class AsyncLLM:
     def _bind(self, params: SamplingParams) -> SamplingParams:
         """A private copy of the caller's params with the tokenizer's facts filled in."""
         private = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
+        private.compiled_grammar = None  # only ever the frontend's own compilation of structured_outputs
         return private.bind_tokenizer(
             self.tokenizer, self.eos_token_ids or None, vocab_size=self.hf_config.vocab_size)
 

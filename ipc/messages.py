@@ -193,6 +193,7 @@ class ModelRunnerOutput(Message, tag="mro"):
     prompt_logprobs: dict[str, list[Logprobs | None]] | None = None
     model_time: float = 0.0
     errors: dict[str, str] | None = None  # requests that failed alone this step (not in request_ids)
+    grammar_ended: list[str] | None = None  # requests whose structured output is complete with this token
 
 
 class WorkerReady(Message, tag="ready"):

@@ -6,7 +6,9 @@ The workload mixes greedy, seeded and unseeded requests, shared prefixes, a repe
 priorities, and its prompts hold many times one step's token budget, so prefills batch, chunk and
 queue. In every run: greedy tokens equal transformers' and their logprobs agree; seeded tokens
 equal those of a plain engine; every reported logprob of a sampled token is transformers' logprob
-of that token on the same sequence.
+of that token on the same sequence. Under structured outputs, constrained requests (a JSON schema,
+a regex, a choice list and a grammar, greedy and sampled) join the workload: each output meets its
+constraint, and the others stay exact.
 
 A new engine option joins `AXES`; `pairwise_rows` keeps every pair of option values in some run.
 """
@@ -17,7 +19,8 @@ import itertools
 import pytest
 from transformers import AutoConfig
 
-from conveyor import AsyncLLM, SamplingParams
+from conveyor import AsyncLLM, RequestOutputKind, SamplingParams, StructuredOutputsParams
+from constraints import CHOICES, GRAMMAR, REGEXES, assert_meets
 from reference import dequantized_model, hf_greedy, hf_sequence_logprobs, make_prompts
 
 AXES = {
@@ -28,6 +31,7 @@ AXES = {
     "async_scheduling": (False, True),
     "preemption": (False, True),  # a KV cache too small for the whole workload at once
     "quantization": (None, "int8"),
+    "structured_outputs": (False, True),  # constrained requests join the workload
 }
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 128
@@ -59,7 +63,7 @@ def row_id(row: dict) -> str:
 
 
 def engine_options(row: dict) -> dict:
-    options = {name: value for name, value in row.items() if name != "preemption"}
+    options = {name: value for name, value in row.items() if name not in ("preemption", "structured_outputs")}
     # chunked: prompts split across 64-token steps; whole: every prompt (and a preempted request's
     # prompt and output) fits one step
     options["max_num_batched_tokens"] = 64 if row["enable_chunked_prefill"] else MAX_MODEL_LEN
@@ -83,7 +87,7 @@ class Workload:
                               seed=1000 + i if kind == "seeded" else None,
                               max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
 
-    async def run(self, llm: AsyncLLM):
+    async def run(self, llm: AsyncLLM, constrained: bool = False):
         async def one(i):
             async for out in llm.generate({"prompt_token_ids": self.prompts[i]}, self.params(i),
                                           priority=self.priorities[i]):
@@ -91,7 +95,26 @@ class Workload:
             completion = out.outputs[0]
             return completion.token_ids, [lps[t].logprob for t, lps in zip(completion.token_ids, completion.logprobs)]
 
-        return await asyncio.gather(*(one(i) for i in range(len(self.prompts))))
+        async def constrained_one(i, constraint):
+            params = SamplingParams(temperature=float(i % 2), seed=i, max_tokens=CONSTRAINED_MAX_TOKENS,
+                                    structured_outputs=constraint, output_kind=RequestOutputKind.DELTA)
+            text = ""
+            async for out in llm.generate(self.prompts[i][:5], params, priority=i % 3):
+                text += out.outputs[0].text
+            assert out.outputs[0].finish_reason == "stop", (constraint, text)
+            assert_meets(constraint, text)
+
+        checks = [constrained_one(i, c) for i, c in enumerate(CONSTRAINTS)] if constrained else []
+        results = await asyncio.gather(*(one(i) for i in range(len(self.prompts))), *checks)
+        return results[:len(self.prompts)]
+
+
+CONSTRAINED_MAX_TOKENS = 48
+CONSTRAINTS = [StructuredOutputsParams(json={"type": "object", "required": ["size", "ok"], "properties": {
+                   "size": {"type": "integer", "minimum": 1, "maximum": 99}, "ok": {"type": "boolean"},
+                   "tag": {"enum": ["a", "b"]}}}),
+               StructuredOutputsParams(regex=REGEXES[0]), StructuredOutputsParams(choice=CHOICES[1]),
+               StructuredOutputsParams(grammar=GRAMMAR)]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +163,7 @@ def test_every_pair_of_options_runs_together():
 async def test_workload_is_exact_under(row, llama_dir, workload, reference_dirs, greedy_reference,
                                        seeded_reference):
     async with AsyncLLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, **engine_options(row)) as llm:
-        results = await workload.run(llm)
+        results = await workload.run(llm, row["structured_outputs"])
         preemptions = (await llm.get_stats())["num_preemptions"]
     assert (preemptions > 0) == row["preemption"]
 

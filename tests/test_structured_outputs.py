@@ -160,6 +160,15 @@ def test_json_object_composes_with_logit_bias(llm):
     assert open_.outputs[0].text.startswith('{"')
 
 
+def test_a_complete_grammar_stops_its_request_even_under_ignore_eos(llm):
+    choice = StructuredOutputsParams(choice=["left", "right"])
+    (out,) = llm.generate("x", SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True,
+                                              structured_outputs=choice), use_tqdm=False)
+    completion = out.outputs[0]
+    assert completion.finish_reason == "stop" and completion.text in ("left", "right")
+    assert completion.token_ids[-1] == llm.tokenizer.eos_token_id  # the grammar's end, kept as ignore_eos asks
+
+
 def test_a_request_that_reaches_max_tokens_mid_object_finishes_with_length(llm):
     schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 50}}, "required": ["a"]}
     (out,) = llm.generate("x", SamplingParams(temperature=0.0, max_tokens=3,
@@ -183,9 +192,10 @@ def test_a_slow_compilation_delays_only_its_own_request(llm):
     grammars = llm.engine.grammars
     compile_ = grammars._compile
     release = threading.Event()
+    served_meanwhile = []
 
-    def slow(*args):
-        release.wait(10)
+    def slow(*args):  # compiles only once the free request is done, or gives up after 5 s
+        served_meanwhile.append(release.wait(5))
         return compile_(*args)
 
     grammars._compile = slow
@@ -208,7 +218,7 @@ def test_a_slow_compilation_delays_only_its_own_request(llm):
         asyncio.run_coroutine_threadsafe(both(), llm.loop).result(30)
     finally:
         del grammars._compile
-    assert finished["free"] < finished["constrained"]
+    assert served_meanwhile == [True] and finished["free"] < finished["constrained"]
 
 
 def test_an_invalid_schema_is_refused_before_the_engine(llm):

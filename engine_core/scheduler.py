@@ -87,6 +87,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up, since start
         self.prefix_cache_hits = 0
+        self.grammar_tokenizer: str | None = None  # for the workers, with the next step (structured outputs)
 
     # ---- requests in and out ----
 
@@ -245,7 +246,9 @@ class Scheduler:
                 request.num_output_placeholders += 1  # the step reaches its end: it samples
                 samples[request_id] = (request, request.num_preemptions)
         self.in_flight[self.step_id] = samples
-        output = SchedulerOutput(self.step_id, new, cached, new_counts + cached_counts, self.dropped_ids)
+        output = SchedulerOutput(self.step_id, new, cached, new_counts + cached_counts, self.dropped_ids,
+                                 self.grammar_tokenizer)
+        self.grammar_tokenizer = None
         self.dropped_ids = []
         self.step_id += 1
         return output

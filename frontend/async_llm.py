@@ -91,6 +91,7 @@ class AsyncLLM:
         # while the workers load the model.
         self.client = CoreClient(self.config, self._on_outputs, self.output_processor.fail_all, engine_address)
         self.grammars = GrammarCompiler()  # structured outputs' grammars, compiled on a thread of their own
+        self._grammar_tokenizer_sent = None  # the call that sends the workers the tokenizer's grammar view
         self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor, self.grammars)
         atexit.register(self._finalizer)
         try:
@@ -159,6 +160,7 @@ class AsyncLLM:
         text, token_ids, params, detokenizer = prepared
         if params.structured_outputs is not None:  # waits for its grammar; nothing else does
             params.compiled_grammar = await self.grammars.compile(params.structured_outputs)
+            await self._send_grammar_tokenizer()
         arrival = time.time()
         state = RequestState(request_id, text, token_ids, params, detokenizer,
                              OutputMailbox(asyncio.get_running_loop(), params.output_kind), RequestMetrics(arrival))
@@ -181,6 +183,16 @@ class AsyncLLM:
         params = self._bind(params)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
         return text, token_ids, params, detokenizer
+
+    async def _send_grammar_tokenizer(self) -> None:
+        """Once: the workers get the tokenizer's grammar view (through the core, with its next step)
+        before this frontend's first constrained request."""
+        if self._grammar_tokenizer_sent is None:
+            self._grammar_tokenizer_sent = self.client.call("set_grammar_tokenizer", self.grammars.tokenizer_json)
+        sent = self._grammar_tokenizer_sent
+        if not sent.done():
+            await asyncio.wrap_future(sent)
+        sent.result()
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else request_id

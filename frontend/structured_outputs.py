@@ -30,6 +30,7 @@ class GrammarCompiler:
         self.tokenizer = None
         self.vocab_size = 0
         self._compiler = None
+        self.tokenizer_json: str | None = None  # the workers need it to load what this compiles
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-grammar")
 
@@ -59,8 +60,8 @@ class GrammarCompiler:
         import xgrammar
 
         if self._compiler is None:
-            # the workers build the same view of the tokenizer (gpu_worker/structured_output.py)
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+            self.tokenizer_json = info.serialize_json()
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         kind, spec = key
         try:

@@ -59,8 +59,7 @@ class ModelRunner:
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops, gguf,
                                 config.quantization)
         self.block_size = config.block_size
-        self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties,
-                               GrammarLoader(config.load_tokenizer, self.hf_config.vocab_size))
+        self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties, GrammarLoader())
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -98,9 +97,9 @@ class ModelRunner:
     def update_states(self, step: SchedulerOutput) -> None:
         for request_id in step.finished_request_ids:
             self.requests.pop(request_id, None)
+        if step.grammar_tokenizer is not None:
+            self.sampler.grammars.set_tokenizer(step.grammar_tokenizer)
         for new in step.new_requests:
-            if new.sampling_params.compiled_grammar is not None:
-                self.sampler.grammars.prepare()
             sampling = make_sampling_state(new.sampling_params, new.prompt_token_ids, self.device,
                                            new.sampling_seed)
             sampling.output_token_ids.extend(new.output_token_ids)

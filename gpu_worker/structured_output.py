@@ -6,7 +6,9 @@ a word between them, and a rank knows its token the moment it samples it, which 
 needs (the step after is already running when the core hears of the token). A matcher is made at
 the request's first sample and replays the output so far, so a preempted request resumes where
 it was. The grammar arrives compiled (`SamplingParams.compiled_grammar`, by the frontend); it is
-loaded once per rank and kept.
+loaded once per rank and kept, against xgrammar's view of the tokenizer, which the frontend sends
+once (with a step, before any step that samples for its constrained requests): a rank never loads
+the tokenizer itself (seconds for a GGUF file), so no step waits for it.
 
 xgrammar's JSON strings admit raw control characters (U+0000-U+001F but CR and LF), which JSON
 forbids and strict parsers (Python's json among them) refuse; JSON is compiled without free
@@ -16,9 +18,7 @@ those tokens (`control_free_mask`).
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,31 +30,27 @@ CACHE_SIZE = 64  # loaded grammars kept per rank, least recently used dropped fi
 
 
 class GrammarLoader:
-    """Loads compiled grammars for one tokenizer. xgrammar's view of the tokenizer is built on a
-    thread once the first constrained request arrives (`prepare`), while its prompt computes."""
+    """Loads compiled grammars for the tokenizer set last (`set_tokenizer`)."""
 
-    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int):
-        self._load_tokenizer = load_tokenizer
-        self.vocab_size = vocab_size
+    def __init__(self):
+        self._tokenizer_json: str | None = None
         self._info = None
-        self._thread: threading.Thread | None = None
         self._error: str | None = None
         self._grammars: OrderedDict[str, object] = OrderedDict()
         self._control_free: torch.Tensor | None = None
 
-    def prepare(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._build_info, name="conveyor-grammar", daemon=True)
-            self._thread.start()
-
-    def _build_info(self) -> None:
-        try:
+    def set_tokenizer(self, info_json: str) -> None:
+        """xgrammar's serialized TokenizerInfo, as a frontend built it."""
+        if info_json != self._tokenizer_json:
             import xgrammar
 
-            # as the frontend builds it (frontend/structured_outputs.py), so its grammars load here
-            self._info = xgrammar.TokenizerInfo.from_huggingface(self._load_tokenizer(), vocab_size=self.vocab_size)
-        except Exception as e:
-            self._error = f"{type(e).__name__}: {e}"
+            self._tokenizer_json, self._info, self._error = info_json, None, None
+            self._grammars.clear()
+            self._control_free = None
+            try:  # a bad one fails the constrained requests, not the rank
+                self._info = xgrammar.TokenizerInfo.deserialize_json(info_json)
+            except Exception as e:
+                self._error = f"{type(e).__name__}: {e}"
 
     def load(self, compiled: str):
         """The grammar of `compiled` (xgrammar's serialized CompiledGrammar)."""
@@ -64,10 +60,9 @@ class GrammarLoader:
             return grammar
         import xgrammar
 
-        self.prepare()
-        self._thread.join()
-        if self._error is not None:
-            raise RuntimeError(f"cannot read the tokenizer for structured outputs: {self._error}")
+        if self._info is None:
+            raise RuntimeError(f"the tokenizer's grammar view {'never arrived' if self._error is None else 'is bad'}"
+                               + (f": {self._error}" if self._error else ""))
         grammar = self._grammars[compiled] = xgrammar.CompiledGrammar.deserialize_json(compiled, self._info)
         while len(self._grammars) > CACHE_SIZE:
             self._grammars.popitem(last=False)

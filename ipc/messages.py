@@ -164,6 +164,7 @@ class SchedulerOutput(Message, tag="step"):
     cached_requests: CachedRequestData
     num_scheduled_tokens: list[int]  # per request: the new ones, then the cached ones, in order
     finished_request_ids: list[str]  # finished or preempted: workers drop their state
+    grammar_tokenizer: str | None = None  # xgrammar's view of the tokenizer (a frontend's), sent once
 
     def scheduled_request_ids(self) -> list[str]:
         """The requests of `num_scheduled_tokens`, in its order."""

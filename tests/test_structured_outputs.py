@@ -88,6 +88,23 @@ def test_equal_constraints_compile_once(compiler):
 
 # ---- in the sampler ----
 
+def loader_of(compiler: GrammarCompiler) -> GrammarLoader:
+    """A worker's loader, given the tokenizer's grammar view as the frontend sends it."""
+    loader = GrammarLoader()
+    loader.set_tokenizer(compiler.tokenizer_json)
+    return loader
+
+
+def test_a_rank_without_the_tokenizers_grammar_view_fails_the_request_alone(tokenizer, compiler):
+    vocab = len(tokenizer)
+    constraint = StructuredOutputsParams(choice=["yes", "no"])
+    params = SamplingParams(structured_outputs=constraint, compiled_grammar=asyncio.run(compiler.compile(constraint)))
+    loader = GrammarLoader()
+    loader.set_tokenizer("not xgrammar's json")
+    states = [make_sampling_state(params, [5], "cpu", seed=0), make_sampling_state(SamplingParams(), [5], "cpu", 0)]
+    Sampler(vocab, grammars=loader)(torch.randn(2, vocab), states)
+    assert "grammar view is bad" in states[0].error and states[1].error is None
+
 def test_the_torch_bitmask_masks_as_xgrammar_does():
     import xgrammar
 
@@ -103,9 +120,9 @@ def test_the_torch_bitmask_masks_as_xgrammar_does():
 def test_the_sampler_keeps_noise_within_the_grammar(llama_dir, tokenizer, compiler):
     """Random logits, greedy and sampled rows: the tokens spell a match, and the request ends with a stop."""
     vocab = len(tokenizer)
-    sampler = Sampler(vocab, grammars=GrammarLoader(lambda: tokenizer, vocab))
     constraint = StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,4}")
     compiled = asyncio.run(compiler.compile(constraint))
+    sampler = Sampler(vocab, grammars=loader_of(compiler))
     states = [make_sampling_state(SamplingParams(temperature=t, structured_outputs=constraint, eos_token_id=1,
                                                  compiled_grammar=compiled), [5, 6], "cpu", seed=3)
               for t in (0.0, 1.0)]
@@ -124,10 +141,10 @@ def test_the_sampler_keeps_noise_within_the_grammar(llama_dir, tokenizer, compil
 
 def test_a_request_resumed_after_preemption_replays_its_output_into_the_grammar(tokenizer, compiler):
     vocab = len(tokenizer)
-    sampler = Sampler(vocab, grammars=GrammarLoader(lambda: tokenizer, vocab))
     constraint = StructuredOutputsParams(choice=["yes", "no"])
     params = SamplingParams(temperature=0.0, structured_outputs=constraint, eos_token_id=1,
                             compiled_grammar=asyncio.run(compiler.compile(constraint)))
+    sampler = Sampler(vocab, grammars=loader_of(compiler))
     state = make_sampling_state(params, [5], "cpu", seed=0)
     state.output_token_ids.extend(tokenizer.encode("ye", add_special_tokens=False))
     token = sampler(torch.randn(1, vocab), [state]).sampled_token_ids[0]

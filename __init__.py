@@ -25,6 +25,7 @@ _EXPORTS = {
     "EngineStartupError": "conveyor.frontend.errors",
     "RequestOutputKind": "conveyor.sampling_params",
     "SamplingParams": "conveyor.sampling_params",
+    "StructuredOutputsParams": "conveyor.sampling_params",
 }
 
 __all__ = sorted(_EXPORTS)

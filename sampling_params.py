@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,6 +94,67 @@ def child_seed(seed: int | None, index: int) -> int | None:
     return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on the output, enforced token by token (vLLM's names): exactly one of a JSON
+    schema (a dict, or its JSON text), a regular expression, a list of choices, an EBNF grammar
+    (GBNF, as llama.cpp writes it), or `json_object=True` (any JSON object)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
+        _check(len(given) == 1, "structured_outputs", given or None,
+               f"exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}")
+        _check(self.json is None or isinstance(self.json, (str, dict)), "structured_outputs.json", self.json,
+               "a JSON schema: a dict or its JSON text")
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json must be a JSON schema, got text that is not JSON: {e}") \
+                    from None
+            _check(isinstance(schema, (dict, bool)), "structured_outputs.json", self.json, "a JSON schema (an object)")
+        elif isinstance(self.json, dict):
+            try:  # it travels as msgpack and is keyed as JSON text
+                json.dumps(self.json, sort_keys=True)
+                msgspec.msgpack.encode(self.json)
+            except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:
+                raise ValueError(f"structured_outputs.json must be a JSON schema of JSON values (string keys, "
+                                 f"integers within int64), got one that is not: {e}") from None
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str) and value, f"structured_outputs.{name}", value,
+                   "a non-empty string")
+        _check(self.choice is None or isinstance(self.choice, list) and self.choice
+               and all(isinstance(c, str) and c for c in self.choice),
+               "structured_outputs.choice", self.choice, "a non-empty list of non-empty strings")
+        _check(self.json_object in (None, True, False), "structured_outputs.json_object", self.json_object,
+               "true or absent")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, spec as text): equal constraints have equal keys (a schema's keys sorted)."""
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind == "json":
+            value = json.dumps(json.loads(value) if isinstance(value, str) else value, sort_keys=True)
+        elif kind == "choice":
+            value = json.dumps(value)
+        elif kind == "json_object":
+            value = ""
+        return kind, value
+
+
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     n: int = 1
     temperature: float = 1.0
@@ -126,10 +188,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Import paths "pkg.module:callable" or "pkg.module.callable"; each is applied in the worker as
     # fn(output_token_ids: list[int], logits_row: Tensor) -> Tensor.
     logits_processors: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     # Internal, filled by the frontend (`bind_tokenizer`).
     bad_words_token_ids: list[list[int]] | None = None
     eos_token_id: int | None = None
+    # the grammar of structured_outputs, compiled for the model's tokenizer (xgrammar's JSON)
+    compiled_grammar: str | None = None
     # Derived in __post_init__: stop_token_ids plus eos unless ignore_eos.
     all_stop_token_ids: list[int] = msgspec.field(default_factory=list)
 
@@ -261,7 +326,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                        for p in self.logits_processors),
                "logits_processors", self.logits_processors,
                "a list of import paths 'pkg.module:callable' or 'pkg.module.callable'")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
+        _check(self.compiled_grammar is None or isinstance(self.compiled_grammar, str), "compiled_grammar",
+               self.compiled_grammar, "a string or None")
         if self.use_beam_search:
+            _check(self.structured_outputs is None, "use_beam_search", True,
+                   "False with structured_outputs (beams are not constrained)")
             _check(self.top_p == 1.0 and self.top_k == 0 and self.min_p == 0.0, "use_beam_search", True,
                    f"False with top_p, top_k or min_p set (top_p={self.top_p}, top_k={self.top_k}, min_p={self.min_p})")
         if not isinstance(self.output_kind, RequestOutputKind):

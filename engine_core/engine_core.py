@@ -193,6 +193,15 @@ class EngineCore:
     def call_reset_prefix_cache(self) -> bool:
         return self.scheduler.kv_cache.reset_prefix_cache()
 
+    def call_set_grammar_tokenizer(self, info: str) -> bool:
+        """A frontend's view of the tokenizer for structured outputs (xgrammar's serialized
+        TokenizerInfo): it reaches every worker with the next step, before any step that samples
+        for a request this frontend sends after this call."""
+        if not isinstance(info, str) or not info:
+            raise ValueError("set_grammar_tokenizer takes xgrammar's serialized TokenizerInfo")
+        self.scheduler.grammar_tokenizer = info
+        return True
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 

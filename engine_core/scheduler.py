@@ -90,6 +90,7 @@ class Scheduler:
         self.prefix_cache_queries = 0  # tokens looked up, since start
         self.prefix_cache_hits = 0
         self.lora_cache = LoRACache(config.max_cpu_loras)
+        self.grammar_tokenizer: str | None = None  # for the workers, with the next step (structured outputs)
 
     # ---- requests in and out ----
 
@@ -264,7 +265,8 @@ class Scheduler:
         self.in_flight[self.step_id] = samples
         evictions, loads = self.lora_cache.prepare(step_loras)
         output = SchedulerOutput(self.step_id, new, cached, new_counts + cached_counts, self.dropped_ids,
-                                 evictions, loads)
+                                 evictions, loads, self.grammar_tokenizer)
+        self.grammar_tokenizer = None
         self.dropped_ids = []
         self.step_id += 1
         return output
@@ -272,6 +274,7 @@ class Scheduler:
     def update_from_output(self, result: ModelRunnerOutput) -> list[tuple[Request, EngineCoreOutput]]:
         outputs = []
         samples = self.in_flight.pop(result.step_id)
+        grammar_ended = set(result.grammar_ended or ())
         for i, (request_id, token_ids) in enumerate(zip(result.request_ids, result.sampled_token_ids)):
             request = self._awaiting(samples, request_id)
             if request is None:
@@ -279,6 +282,8 @@ class Scheduler:
             request.num_output_placeholders -= 1
             request.append_output_token_ids(token_ids)
             status = self._check_stop(request)
+            if status is None and request_id in grammar_ended:
+                status = RequestStatus.FINISHED_STOPPED
             output = EngineCoreOutput(
                 request_id,
                 token_ids,

@@ -31,6 +31,7 @@ from conveyor.frontend.detokenizer import IncrementalDetokenizer
 from conveyor.frontend.output_processor import OutputMailbox, OutputProcessor, RequestState, deliver_threadsafe
 from conveyor.frontend.outputs import RequestMetrics, RequestOutput
 from conveyor.frontend.parallel_sampling import generate_n
+from conveyor.frontend.structured_outputs import GrammarCompiler
 from conveyor.sampling_params import (INT64_MAX, INT64_MIN, SamplingParams, resolve_logits_processor,
                                       resolve_max_tokens)
 from conveyor.ipc.messages import EMBEDDING_DTYPES, EmbeddingTable, EngineCoreOutputs, EngineCoreRequest
@@ -65,9 +66,11 @@ def check_priority(priority: int) -> None:
         raise ValueError(f"priority must be an int in [{INT64_MIN}, {INT64_MAX}], got {priority!r}")
 
 
-def _release(client: CoreClient, executor: ThreadPoolExecutor, lora_dir: str | None) -> None:
+def _release(client: CoreClient, executor: ThreadPoolExecutor, grammars: GrammarCompiler,
+             lora_dir: str | None) -> None:
     client.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
+    grammars.shutdown()
     if lora_dir is not None:
         shutil.rmtree(lora_dir, ignore_errors=True)
 
@@ -122,7 +125,10 @@ class AsyncLLM:
         self.lora_dir = tempfile.mkdtemp(prefix="conveyor-lora-") if self.config.enable_lora else None
         self.checked_adapters: dict[str, float] = {}  # path -> modification time when checked
         self.saved_adapters: dict[int, dict] = {}  # id -> the lora_weights last written for it
-        self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor, self.lora_dir)
+        self.grammars = GrammarCompiler()  # structured outputs' grammars, compiled on a thread of their own
+        self._grammar_tokenizer_sent = None  # the call that sends the workers the tokenizer's grammar view
+        self._finalizer = weakref.finalize(self, _release, self.client, self.input_executor, self.grammars,
+                                           self.lora_dir)
         atexit.register(self._finalizer)
         try:
             self.hf_config = self.config.load_hf_config()
@@ -131,6 +137,7 @@ class AsyncLLM:
             self.tokenizer = self.config.load_tokenizer()
             self.eos_token_ids = eos_token_ids(self.config.model, self.tokenizer)
             self.output_processor.tokenizer = self.tokenizer
+            self.grammars.bind(self.tokenizer, self.hf_config.vocab_size)
             self.client.wait_ready()
             self.max_model_len = self.client.max_model_len  # the core's word (the workers resolved it)
         except BaseException:
@@ -193,6 +200,9 @@ class AsyncLLM:
         else:
             prepared = self.process_inputs(prompt, params)
         text, token_ids, params, detokenizer = prepared
+        if params.structured_outputs is not None:  # waits for its grammar; nothing else does
+            params.compiled_grammar = await self.grammars.compile(params.structured_outputs)
+            await self._send_grammar_tokenizer()
         arrival = time.time()
         state = RequestState(request_id, text, token_ids, params, detokenizer,
                              OutputMailbox(asyncio.get_running_loop(), params.output_kind), RequestMetrics(arrival))
@@ -251,6 +261,16 @@ class AsyncLLM:
         detokenizer = IncrementalDetokenizer(self.tokenizer, real_ids, params) if params.detokenize else None
         return text, token_ids, params, detokenizer
 
+    async def _send_grammar_tokenizer(self) -> None:
+        """Once: the workers get the tokenizer's grammar view (through the core, with its next step)
+        before this frontend's first constrained request."""
+        if self._grammar_tokenizer_sent is None:
+            self._grammar_tokenizer_sent = self.client.call("set_grammar_tokenizer", self.grammars.tokenizer_json)
+        sent = self._grammar_tokenizer_sent
+        if not sent.done():
+            await asyncio.wrap_future(sent)
+        sent.result()
+
     async def abort(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else request_id
         unfinished = [i for i in ids if self.output_processor.remove(i) is not None]
@@ -305,6 +325,7 @@ class AsyncLLM:
     def _bind(self, params: SamplingParams) -> SamplingParams:
         """A private copy of the caller's params with the tokenizer's facts filled in."""
         private = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
+        private.compiled_grammar = None  # only ever the frontend's own compilation of structured_outputs
         return private.bind_tokenizer(
             self.tokenizer, self.eos_token_ids or None, vocab_size=self.hf_config.vocab_size)
 

@@ -72,12 +72,14 @@ class LLM:
         use_tqdm: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them (with the `tools`
+        the model may call, OpenAI's format), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
                 **(chat_template_kwargs or {}),
             )
             for conversation in conversations

@@ -102,9 +102,12 @@ class PromptPreparer:
 
     async def chat_prompt(self, engine, body: ChatCompletionRequest) -> dict:
         """The engine prompt of a chat request: its rendered text and token ids."""
+        kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools:
+            kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
         text, ids = await self.render_chat(engine, body.messages, body.add_generation_prompt and not
                                            body.continue_final_message, body.continue_final_message,
-                                           body.chat_template_kwargs, self.request_template(body))
+                                           kwargs, self.request_template(body))
         return salted({"prompt": text, "prompt_token_ids": ids}, body.cache_salt)
 
     def request_template(self, body: ChatCompletionRequest) -> str | None:

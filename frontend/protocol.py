@@ -3,9 +3,10 @@
 Requests are validated strictly (a string where a number belongs is a 400, not a coercion) against
 fields that carry their ranges, so /openapi.json describes them (and schemathesis fuzzes them). Unknown
 fields are ignored; the OpenAI fields that would change the output and that Conveyor does not
-implement (best_of != n, suffix, tools, a non-text response_format) are refused with a 400.
+implement (best_of != n, suffix) are refused with a 400.
 """
 
+import json
 import time
 import uuid
 from collections.abc import Collection
@@ -13,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conveyor.sampling_params import DEFAULT_MAX_TOKENS, INT32_MAX, RequestOutputKind, SamplingParams
+from conveyor.sampling_params import (DEFAULT_MAX_TOKENS, INT32_MAX, RequestOutputKind, SamplingParams,
+                                      StructuredOutputsParams)
 
 
 def random_id(prefix: str) -> str:
@@ -74,7 +76,9 @@ class SamplingFields(Strict):
     stream: bool = Field(False, description="send the output as server-sent events")
     stream_options: StreamOptions | None = Field(None, description="options of a streamed response")
     user: str | None = Field(None, description="the end user (accepted, unused)")
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                          '{"name": ..., "schema": {...}}}: the output as JSON, enforced token by token')
     # extensions (vLLM's names)
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="sample from the k most likely tokens; "
                                                                       "-1 or 0 for all (default)")
@@ -98,6 +102,13 @@ class SamplingFields(Strict):
                                                                   "the server allows (--allowed-logits-processors)")
     cache_salt: str | None = Field(None, description="prefix-cache blocks are shared only among requests "
                                                      "of one salt (non-empty)")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="the output constrained by exactly one of json (a schema), regex, choice, grammar "
+                          "(EBNF) or json_object (true)")
+    guided_json: str | dict[str, Any] | None = Field(None, description="the output as JSON of this schema")
+    guided_regex: str | None = Field(None, description="the output as a match of this regular expression")
+    guided_choice: list[str] | None = Field(None, description="the output as one of these strings")
+    guided_grammar: str | None = Field(None, description="the output as a sentence of this EBNF grammar")
 
     @property
     def include_usage(self) -> bool:
@@ -140,7 +151,36 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             message["content"] = "".join(part.text for part in self.content)
         message.setdefault("content", "")
+        for call in message.get("tool_calls") or ():
+            # templates write arguments as JSON themselves: give them the object, as vLLM does
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except ValueError:
+                    pass
         return message
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$", description="the function's name")
+    description: str | None = Field(None, description="what the function does, for the model")
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of its arguments")
+    strict: bool | None = Field(None, description="accepted; arguments always follow the schema when constrained")
+
+
+class Tool(Strict):
+    type: Literal["function"] = Field(description="only functions are supported")
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -158,7 +198,11 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="variables for the chat template")
     chat_template: str | None = Field(None, description="a chat template of the request's own: refused unless "
                                                         "the server trusts request templates")
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
+    tools: list[Tool] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools: the model decides), required (at least one "
+                          "call), or a named function (a call of it)")
+    parallel_tool_calls: bool = Field(True, description="with tool_choice required: more than one call allowed")
 
 
 def salted(prompt: dict[str, Any], cache_salt: str | None) -> dict[str, Any]:
@@ -172,8 +216,6 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest,
     a request may name only those in `allowed_logits_processors`."""
     if request.best_of is not None and request.best_of != request.n:
         raise ValueError(f"best_of is not supported (it must equal n={request.n}), got {request.best_of}")
-    if request.response_format is not None and request.response_format.get("type") != "text":
-        raise ValueError(f"response_format {request.response_format!r} is not supported (only text)")
     max_tokens, logprobs = _max_tokens_and_logprobs(request)
     refused = [p for p in request.logits_processors or () if p not in allowed_logits_processors]
     if refused:
@@ -208,8 +250,101 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest,
         no_repeat_ngram_size=request.no_repeat_ngram_size,
         logits_processors=request.logits_processors,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured_outputs_of(request),
         **optional,
     )
+
+
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+
+
+def structured_outputs_of(request: CompletionRequest | ChatCompletionRequest) -> StructuredOutputsParams | None:
+    """The one constraint of a request: response_format, structured_outputs, a guided_* field, or
+    for a chat the tool_choice (required or a named function). Two of them are a ValueError."""
+    given: dict[str, StructuredOutputsParams] = {}
+    fmt = request.response_format
+    if fmt is not None:
+        given["response_format"] = _parsed("response_format", lambda: _response_format(fmt))
+    if request.structured_outputs is not None:
+        given["structured_outputs"] = _parsed("structured_outputs",
+                                              lambda: StructuredOutputsParams(**request.structured_outputs))
+    for field, kind in GUIDED_FIELDS.items():
+        if (value := getattr(request, field)) is not None:
+            given[field] = _parsed(field, lambda: StructuredOutputsParams(**{kind: value}))
+    if isinstance(request, ChatCompletionRequest):
+        if (constraint := tool_constraint(request)) is not None:
+            given["tool_choice"] = constraint
+    given = {field: c for field, c in given.items() if c is not None}
+    if len(given) > 1:
+        raise ValueError(f"{sorted(given)[0]} must be the only constraint of a request, got {sorted(given)}")
+    return next(iter(given.values()), None)
+
+
+def choice_of(request: ChatCompletionRequest) -> str | NamedToolChoice:
+    """none, auto, required or the named function; auto by default where tools are given."""
+    if request.tool_choice is None:
+        return "auto" if request.tools else "none"
+    return request.tool_choice
+
+
+def tool_constraint(request: ChatCompletionRequest) -> StructuredOutputsParams | None:
+    """What tool_choice constrains: required, the calls; a named function, its arguments (frontend/tool_calls.py)."""
+    choice = choice_of(request)
+    if choice == "none":
+        return None
+    tools = {tool.function.name: tool.function for tool in request.tools or ()}
+    if not tools:
+        raise ValueError(f"tool_choice must be none without tools, got {_describe(choice)}")
+    if isinstance(choice, NamedToolChoice):
+        function = tools.get(choice.function.name)
+        if function is None:
+            raise ValueError(f"tool_choice must name one of the tools {sorted(tools)}, got {choice.function.name!r}")
+        return _parameters_constraint(function.parameters)
+    if choice == "required":
+        calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
+                                              "parameters": function.parameters or {"type": "object"}},
+             "required": ["name", "parameters"]}
+            for name, function in tools.items()]}}
+        if not request.parallel_tool_calls:
+            calls["maxItems"] = 1
+        return StructuredOutputsParams(json=calls)
+    return None  # auto: free text, read by tool_calls.parse_tool_calls
+
+
+def _parameters_constraint(parameters: dict[str, Any] | None) -> StructuredOutputsParams:
+    return StructuredOutputsParams(json=parameters) if parameters else StructuredOutputsParams(json_object=True)
+
+
+def _describe(choice) -> str:
+    return choice if isinstance(choice, str) else f"function {choice.function.name!r}"
+
+
+def _parsed(field: str, make):
+    try:
+        return make()
+    except TypeError as e:
+        raise ValueError(f"{field} must hold only json, regex, choice, grammar or json_object: {e}") from None
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(field) else f"{field} is invalid: {message}") from None
+
+
+def _response_format(fmt: dict[str, Any]) -> StructuredOutputsParams | None:
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema", spec.get("json_schema")) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema (an object), "
+                             f"got {schema!r}")
+        return StructuredOutputsParams(json=schema)
+    raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
 
 
 def _max_tokens_and_logprobs(request: CompletionRequest | ChatCompletionRequest) -> tuple[int | None, int | None]:
@@ -218,8 +353,6 @@ def _max_tokens_and_logprobs(request: CompletionRequest | ChatCompletionRequest)
     if isinstance(request, ChatCompletionRequest):
         if request.top_logprobs is not None and not request.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if request.tools:
-            raise ValueError("tools are not supported")
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         return max_tokens, (request.top_logprobs or 0) if request.logprobs else None
@@ -281,9 +414,33 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -306,6 +463,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

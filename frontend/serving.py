@@ -15,6 +15,7 @@ from conveyor.frontend.metrics import ServerMetrics
 from conveyor.frontend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from conveyor.frontend.parallel_sampling import YIELD_EVERY
 from conveyor.frontend.prompts import PromptPreparer
+from conveyor.frontend.tool_calls import ToolCallStream, message_calls, tool_finish_reason
 from conveyor.frontend.protocol import (APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatLogprobs, ChatLogprobToken,
                                         ChatResponseMessage, ChatStreamChoice, CompletionChoice,
@@ -343,11 +344,14 @@ class OpenAIServing:
         prompt = await self.prompts.chat_prompt(self.engine, body)
         request_id, lora = random_id("chatcmpl"), self.lora_of(body)
         choices, _, usage = await self._collect([prompt], params, body.priority, request_id, lora)
-        return ChatCompletionResponse(id=request_id, model=self.response_model(body), usage=usage, choices=[
-            ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
-                       logprobs=None if params.logprobs is None else self.chat_logprobs(c.logprobs, params.logprobs),
-                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for i, c in choices])
+        out = []
+        for i, c in choices:
+            content, calls = message_calls(body, c.text)
+            out.append(ChatChoice(
+                index=i, message=ChatResponseMessage(content=content, tool_calls=calls),
+                logprobs=None if params.logprobs is None else self.chat_logprobs(c.logprobs, params.logprobs),
+                finish_reason=tool_finish_reason(body, c.finish_reason, bool(calls)), stop_reason=c.stop_reason))
+        return ChatCompletionResponse(id=request_id, model=self.response_model(body), usage=usage, choices=out)
 
     async def chat_events(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
         params = self.sampling_params(body)
@@ -358,13 +362,21 @@ class OpenAIServing:
             return sse(ChatCompletionChunk(id=request_id, model=self.response_model(body), choices=choices,
                                            usage=usage))
 
+        tool_streams: dict[int, ToolCallStream] = {}
+
         def render(piece) -> str | None:
             c = piece.completion
-            if not (c.text or c.finish_reason is not None or c.logprobs):
+            tools = tool_streams.get(piece.index)
+            if tools is None:
+                tools = tool_streams[piece.index] = ToolCallStream(body)
+            content, calls = tools.add(c.text, c.finish_reason is not None)
+            if not (content or calls or c.finish_reason is not None or c.logprobs):
                 return None
             logprobs = None if params.logprobs is None else self.chat_logprobs(c.logprobs or [], params.logprobs)
-            return chunk([ChatStreamChoice(index=piece.index, delta=DeltaMessage(content=c.text), logprobs=logprobs,
-                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+            delta = DeltaMessage(content=None if calls and not content else content or "", tool_calls=calls)
+            return chunk([ChatStreamChoice(index=piece.index, delta=delta, logprobs=logprobs,
+                                           finish_reason=tools.finish_reason(c.finish_reason),
+                                           stop_reason=c.stop_reason)])
 
         # lazy: made once the first output shows the request (its n included) was accepted
         opening = (chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])

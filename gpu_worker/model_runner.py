@@ -13,6 +13,7 @@ from conveyor.gpu_worker.lora import LoRAManager
 from conveyor.gpu_worker.model_loader import load_model
 from conveyor.gpu_worker.ops import select_ops
 from conveyor.gpu_worker.sampler import Sampler, SamplingState, compute_logprobs, make_sampling_state
+from conveyor.gpu_worker.structured_output import GrammarLoader
 from conveyor.ipc.messages import EmbeddingTable, Logprobs, ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ModelRunner:
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, self.ops, gguf,
                                 config.quantization)
         self.block_size = config.block_size
-        self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties)
+        self.sampler = Sampler(self.hf_config.vocab_size, self.ops.argmax, self.ops.penalties, GrammarLoader())
         self.requests: dict[str, CachedRequestState] = {}
         self.lora = LoRAManager(self.model, self.dtype, self.device, self.ops) if config.enable_lora else None
         self.kv_cache: torch.Tensor | None = None
@@ -110,6 +111,8 @@ class ModelRunner:
             self.lora.evict(lora_id)
         for lora_id, path in step.lora_loads.items():
             self.lora.load(lora_id, path)
+        if step.grammar_tokenizer is not None:
+            self.sampler.grammars.set_tokenizer(step.grammar_tokenizer)
         vocab = self.hf_config.vocab_size
         for new in step.new_requests:
             table = new.prompt_embedding_table
@@ -156,6 +159,7 @@ class ModelRunner:
         request_ids: list[str] = []
         logprobs = None
         errors = {}
+        grammar_ended = []
         if logits_indices:
             logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
             out = self.sampler(logits, [s.sampling for s in sampling_states])
@@ -173,6 +177,8 @@ class ModelRunner:
                 request_ids.append(state.request_id)
                 sampled_ids.append([token])
                 sampled_logprobs.append(lp)
+                if state.sampling.grammar is not None and state.sampling.grammar.is_terminated():
+                    grammar_ended.append(state.request_id)
             if any(lp is not None for lp in sampled_logprobs):
                 logprobs = sampled_logprobs
         prompt_logprobs = {}
@@ -180,7 +186,7 @@ class ModelRunner:
             if state.prompt_logprobs is not None:
                 prompt_logprobs[state.request_id], state.prompt_logprobs = state.prompt_logprobs, None
         return ModelRunnerOutput(step.step_id, request_ids, sampled_ids, logprobs, prompt_logprobs or None,
-                                 errors=errors or None)
+                                 errors=errors or None, grammar_ended=grammar_ended or None)
 
     def collect_prompt_logprobs(self, hidden, states, num_tokens) -> None:
         """For requests that asked for prompt logprobs: the logprob of each prompt token given the

@@ -1,7 +1,8 @@
 """Batched sampler: one call per step over every running request of the batch.
 
-Order (as vLLM V1): allowed_token_ids, bad words, logit_bias, min_tokens, no-repeat n-grams,
-penalties, user logits processors (`apply_logits_processing`); then greedy rows take the argmax and
+Order (as vLLM V1): the structured-output grammar's mask (`structured_output.py`), then
+allowed_token_ids, bad words, logit_bias, min_tokens, no-repeat n-grams, penalties, user logits
+processors (`apply_logits_processing`); then greedy rows take the argmax and
 random rows go through temperature, top-k, top-p, min-p (`apply_sampling_filters`) and are sampled.
 Logprobs come from the raw logits (the model's log-softmax before any of the above).
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conveyor.gpu_worker.structured_output import GrammarLoader, accept_tokens, apply_grammars
 from conveyor.ipc.messages import Logprobs  # one position: chosen token, rank, top-N
 from conveyor.sampling_params import GREEDY_TEMPERATURE, SamplingParams, resolve_logits_processor
 from conveyor.seeds import derive_seed
@@ -51,6 +53,7 @@ class SamplingState:
     ngrams: dict[tuple[int, ...], set[int]] | None = field(default=None, repr=False)
     ngrams_seen: int = field(default=0, repr=False)  # sequence length already folded into ngrams
     error: str | None = None  # why this request cannot go on: it fails alone, the batch goes on
+    grammar: object | None = field(default=None, repr=False)  # xgrammar's matcher (structured outputs)
 
 
 @dataclass(slots=True)
@@ -67,12 +70,14 @@ def make_sampling_state(params: SamplingParams, prompt_token_ids: list[int],
 
 class Sampler:
     def __init__(self, vocab_size: int, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 penalties: PenaltiesFn | None = None):
+                 penalties: PenaltiesFn | None = None, grammars: GrammarLoader | None = None):
         """`argmax` (of each row of a contiguous [S, V] float32 tensor) and `penalties` (the
-        contract of `apply_penalties`): the ops' own versions, where they are faster."""
+        contract of `apply_penalties`): the ops' own versions, where they are faster. `grammars`
+        loads the compiled grammars of structured outputs."""
         self.vocab_size = vocab_size
         self.argmax = argmax or _argmax
         self.penalties = penalties or apply_penalties
+        self.grammars = grammars
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
         """`logits` [S, V] float32, row i belonging to states[i]; modified in place."""
@@ -83,7 +88,8 @@ class Sampler:
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         random_rows = [i for i, p in enumerate(params)
                        if p.temperature >= GREEDY_TEMPERATURE and not p.use_beam_search]
-        process = any(_needs_processing(p) for p in params)
+        grammar_rows = [i for i, p in enumerate(params) if p.compiled_grammar is not None]
+        process = bool(grammar_rows) or any(_needs_processing(p) for p in params)
 
         raw = None
         if lp_rows:
@@ -91,8 +97,13 @@ class Sampler:
                 raw = logits[_index(lp_rows, logits.device)]
             else:
                 raw = logits.clone() if process or random_rows else logits
+        masked = []
+        if grammar_rows:
+            if self.grammars is None:
+                raise ValueError("this sampler has no grammar loader for structured outputs")
+            masked = apply_grammars(logits, states, grammar_rows, self.grammars)
         if process:
-            apply_logits_processing(logits, states, self.penalties)
+            apply_logits_processing(logits, states, self.penalties, masked)
 
         tokens = self.argmax(logits) if len(random_rows) < len(states) else None
         if random_rows:
@@ -106,6 +117,8 @@ class Sampler:
             else:
                 tokens[idx] = sampled
         token_list = tokens.tolist()
+        if masked:
+            accept_tokens(states, masked, token_list)
 
         logprobs: list[Logprobs | None] = [None] * len(states)
         if lp_rows:
@@ -191,9 +204,10 @@ def _gather_logits_edits(states: list[SamplingState]) -> _LogitsEdits:
 
 
 def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState],
-                            penalties: PenaltiesFn | None = None) -> torch.Tensor:
+                            penalties: PenaltiesFn | None = None, masked_rows: Sequence[int] = ()) -> torch.Tensor:
     """Apply every per-request processor that precedes temperature to `logits` [S, V] in place;
-    the penalties with `penalties` (default: `apply_penalties`)."""
+    the penalties with `penalties` (default: `apply_penalties`). `masked_rows`: rows a grammar
+    has already masked, which fail too if nothing is left."""
     penalties = penalties or apply_penalties
     vocab, device = logits.shape[1], logits.device
     edits = _gather_logits_edits(states)
@@ -206,8 +220,8 @@ def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState],
                           torch.tensor(edits.bias_vals, dtype=logits.dtype, device=device), accumulate=True)
     if ban_rows:
         logits[_index(ban_rows, device), _index(edits.ban_cols, device)] = float("-inf")
-    if allowed_rows or len(ban_rows) >= vocab:
-        _fail_rows_left_without_tokens(logits, states, allowed_rows, ban_rows)
+    if allowed_rows or masked_rows or len(ban_rows) >= vocab:
+        _fail_rows_left_without_tokens(logits, states, allowed_rows, ban_rows, masked_rows)
     if penalty_rows:
         rows = [states[i] for i in penalty_rows]
         prompt_mask = torch.stack([_prompt_mask(st, vocab, device) for st in rows])
@@ -223,16 +237,18 @@ def apply_logits_processing(logits: torch.Tensor, states: list[SamplingState],
 
 
 def _fail_rows_left_without_tokens(logits: torch.Tensor, states: list[SamplingState],
-                                   allowed_rows: list[int], ban_rows: list[int]) -> None:
+                                   allowed_rows: list[int], ban_rows: list[int], masked_rows: Sequence[int]) -> None:
     """A request whose own constraints ban every token fails, rather than sample a banned one."""
     vocab = logits.shape[1]
-    rows = set(allowed_rows) | {i for i, count in Counter(ban_rows).items() if count >= vocab}
+    rows = set(allowed_rows) | set(masked_rows) | {i for i, count in Counter(ban_rows).items() if count >= vocab}
     for i in sorted(rows):
+        if states[i].error is not None:
+            continue
         allowed = states[i].params.allowed_token_ids
         row = logits[i] if allowed is None else logits[i, _index(allowed, logits.device)]
         if bool(torch.isneginf(row).all()):
-            states[i].error = ("no token is left to sample: allowed_token_ids, bad_words, min_tokens and "
-                               "no_repeat_ngram_size together ban every one")
+            states[i].error = ("no token is left to sample: structured_outputs, allowed_token_ids, bad_words, "
+                               "min_tokens and no_repeat_ngram_size together ban every one")
 
 
 def _apply_user_processors(logits: torch.Tensor, st: SamplingState, i: int) -> None:

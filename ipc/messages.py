@@ -195,6 +195,7 @@ class SchedulerOutput(Message, tag="step"):
     finished_request_ids: list[str]  # finished or preempted: workers drop their state
     lora_evictions: list[int] = []  # adapters to drop, before the loads
     lora_loads: dict[int, str] = {}  # adapter id -> PEFT directory, to load before the forward
+    grammar_tokenizer: str | None = None  # xgrammar's view of the tokenizer (a frontend's), sent once
 
     def scheduled_request_ids(self) -> list[str]:
         """The requests of `num_scheduled_tokens`, in its order."""
@@ -224,6 +225,7 @@ class ModelRunnerOutput(Message, tag="mro"):
     prompt_logprobs: dict[str, list[Logprobs | None]] | None = None
     model_time: float = 0.0
     errors: dict[str, str] | None = None  # requests that failed alone this step (not in request_ids)
+    grammar_ended: list[str] | None = None  # requests whose structured output is complete with this token
 
 
 class WorkerReady(Message, tag="ready"):

@@ -3,12 +3,14 @@ HTTP for the error paths."""
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
 from types import SimpleNamespace
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import uvicorn
@@ -197,6 +199,101 @@ def test_chat_logprobs_list_top_alternatives(live):
 
 
 # ---- other routes ----
+
+# ---- structured outputs and tool calling ----
+
+SCHEMA = {"type": "object", "properties": {"name": {"enum": ["ada", "bob"]}, "age": {"type": "integer", "minimum": 0,
+                                                                                   "maximum": 120}},
+          "required": ["name", "age"]}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                                 "parameters": {"type": "object", "required": ["city", "days"],
+                                                                "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                                               "days": {"type": "integer", "minimum": 1,
+                                                                                        "maximum": 7}}}}}
+
+
+def test_chat_response_format_json_schema_answers_json_of_the_schema(live):
+    out = live.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Who?"}], max_tokens=100, n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
+@pytest.mark.parametrize("extra, check", [
+    ({"guided_json": SCHEMA}, lambda text: jsonschema.validate(json.loads(text), SCHEMA) is None),
+    ({"guided_regex": "[0-9]{2}:[0-9]{2}"}, lambda text: re.fullmatch("[0-9]{2}:[0-9]{2}", text)),
+    ({"guided_choice": ["left", "right"]}, lambda text: text in ("left", "right")),
+    ({"guided_grammar": 'root ::= "a" | "bb"'}, lambda text: text in ("a", "bb")),
+    ({"structured_outputs": {"choice": ["up", "down"]}}, lambda text: text in ("up", "down")),
+])
+def test_completion_constraints_hold(live, extra, check):
+    out = live.client.completions.create(model=MODEL, prompt="Say:", max_tokens=100, temperature=1.0, seed=1,
+                                         extra_body=extra)
+    assert out.choices[0].finish_reason == "stop" and check(out.choices[0].text), out.choices[0].text
+
+
+def test_chat_response_format_json_object_is_a_json_object(live):
+    brace = live.engine.tokenizer.convert_tokens_to_ids("}")  # favoured: a random model's object ends
+    out = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON?"}],
+                                              max_tokens=20, response_format={"type": "json_object"},
+                                              logit_bias={str(brace): 100})
+    assert json.loads(out.choices[0].message.content) == {} and out.choices[0].finish_reason == "stop"
+
+
+def test_a_constraint_that_cannot_compile_is_400_naming_it(live):
+    response = live.http.post("/v1/completions", json={"prompt": "x", "guided_regex": "(unclosed"})
+    assert_error(response, 400, "structured_outputs.regex cannot be compiled")
+    response = live.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "response_format": {"type": "json_schema"}})
+    assert_error(response, 400, "response_format.json_schema.schema must be a JSON schema")
+    response = live.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "tool_choice": "required"})
+    assert_error(response, 400, "tool_choice must be none without tools")
+
+
+def test_required_tool_call_round_trips_with_its_result_in_the_next_turn(live):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    first = live.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                                tool_choice="required", parallel_tool_calls=False, max_tokens=100)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
+
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    final = live.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                                tool_choice="none", max_tokens=5, extra_body={"ignore_eos": True})
+    assert final.choices[0].message.tool_calls in (None, []) and final.choices[0].finish_reason == "length"
+    tokens = live.http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    rendered = live.engine.tokenizer.decode(tokens)
+    assert "<|im_start|>tool\nsunny, 21 C<|im_end|>" in rendered
+    assert '<tool_call>{"name": "get_weather", "arguments": ' + json.dumps(arguments) in rendered
+
+
+def test_tools_reach_the_chat_template(live):
+    out = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              tools=[WEATHER_TOOL], max_tokens=1)
+    plain = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=1)
+    assert out.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+
+
+def test_named_tool_choice_streams_its_arguments_as_deltas(live):
+    chunks = list(live.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL], max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True))
+    calls = [call for chunk in chunks for choice in chunk.choices for call in choice.delta.tool_calls or ()]
+    assert calls[0].id and calls[0].function.name == "get_weather" and all(c.index == 0 for c in calls)
+    arguments = "".join(c.function.arguments or "" for c in calls)
+    jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert not any(choice.delta.content for chunk in chunks for choice in chunk.choices)
+
 
 def test_models_lists_the_served_name(live):
     assert [m.id for m in live.client.models.list().data] == [MODEL]

@@ -9,7 +9,9 @@ requests of the base model and of the other adapter, and transformers' reference
 forward under each request's adapter. In every run:
 greedy tokens equal transformers' and their logprobs agree; seeded tokens equal those of a plain
 engine; every reported logprob of a sampled token is transformers' logprob of that token on the
-same sequence.
+same sequence. Under structured outputs, constrained requests (a JSON schema, a regex, a choice
+list and a grammar, greedy and sampled) join the workload: each output meets its constraint, and
+the others stay exact.
 
 A new engine option joins `AXES`; `pairwise_rows` keeps every pair of option values in some run.
 """
@@ -20,7 +22,8 @@ import itertools
 import pytest
 from transformers import AutoConfig
 
-from conveyor import AsyncLLM, LoRARequest, SamplingParams
+from conveyor import AsyncLLM, LoRARequest, RequestOutputKind, SamplingParams, StructuredOutputsParams
+from constraints import CHOICES, GRAMMAR, REGEXES, assert_meets
 from reference import dequantized_model, hf_greedy, hf_sequence_logprobs, make_lora_adapter, make_prompts
 
 AXES = {
@@ -32,6 +35,7 @@ AXES = {
     "preemption": (False, True),  # a KV cache too small for the whole workload at once
     "quantization": (None, "int8"),
     "lora": (False, True),
+    "structured_outputs": (False, True),  # constrained requests join the workload
 }
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 128
@@ -63,7 +67,8 @@ def row_id(row: dict) -> str:
 
 
 def engine_options(row: dict) -> dict:
-    options = {name: value for name, value in row.items() if name not in ("preemption", "lora")}
+    options = {name: value for name, value in row.items()
+               if name not in ("preemption", "lora", "structured_outputs")}
     if row["lora"]:
         options |= {"enable_lora": True, "max_loras": 2}  # as many running requests as without adapters
     # chunked: prompts split across 64-token steps; whole: every prompt (and a preempted request's
@@ -95,7 +100,7 @@ class Workload:
                               seed=1000 + i if kind == "seeded" else None,
                               max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
 
-    async def run(self, llm: AsyncLLM, lora: bool):
+    async def run(self, llm: AsyncLLM, lora: bool, constrained: bool = False):
         adapters = self.adapters(lora)
 
         async def one(i):
@@ -106,7 +111,26 @@ class Workload:
             completion = out.outputs[0]
             return completion.token_ids, [lps[t].logprob for t, lps in zip(completion.token_ids, completion.logprobs)]
 
-        return await asyncio.gather(*(one(i) for i in range(len(self.prompts))))
+        async def constrained_one(i, constraint):
+            params = SamplingParams(temperature=float(i % 2), seed=i, max_tokens=CONSTRAINED_MAX_TOKENS,
+                                    structured_outputs=constraint, output_kind=RequestOutputKind.DELTA)
+            text = ""
+            async for out in llm.generate(self.prompts[i][:5], params, priority=i % 3):
+                text += out.outputs[0].text
+            assert out.outputs[0].finish_reason == "stop", (constraint, text)
+            assert_meets(constraint, text)
+
+        checks = [constrained_one(i, c) for i, c in enumerate(CONSTRAINTS)] if constrained else []
+        results = await asyncio.gather(*(one(i) for i in range(len(self.prompts))), *checks)
+        return results[:len(self.prompts)]
+
+
+CONSTRAINED_MAX_TOKENS = 48
+CONSTRAINTS = [StructuredOutputsParams(json={"type": "object", "required": ["size", "ok"], "properties": {
+                   "size": {"type": "integer", "minimum": 1, "maximum": 99}, "ok": {"type": "boolean"},
+                   "tag": {"enum": ["a", "b"]}}}),
+               StructuredOutputsParams(regex=REGEXES[0]), StructuredOutputsParams(choice=CHOICES[1]),
+               StructuredOutputsParams(grammar=GRAMMAR)]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +195,7 @@ def test_every_pair_of_options_runs_together():
 async def test_workload_is_exact_under(row, llama_dir, workload, reference_dirs, greedy_reference,
                                        seeded_reference):
     async with AsyncLLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, **engine_options(row)) as llm:
-        results = await workload.run(llm, row["lora"])
+        results = await workload.run(llm, row["lora"], row["structured_outputs"])
         preemptions = (await llm.get_stats())["num_preemptions"]
     assert (preemptions > 0) == row["preemption"]
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from conveyor.config import RequestLimits
 from conveyor.frontend.async_llm import check_priority
 from conveyor.frontend.protocol import ChatCompletionRequest, CompletionRequest, to_sampling_params
-from conveyor.sampling_params import RequestOutputKind, SamplingParams
+from conveyor.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from conveyor.gpu_worker.sampler import Sampler, make_sampling_state
 from conveyor.ipc.messages import (Abort, CachedRequestData, EmbeddingTable, EngineCoreInput, EngineCoreOutput,
                                    EngineCoreOutputMessage, EngineCoreOutputs, EngineCoreRequest, EngineDead,
@@ -64,6 +64,31 @@ VALID = {
     "logprobs": st.one_of(st.none(), st.integers(0, 5)), "prompt_logprobs": st.one_of(st.none(), st.integers(0, 5)),
     "length_penalty": st.floats(-2.0, 2.0), "early_stopping": st.booleans(),
     "output_kind": st.sampled_from(list(RequestOutputKind)),
+    "structured_outputs": st.one_of(st.none(), st.builds(StructuredOutputsParams, regex=st.just("[ab]+")),
+                                    st.builds(StructuredOutputsParams, choice=st.lists(st.text(min_size=1), min_size=1,
+                                                                                       max_size=3))),
+}
+# structured-output constraints as request bodies carry them: well-formed, malformed, or of the wrong type
+CONSTRAINT_FIELDS = {
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}, {},
+                                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                                        {"type": "json_schema", "json_schema": {"name": "x"}}]),
+    "structured_outputs": st.sampled_from([{"regex": "a+"}, {"choice": ["a", "b"]}, {"json_object": True}, {},
+                                           {"regex": "a", "json": {}}, {"bogus": 1}, {"choice": []}]),
+    "guided_json": st.sampled_from([{"type": "object"}, "{}", "{not json", ""]),
+    "guided_regex": st.text(max_size=4),
+    "guided_choice": st.lists(st.text(max_size=3), max_size=3),
+    "guided_grammar": st.sampled_from(['root ::= "a"', ""]),
+}
+TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "bad name"])},
+    optional={"parameters": st.sampled_from([{"type": "object"}, {}, {"type": "object", "properties": {
+        "x": {"type": "integer"}}}])})})
+TOOL_FIELDS = {
+    "tools": st.lists(TOOL, max_size=2),
+    "tool_choice": st.sampled_from(["none", "auto", "required", "any", {"type": "function", "function": {"name": "f"}},
+                                    {"type": "function", "function": {"name": "h"}}]),
+    "parallel_tool_calls": st.booleans(),
 }
 
 
@@ -81,7 +106,7 @@ ALIASES = {"max_tokens": ("max_completion_tokens",), "logprobs": ("top_logprobs"
 
 
 def assert_names_a_field(error: ValueError, fields) -> None:
-    name = str(error).split(" ", 1)[0]
+    name = str(error).split(" ", 1)[0].split(".", 1)[0]  # a field, or a part of one (field.part)
     assert name in fields or any(alias in fields for alias in ALIASES.get(name, ())), str(error)
 
 
@@ -187,7 +212,7 @@ def body_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingP
 
 
 @FUZZ
-@given(fields=with_hostile_fields({**BODY, "logprobs": st.integers(0, 5), "echo": st.booleans()}))
+@given(fields=with_hostile_fields({**BODY, **CONSTRAINT_FIELDS, "logprobs": st.integers(0, 5), "echo": st.booleans()}))
 def test_completion_request_encodes_or_refuses_naming_the_field(fields):
     params = accepted(lambda: body_params(CompletionRequest(prompt="hi", **fields)), fields)
     if params is not None:
@@ -195,8 +220,8 @@ def test_completion_request_encodes_or_refuses_naming_the_field(fields):
 
 
 @FUZZ
-@given(fields=with_hostile_fields({**BODY, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
-                                   "max_completion_tokens": st.integers(4, 40)}))
+@given(fields=with_hostile_fields({**BODY, **CONSTRAINT_FIELDS, **TOOL_FIELDS, "logprobs": st.booleans(),
+                                   "top_logprobs": st.integers(0, 5), "max_completion_tokens": st.integers(4, 40)}))
 def test_chat_request_encodes_or_refuses_naming_the_field(fields):
     messages = [{"role": "user", "content": "hi"}]
     params = accepted(lambda: body_params(ChatCompletionRequest(messages=messages, **fields)), fields)

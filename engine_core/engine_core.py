@@ -512,7 +512,8 @@ def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None
     fields = [("prompt_token_ids", message.prompt_token_ids),
               ("stop_token_ids and eos_token_id", params.all_stop_token_ids),
               ("allowed_token_ids", params.allowed_token_ids or ()), ("logit_bias", list(params.logit_bias or ())),
-              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids])]
+              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids]),
+              ("draft_token_ids", params.draft_token_ids or ())]
     for name, ids in fields:
         if ids and (min(ids) < 0 or max(ids) >= vocab_size):
             bad = [t for t in ids if not 0 <= t < vocab_size]

@@ -92,6 +92,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     error: str | None = None
+    num_draft_tokens: int = 0  # drafts the step verified (speculative decoding)
+    num_accepted_tokens: int = 0  # of which the model kept
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -106,6 +108,9 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_steps: int = 0  # since start, with the two totals below
     total_step_time: float = 0.0
     total_model_time: float = 0.0
+    num_drafts: int = 0  # since start: steps of a request that verified drafts
+    num_draft_tokens: int = 0  # the drafts they verified
+    num_accepted_tokens: int = 0  # the drafts the model kept
 
 
 class EngineCoreOutputs(Message, tag="out"):
@@ -164,6 +169,12 @@ class SchedulerOutput(Message, tag="step"):
     cached_requests: CachedRequestData
     num_scheduled_tokens: list[int]  # per request: the new ones, then the cached ones, in order
     finished_request_ids: list[str]  # finished or preempted: workers drop their state
+    # request -> tokens it computes after its last known one, which the workers verify: its
+    # num_scheduled_tokens counts them
+    draft_token_ids: dict[str, list[int]] = {}
+    # request -> how many of its blocks it keeps: the core freed those past its kept tokens (rejected
+    # drafts) since the last step; applied before this step's new block ids
+    trimmed_blocks: dict[str, int] = {}
 
     def scheduled_request_ids(self) -> list[str]:
         """The requests of `num_scheduled_tokens`, in its order."""
@@ -187,12 +198,14 @@ WorkerInput = SchedulerOutput | WorkerCall | Shutdown
 
 class ModelRunnerOutput(Message, tag="mro"):
     step_id: int
-    request_ids: list[str]  # requests that sampled a token this step, in order
-    sampled_token_ids: list[list[int]]
-    logprobs: list[Logprobs | None] | None = None
+    request_ids: list[str]  # requests that sampled this step, in order
+    sampled_token_ids: list[list[int]]  # per request: its kept drafts and the token after them
+    logprobs: list[list[Logprobs] | None] | None = None  # per request: one per sampled token
     prompt_logprobs: dict[str, list[Logprobs | None]] | None = None
     model_time: float = 0.0
     errors: dict[str, str] | None = None  # requests that failed alone this step (not in request_ids)
+    # the draft model's proposals for each request's next step (speculative decoding)
+    draft_token_ids: dict[str, list[int]] | None = None
 
 
 class WorkerReady(Message, tag="ready"):

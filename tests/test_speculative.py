@@ -285,8 +285,14 @@ def plain(llama_dir, processors_importable):
     llm.shutdown()
 
 
-async def test_every_kind_of_request_gives_the_same_tokens_with_ngram_speculation(llama_dir, plain, prompts):
-    expected = await run_kinds(plain, prompts)
+@pytest.fixture(scope="module")
+def expected_kinds(plain, prompts) -> list:
+    """Every kind of request without speculation."""
+    return asyncio.run(run_kinds(plain, prompts))
+
+
+async def test_every_kind_of_request_gives_the_same_tokens_with_ngram_speculation(llama_dir, expected_kinds, prompts):
+    expected = expected_kinds
     async with AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256, max_model_len=128,
                         speculative_config=NGRAM) as llm:
         got = await run_kinds(llm, prompts)
@@ -360,8 +366,8 @@ async def test_draft_model_equal_to_the_target_keeps_every_greedy_draft(llama_di
         assert (out.metrics.num_draft_tokens, out.metrics.num_accepted_tokens) == (11, 11)
 
 
-async def test_draft_model_with_other_weights_changes_no_token(llama_dir, other_weights, plain, prompts):
-    expected = await run_kinds(plain, prompts)
+async def test_draft_model_with_other_weights_changes_no_token(llama_dir, other_weights, expected_kinds, prompts):
+    expected = expected_kinds
     async with AsyncLLM(llama_dir, dtype="float32", num_kv_blocks=256, max_model_len=128,
                         speculative_config=draft_model(other_weights)) as llm:
         got = await run_kinds(llm, prompts)

@@ -35,12 +35,70 @@ class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     max_stop: int = 64  # stop strings
     max_logit_bias: int = 1024  # logit_bias entries
     max_bad_words: int = 256
+    max_draft_tokens: int = 32  # draft_token_ids a caller proposes for speculative decoding
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
             value = getattr(self, name)
             low = 0 if name == "max_logprobs" else 1
             _check(isinstance(value, int) and low <= value <= 2**31 - 1, name, value, f"in [{low}, 2147483647]")
+
+
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+MAX_SPECULATIVE_TOKENS = 32
+
+
+class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Speculative decoding, as vLLM spells it. `method` "ngram" proposes the tokens that followed
+    the latest earlier occurrence of the sequence's last n tokens (n from `prompt_lookup_max` down
+    to `prompt_lookup_min`; either bound alone sets both, neither: 1 to 4); "draft_model" runs
+    `model`, a smaller model with the same vocabulary, beside the target. Either proposes up to
+    `num_speculative_tokens` a step, which the target verifies in one forward
+    (docs/architecture.md)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.method in SPECULATIVE_METHODS, "speculative_config.method", self.method,
+               " or ".join(SPECULATIVE_METHODS))
+        _check(isinstance(self.num_speculative_tokens, int)
+               and 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+               "speculative_config.num_speculative_tokens", self.num_speculative_tokens,
+               f"an int in [1, {MAX_SPECULATIVE_TOKENS}]")
+        if self.method == "draft_model":
+            _check(isinstance(self.model, str) and self.model, "speculative_config.model", self.model,
+                   "the draft model's directory or GGUF file for method draft_model")
+        else:
+            _check(self.model is None, "speculative_config.model", self.model, "None for method ngram")
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if low is None and high is None:
+            low, high = 1, 4
+        low, high = (high if low is None else low), (low if high is None else high)
+        for name, value in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+            _check(isinstance(value, int) and 1 <= value <= 64, f"speculative_config.{name}", value,
+                   "an int in [1, 64]")
+        _check(low <= high, "speculative_config.prompt_lookup_min", low, f"<= prompt_lookup_max ({high})")
+        self.prompt_lookup_min, self.prompt_lookup_max = low, high
+
+
+def speculative_config_of(value) -> SpeculativeConfig | None:
+    """A SpeculativeConfig from itself, a dict (vLLM's `speculative_config={...}`) or None; the
+    method is checked first, so an unknown one is named before its other keys are."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"speculative_config must be a dict such as {{\"method\": \"ngram\", "
+                         f"\"num_speculative_tokens\": 3}}, got {value!r}")
+    _check(value.get("method", "ngram") in SPECULATIVE_METHODS, "speculative_config.method",
+           value.get("method"), " or ".join(SPECULATIVE_METHODS))
+    try:
+        return msgspec.convert(value, SpeculativeConfig)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"speculative_config: {e}") from None
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -105,6 +163,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_lora_rank: Annotated[int, option("highest rank of a LoRA adapter")] = 16
     max_cpu_loras: Annotated[int | None, option(
         "LoRA adapters the workers keep loaded, least recently used evicted (default: max_loras)")] = None
+    speculative_config: Annotated[SpeculativeConfig | None, option(
+        'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, '
+        '"prompt_lookup_max": 4} or {"method": "draft_model", "model": DIR, "num_speculative_tokens": 3} '
+        '(default: off)', metavar="JSON")] = None
 
     def __post_init__(self) -> None:
         self.model, self.gguf_file = resolve_gguf(self.model, self.gguf_file)
@@ -134,6 +196,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
             self.max_cpu_loras = self.max_loras
         _check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", self.max_cpu_loras,
                f">= max_loras ({self.max_loras})")
+        self.speculative_config = speculative_config_of(self.speculative_config)
         if self.engine_secret is not None and len(self.engine_secret) < MIN_SECRET_CHARS:
             raise ValueError(f"engine_secret must be at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand "
                              f"-hex 16`), got {len(self.engine_secret)}")

@@ -189,6 +189,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # fn(output_token_ids: list[int], logits_row: Tensor) -> Tensor.
     logits_processors: list[str] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # Speculative decoding: the caller's guess of the first output tokens. The engine verifies them
+    # in its next step and keeps those the model would have produced itself, so the output is the
+    # same with or without them; only the number of steps changes.
+    draft_token_ids: list[int] | None = None
 
     # Internal, filled by the frontend (`bind_tokenizer`).
     bad_words_token_ids: list[list[int]] | None = None
@@ -246,6 +250,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             ("logit_bias", list(self.logit_bias or ())),
             ("bad_words", [t for ids in self.bad_words_token_ids or () for t in ids]),
             ("eos_token_id", eos_ids),
+            ("draft_token_ids", self.draft_token_ids or ()),
         ]
         for name, ids in checks:
             bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -266,7 +271,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                   ("prompt_logprobs", self.prompt_logprobs or 0, "max_logprobs", ""),
                   ("stop", len(self.stop), "max_stop", " strings"),
                   ("logit_bias", len(self.logit_bias or ()), "max_logit_bias", " entries"),
-                  ("bad_words", len(self.bad_words or ()), "max_bad_words", " words")]
+                  ("bad_words", len(self.bad_words or ()), "max_bad_words", " words"),
+                  ("draft_token_ids", len(self.draft_token_ids or ()), "max_draft_tokens", " tokens")]
         for name, value, limit_name, unit in counts:
             limit = getattr(limits, limit_name)
             if value > limit:
@@ -316,6 +322,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         _check(self.bad_words_token_ids is None or isinstance(self.bad_words_token_ids, list)
                and all(_is_token_id_list(ids) and ids for ids in self.bad_words_token_ids),
                "bad_words_token_ids", self.bad_words_token_ids, "a list of non-empty lists of " + _TOKEN_IDS)
+        drafts = self.draft_token_ids
+        _check(drafts is None or _is_token_id_list(drafts) and drafts, "draft_token_ids", drafts,
+               "a non-empty list of " + _TOKEN_IDS)
         _check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
                "stop", self.stop, "a non-empty string or a list of non-empty strings")
         _check(_is_token_id_list(self.stop_token_ids), "stop_token_ids", self.stop_token_ids, _TOKEN_ID_LIST)
@@ -330,9 +339,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                "structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
         _check(self.compiled_grammar is None or isinstance(self.compiled_grammar, str), "compiled_grammar",
                self.compiled_grammar, "a string or None")
+        _check(drafts is None or self.structured_outputs is None, "draft_token_ids", drafts,
+               "None with structured_outputs (the grammar is matched token by token)")
         if self.use_beam_search:
             _check(self.structured_outputs is None, "use_beam_search", True,
                    "False with structured_outputs (beams are not constrained)")
+            _check(drafts is None, "draft_token_ids", drafts, "None with use_beam_search (beams are scored "
+                   "token by token; no draft can be verified for them)")
             _check(self.top_p == 1.0 and self.top_k == 0 and self.min_p == 0.0, "use_beam_search", True,
                    f"False with top_p, top_k or min_p set (top_p={self.top_p}, top_k={self.top_k}, min_p={self.min_p})")
         if not isinstance(self.output_kind, RequestOutputKind):

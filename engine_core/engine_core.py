@@ -551,7 +551,8 @@ def out_of_vocabulary(message: EngineCoreRequest, vocab_size: int) -> str | None
               ("stop_token_ids and eos_token_id", params.all_stop_token_ids, vocab_size),
               ("allowed_token_ids", params.allowed_token_ids or (), vocab_size),
               ("logit_bias", list(params.logit_bias or ()), vocab_size),
-              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids], vocab_size)]
+              ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids], vocab_size),
+              ("draft_token_ids", params.draft_token_ids or (), vocab_size)]
     for name, ids, limit in fields:
         if ids and (min(ids) < 0 or max(ids) >= limit):
             bad = [t for t in ids if not 0 <= t < limit]

@@ -207,13 +207,14 @@ class KVCacheManager:
         if blocks:
             self.block_pool.free_blocks(reversed(blocks))
 
-    def trim(self, request: Request, num_tokens: int) -> None:
+    def trim(self, request: Request, num_tokens: int) -> int:
         """Roll the request back to its first `num_tokens` KV slots (rejected draft tokens):
-        blocks past them are freed. The cut may not fall inside a block already registered in
-        the prefix cache (those hold verified tokens only, so a draft rollback never does)."""
+        blocks past them are freed; returns how many blocks it keeps. The cut may not fall inside a
+        block already registered in the prefix cache (those hold verified tokens only, so a draft
+        rollback never does)."""
         blocks = self.req_to_blocks.get(request.request_id)
         if blocks is None:
-            return
+            return 0
         num_cached = self.num_cached_blocks.get(request.request_id, 0)
         if num_tokens < num_cached * self.block_size:
             raise ValueError(
@@ -225,6 +226,7 @@ class KVCacheManager:
             self.block_pool.free_blocks(reversed(blocks[num_keep:]))
             del blocks[num_keep:]
         del request.block_hashes[num_tokens // self.block_size :]
+        return len(blocks)
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached blocks; refused (False) while any request holds blocks."""

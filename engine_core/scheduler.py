@@ -11,6 +11,13 @@ step will sample holds a placeholder for the token until the result comes back, 
 computes that token's position, which the workers fill in from their own sampling. A result is
 applied only to the request it was scheduled for: one finished, aborted or preempted meanwhile
 drops its token (after a stop that is the one extra token async scheduling costs).
+
+Speculative decoding: a step that reaches a request's last known token may also compute draft
+tokens after it (`proposer.py`), in KV slots allocated with the step; the workers keep the
+drafts the model agrees with and sample one token past them. When the result comes back, the
+rejected drafts' slots are rolled back (`num_computed_tokens`, and blocks past the kept tokens
+freed), and the stop conditions are checked after every kept token. A request that speculates
+never has two steps in flight: its next drafts depend on how many of these are kept.
 """
 
 import heapq
@@ -21,6 +28,7 @@ from collections import deque
 from conveyor.config import EngineConfig
 from conveyor.engine_core.kv_cache_manager import KVCacheManager
 from conveyor.engine_core.lora_cache import LoRACache
+from conveyor.engine_core.proposer import Proposer
 from conveyor.engine_core.request import Request, RequestStatus
 from conveyor.ipc.messages import (
     CachedRequestData,
@@ -83,10 +91,16 @@ class Scheduler:
         self.running: list[Request] = []
         self.known_to_workers: set[str] = set()
         self.dropped_ids: list[str] = []  # finished or preempted since the last step: workers forget them
+        self.trimmed: dict[str, int] = {}  # rolled back since the last step: request -> blocks it keeps
         self.step_id = 0
-        # step id -> the requests it samples for, with their preemption count when scheduled
-        self.in_flight: dict[int, dict[str, tuple[Request, int]]] = {}
+        # step id -> the requests it samples for, with their preemption count when scheduled and
+        # the number of draft tokens it verifies for them
+        self.in_flight: dict[int, dict[str, tuple[Request, int, int]]] = {}
+        self.proposer = Proposer(config.speculative_config)
         self.num_preemptions = 0
+        self.num_drafts = 0  # steps of a request that verified drafts, since start
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.prefix_cache_queries = 0  # tokens looked up, since start
         self.prefix_cache_hits = 0
         self.lora_cache = LoRACache(config.max_cpu_loras)
@@ -136,8 +150,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput | None:
         """The next step, or None when nothing can run now."""
         budget = self.config.max_num_batched_tokens
-        scheduled: dict[str, int] = {}
+        scheduled: dict[str, int] = {}  # tokens to compute, drafts included
         new_blocks: dict[str, list[int]] = {}
+        drafts: dict[str, list[int]] = {}
         preempted = False
 
         for request in list(self.running):
@@ -145,23 +160,32 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if self._reaches_limit(request):
                 continue  # its last token is being sampled: it finishes when the result comes back
+            if request.num_output_placeholders and self.proposer.speculates(request):
+                continue  # its next drafts wait for the tokens in flight
             n = self._num_tokens_to_compute(request, budget)
             if n == 0:
                 continue
-            while (blocks := self.kv_cache.allocate_slots(request, n)) is None:
-                victim = self._pick_victim()
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-                if victim.request_id in scheduled:  # its blocks are gone: it leaves this step too
-                    budget += scheduled.pop(victim.request_id)
-                    del new_blocks[victim.request_id]
+            draft, lookahead = self._propose(request, n, budget - n)
+            blocks = self.kv_cache.allocate_slots(request, n, num_lookahead_tokens=lookahead) if lookahead else None
+            if blocks is None:
+                draft = []  # drafts never preempt anyone
+                while (blocks := self.kv_cache.allocate_slots(request, n)) is None:
+                    victim = self._pick_victim()
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is request:
+                        break
+                    if victim.request_id in scheduled:  # its blocks are gone: it leaves this step too
+                        budget += scheduled.pop(victim.request_id)
+                        del new_blocks[victim.request_id]
+                        drafts.pop(victim.request_id, None)
             if blocks is None:
                 continue
-            scheduled[request.request_id] = n
+            scheduled[request.request_id] = n + len(draft)
             new_blocks[request.request_id] = blocks
-            budget -= n
+            if draft:
+                drafts[request.request_id] = draft
+            budget -= n + len(draft)
 
         running_loras = {r.lora_id for r in self.running if r.lora_id}
         other_loras: list[Request] = []  # waiting for a running adapter to finish
@@ -177,7 +201,13 @@ class Scheduler:
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(remaining, budget)
-            blocks = self.kv_cache.allocate_slots(request, n, hits, num_hit_tokens)
+            draft, lookahead = self._propose(request, n, budget - n, num_hit_tokens)
+            blocks = None
+            if lookahead:
+                blocks = self.kv_cache.allocate_slots(request, n, hits, num_hit_tokens, lookahead)
+            if blocks is None:
+                draft = []
+                blocks = self.kv_cache.allocate_slots(request, n, hits, num_hit_tokens)
             if blocks is None:
                 break
             self.waiting.pop()
@@ -190,15 +220,32 @@ class Scheduler:
             self.running.append(request)
             if request.lora_id:
                 running_loras.add(request.lora_id)
-            scheduled[request.request_id] = n
+            scheduled[request.request_id] = n + len(draft)
             new_blocks[request.request_id] = blocks
-            budget -= n
+            if draft:
+                drafts[request.request_id] = draft
+            budget -= n + len(draft)
         for request in reversed(other_loras):
             self.waiting.add(request, front=True)
 
         if not scheduled:
             return None  # requests dropped meanwhile reach the workers with the next step
-        return self._make_output(scheduled, new_blocks)
+        return self._make_output(scheduled, new_blocks, drafts)
+
+    def _propose(self, request: Request, n: int, room: int, num_hit_tokens: int = 0) -> tuple[list[int], int]:
+        """Drafts to compute after the `n` tokens of this step, if those reach the request's last
+        known one: at most `room`, never past max_tokens or max_model_len (the step samples one
+        token more than it keeps drafts); and the KV slots to allocate past the `n`: the drafts',
+        and where the step samples, those the draft model proposes in."""
+        if (request.num_output_placeholders or request.num_computed_tokens + num_hit_tokens + n < request.num_tokens
+                or not self.proposer.speculates(request)):
+            return [], 0
+        limit = min(room, request.max_tokens - request.num_output_tokens - 1,
+                    self.max_model_len - request.num_tokens - 1)
+        if limit <= 0:
+            return [], 0  # the step samples the request's last token
+        draft = self.proposer.propose(request, limit)
+        return draft, len(draft) + self.proposer.draft_slots
 
     def _reaches_limit(self, request: Request) -> bool:
         pending = request.num_output_placeholders
@@ -229,11 +276,12 @@ class Scheduler:
             self.dropped_ids.append(request.request_id)
         self.waiting.add(request, front=True)
 
-    def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
+    def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
+                     drafts: dict[str, list[int]]) -> SchedulerOutput:
         new, new_counts = [], []
         cached = CachedRequestData()
         cached_counts = []
-        samples: dict[str, tuple[Request, int]] = {}
+        samples: dict[str, tuple[Request, int, int]] = {}
         step_loras: dict[int, str] = {}
         for request_id, n in scheduled.items():
             request = self.requests[request_id]
@@ -261,13 +309,12 @@ class Scheduler:
             request.num_computed_tokens += n
             if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1  # the step reaches its end: it samples
-                samples[request_id] = (request, request.num_preemptions)
+                samples[request_id] = (request, request.num_preemptions, len(drafts.get(request_id, ())))
         self.in_flight[self.step_id] = samples
         evictions, loads = self.lora_cache.prepare(step_loras)
         output = SchedulerOutput(self.step_id, new, cached, new_counts + cached_counts, self.dropped_ids,
-                                 evictions, loads, self.grammar_tokenizer)
-        self.grammar_tokenizer = None
-        self.dropped_ids = []
+                                 evictions, loads, self.grammar_tokenizer, drafts, self.trimmed)
+        self.dropped_ids, self.trimmed, self.grammar_tokenizer = [], {}, None
         self.step_id += 1
         return output
 
@@ -280,15 +327,22 @@ class Scheduler:
             if request is None:
                 continue
             request.num_output_placeholders -= 1
-            request.append_output_token_ids(token_ids)
-            status = self._check_stop(request)
+            num_drafts = samples[request_id][2]
+            if num_drafts or self.proposer.draft_model:
+                self._roll_back(request, num_drafts, len(token_ids) - 1)
+            token_ids, status = self._append_until_stop(request, token_ids)
             if status is None and request_id in grammar_ended:
                 status = RequestStatus.FINISHED_STOPPED
+            if self.proposer.draft_model:
+                request.spec_token_ids = result.draft_token_ids.get(request_id, []) if result.draft_token_ids else []
+            logprobs = result.logprobs[i] if result.logprobs else None
             output = EngineCoreOutput(
                 request_id,
                 token_ids,
-                new_logprobs=[result.logprobs[i]] if result.logprobs and result.logprobs[i] else None,
+                new_logprobs=logprobs[:len(token_ids)] if logprobs else None,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
+                num_draft_tokens=num_drafts,
+                num_accepted_tokens=len(result.sampled_token_ids[i]) - 1 if num_drafts else 0,
             )
             if request.num_output_tokens == len(token_ids):
                 output.first_scheduled_time = request.first_scheduled_time
@@ -309,11 +363,35 @@ class Scheduler:
             outputs.append((request, EngineCoreOutput(request_id, [], finish_reason="error", error=error)))
         return outputs
 
+    def _roll_back(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """Forget the KV slots past the step's kept tokens: the rejected drafts' and the draft
+        model's. The kept drafts are computed tokens now, the token sampled after them is not yet.
+        The workers drop the same blocks at their next step (`SchedulerOutput.trimmed_blocks`)."""
+        if num_drafts:
+            self.num_drafts += 1
+            self.num_draft_tokens += num_drafts
+            self.num_accepted_tokens += num_accepted
+            request.num_computed_tokens -= num_drafts - num_accepted
+        num_blocks = len(self.kv_cache.req_to_blocks.get(request.request_id, ()))
+        if (kept := self.kv_cache.trim(request, request.num_computed_tokens)) < num_blocks:
+            self.trimmed[request.request_id] = kept
+
+    def _append_until_stop(self, request: Request, token_ids: list[int]) -> tuple[list[int], RequestStatus | None]:
+        """Append the step's tokens one by one, up to the first that stops the request."""
+        if len(token_ids) == 1:
+            request.append_output_token_ids(token_ids)
+            return token_ids, self._check_stop(request)
+        for j, token in enumerate(token_ids):
+            request.append_output_token_ids([token])
+            if (status := self._check_stop(request)) is not None:
+                return token_ids[:j + 1], status
+        return token_ids, None
+
     @staticmethod
-    def _awaiting(samples: dict[str, tuple[Request, int]], request_id: str) -> Request | None:
+    def _awaiting(samples: dict[str, tuple[Request, int, int]], request_id: str) -> Request | None:
         """The request a step's result is for, unless it finished, was aborted or was preempted
         since the step was scheduled."""
-        request, num_preemptions = samples[request_id]
+        request, num_preemptions, _ = samples[request_id]
         if request.status != RequestStatus.RUNNING or request.num_preemptions != num_preemptions:
             return None
         return request
@@ -342,6 +420,9 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            num_drafts=self.num_drafts,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
             step_time=step_time,
             model_time=model_time,
         )

@@ -2,7 +2,7 @@
 
 The engine options are `EngineConfig`'s fields (config.py): each field's name, type and default make
 its option, its `option(...)` the help and what the type leaves open, and a nested Struct
-(`RequestLimits`) a group of its own.
+(`RequestLimits`) a group of its own; one that may be None (`SpeculativeConfig`) takes a JSON object.
 
     int | float | str          --field-name VALUE
     Bytes                      --field-name SIZE: 4GiB, 512MiB or a number of bytes
@@ -10,10 +10,12 @@ its option, its `option(...)` the help and what the type leaves open, and a nest
     bool, True by default      --no-field-name (less any leading `enable_`)
     bool, False by default     --field-name
     bool | None                --field-name / --no-field-name
+    Struct | None              --field-name JSON (an object of the Struct's fields)
     no default                 a positional argument, optional (MODEL: the default model)
 """
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -44,6 +46,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 PARSERS = {int: int, float: float, str: str, Bytes: parse_size}
 
 
@@ -67,6 +79,11 @@ def unwrap(field_type) -> tuple[Any, msgspec.Meta | None]:
 
 def is_struct(field_type) -> bool:
     return isinstance(field_type, type) and issubclass(field_type, msgspec.Struct)
+
+
+def is_option_group(field: msgspec.structs.FieldInfo) -> bool:
+    """A nested Struct that is always there: each of its fields an option of its own."""
+    return is_struct(unwrap(field.type)[0]) and field.default is not None
 
 
 def cli_extra(field: msgspec.structs.FieldInfo) -> dict[str, str]:
@@ -96,6 +113,8 @@ def add_field_option(group, field: msgspec.structs.FieldInfo, fallback_help: str
         group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help)
     elif field_type is bool:
         group.add_argument(*flags, action="store_true", help=help)
+    elif is_struct(field_type):
+        group.add_argument(*flags, type=parse_json_object, default=default, help=help, metavar=extra.get("metavar"))
     elif choices := literal_choices(field_type):
         group.add_argument(*flags, default=default, choices=list(choices), help=help, metavar=extra.get("metavar"))
     else:
@@ -115,7 +134,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine")
     for field in fields:
         field_type, meta = unwrap(field.type)
-        if is_struct(field_type):
+        if is_option_group(field):
             group = parser.add_argument_group(field.name.replace("_", " "), meta.description if meta else None)
             for sub in msgspec.structs.fields(field_type):
                 add_field_option(group, sub, fallback_help=f"default {sub.default}")
@@ -171,7 +190,7 @@ def engine_args(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {}
     for field in msgspec.structs.fields(EngineConfig):
         field_type, _ = unwrap(field.type)
-        if is_struct(field_type):
+        if is_option_group(field):
             kwargs[field.name] = field_type(**{sub.name: getattr(args, sub.name)
                                                for sub in msgspec.structs.fields(field_type)
                                                if getattr(args, sub.name, None) is not None})

@@ -3,7 +3,9 @@
 Per-request figures are recorded when an engine request ends. The engine's own figures (running
 and waiting requests, KV-cache usage, preemptions, prefix-cache queries and hits) are read from
 `AsyncLLM.get_stats()` when /metrics is scraped and exported as they are: they are the same
-whichever API server is asked.
+whichever API server is asked. So are those of speculative decoding: drafts verified and kept,
+the acceptance rate (kept / verified) and the mean acceptance length (tokens one verifying step
+emits for a request: 1 + kept / verifying steps, vLLM's definition).
 
 Under `conveyor serve --api-server-count K` the supervisor sets PROMETHEUS_MULTIPROC_DIR for its
 API servers: prometheus_client then keeps each process's request metrics in files there, and a
@@ -131,3 +133,16 @@ class EngineStatsCollector:
                      "Distinct LoRA adapters of the waiting requests.", stats.get("num_waiting_loras", 0))
         yield family(CounterMetricFamily, "conveyor_lora_loads", "LoRA adapters the workers loaded, reloads after "
                      "eviction included.", stats.get("num_lora_loads", 0))
+        drafts, drafted = stats.get("num_drafts", 0), stats.get("num_draft_tokens", 0)
+        accepted = stats.get("num_accepted_tokens", 0)
+        yield family(CounterMetricFamily, "conveyor_spec_decode_num_drafts",
+                     "Speculative decoding: steps of a request that verified draft tokens.", drafts)
+        yield family(CounterMetricFamily, "conveyor_spec_decode_num_draft_tokens", "Draft tokens verified.", drafted)
+        yield family(CounterMetricFamily, "conveyor_spec_decode_num_accepted_tokens", "Draft tokens the model kept.",
+                     accepted)
+        yield family(GaugeMetricFamily, "conveyor_spec_decode_acceptance_rate",
+                     "Draft tokens kept / verified since the engine started (0-1).",
+                     accepted / drafted if drafted else 0.0)
+        yield family(GaugeMetricFamily, "conveyor_spec_decode_mean_acceptance_length",
+                     "Tokens a verifying step emits for a request: 1 + kept drafts / verifying steps.",
+                     1.0 + accepted / drafts if drafts else 0.0)

@@ -117,13 +117,16 @@ class OutputProcessor:
             if state is None:
                 continue  # aborted meanwhile
             finish_reason, stop_reason = raw.finish_reason, raw.stop_reason
-            self._record(state, raw, now, model_time)
             if state.detokenizer is not None and raw.new_token_ids:
                 stop_terminated = finish_reason == "stop" and stop_reason is None or isinstance(stop_reason, int)
-                stop_str = state.detokenizer.update(raw.new_token_ids, stop_terminated=stop_terminated)
-                if stop_str is not None and finish_reason is None:
+                num_tokens = len(raw.new_token_ids)
+                stop_str = self._detokenize(state.detokenizer, raw, stop_terminated)
+                # a stop string before this output's last token ends it, whatever ended the request
+                if stop_str is not None and (finish_reason is None or len(raw.new_token_ids) < num_tokens):
+                    if finish_reason is None:
+                        to_abort.append(raw.request_id)
                     finish_reason, stop_reason = "stop", stop_str
-                    to_abort.append(raw.request_id)
+            self._record(state, raw, now, model_time)
             finished = finish_reason is not None
             if finished:
                 self.remove(raw.request_id)
@@ -132,6 +135,23 @@ class OutputProcessor:
             if output is not None:
                 deliveries.append((state.mailbox, output))
         return deliveries, to_abort
+
+    @staticmethod
+    def _detokenize(detokenizer: IncrementalDetokenizer, raw: EngineCoreOutput, stop_terminated: bool) -> str | None:
+        """Feed the new tokens to the detokenizer; the stop string they complete, if any. Several
+        tokens (speculative decoding) go one at a time when stop strings are set, and those after
+        the one that completes a stop string are dropped, as if they had never been sampled."""
+        ids = raw.new_token_ids
+        if len(ids) == 1 or not detokenizer.params.stop:
+            return detokenizer.update(ids, stop_terminated=stop_terminated)
+        for j, token in enumerate(ids):
+            last = j == len(ids) - 1
+            if (stop_str := detokenizer.update([token], stop_terminated=stop_terminated and last)) is not None:
+                if not last:
+                    raw.new_token_ids = ids[:j + 1]
+                    raw.new_logprobs = raw.new_logprobs[:j + 1] if raw.new_logprobs else raw.new_logprobs
+                return stop_str
+        return None
 
     def fail_all(self, error: BaseException) -> None:
         with self.lock:
@@ -148,6 +168,9 @@ class OutputProcessor:
             metrics.last_token_time = now
         metrics.model_forward_time += model_time
         metrics.model_execute_time += model_time
+        if raw.num_draft_tokens:
+            metrics.num_draft_tokens += raw.num_draft_tokens
+            metrics.num_accepted_tokens += raw.num_accepted_tokens
         state.num_cached_tokens = raw.num_cached_tokens
         if raw.prompt_logprobs is not None:
             state.prompt_logprobs = [self.to_position_logprobs(entry) for entry in raw.prompt_logprobs]

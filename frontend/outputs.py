@@ -23,6 +23,8 @@ class RequestMetrics:
     finished_time: float | None = None
     model_forward_time: float = 0.0  # summed over the steps this request was part of
     model_execute_time: float = 0.0
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified for this request
+    num_accepted_tokens: int = 0  # of which the model kept
 
 
 @dataclass(slots=True)

@@ -10,8 +10,10 @@ from conveyor.config import EngineConfig, resolve_max_model_len
 from conveyor.gguf_metadata import hf_config_of, open_gguf
 from conveyor.gpu_worker.attention import AttentionMetadata
 from conveyor.gpu_worker.lora import LoRAManager
+from conveyor.gpu_worker.draft_model import DraftModel
 from conveyor.gpu_worker.model_loader import load_model
 from conveyor.gpu_worker.ops import select_ops
+from conveyor.gpu_worker.rejection_sampler import draft_row_states, num_accepted
 from conveyor.gpu_worker.sampler import Sampler, SamplingState, compute_logprobs, make_sampling_state
 from conveyor.gpu_worker.structured_output import GrammarLoader
 from conveyor.ipc.messages import EmbeddingTable, Logprobs, ModelRunnerOutput, SchedulerOutput
@@ -73,13 +75,19 @@ class ModelRunner:
         self.lora = LoRAManager(self.model, self.dtype, self.device, self.ops) if config.enable_lora else None
         self.kv_cache: torch.Tensor | None = None
         self.kv_caches: list[torch.Tensor] = []
+        spec = config.speculative_config
+        self.drafter = None
+        if spec is not None and spec.method == "draft_model":
+            self.drafter = DraftModel(config, self.hf_config, self.dtype, self.device, self.ops)
 
     # ---- KV cache ----
 
     def kv_block_bytes(self) -> int:
+        """Of the target's cache and, with a draft model, of the draft's, which shares its blocks."""
         attn = self.model.model.layers[0].self_attn
         per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
-        return per_token * self.block_size * self.hf_config.num_hidden_layers
+        draft = self.drafter.kv_block_bytes() if self.drafter is not None else 0
+        return per_token * self.block_size * self.hf_config.num_hidden_layers + draft
 
     def determine_num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -101,6 +109,8 @@ class ModelRunner:
         # Zeroed: padded attention reads of unused slots must meet finite values.
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
+        if self.drafter is not None:
+            self.drafter.init_kv_cache(num_blocks)
 
     # ---- one step ----
 
@@ -114,6 +124,9 @@ class ModelRunner:
         if step.grammar_tokenizer is not None:
             self.sampler.grammars.set_tokenizer(step.grammar_tokenizer)
         vocab = self.hf_config.vocab_size
+        for request_id, num_blocks in step.trimmed_blocks.items():  # before the new ones, which may re-add it
+            if (state := self.requests.get(request_id)) is not None:
+                del state.block_ids[num_blocks:]
         for new in step.new_requests:
             table = new.prompt_embedding_table
             real_prompt = new.prompt_token_ids if table is None else [t for t in new.prompt_token_ids if t < vocab]
@@ -150,10 +163,14 @@ class ModelRunner:
                        key=lambda item: (item[1] != 1, item[1]))
         states = [self.requests[request_id] for request_id, _ in order]
         num_tokens = [n for _, n in order]
-        input_ids, positions, meta, logits_indices, sampling_states, virtual = self.prepare_inputs(states, num_tokens)
+        drafts = step.draft_token_ids
+        input_ids, positions, meta, logits_indices, sampling_states, virtual = self.prepare_inputs(
+            states, num_tokens, drafts)
         if self.lora is not None:
             self.lora.batch.prepare([s.lora_id for s in states], num_tokens)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, virtual)
+        if self.drafter is not None:
+            self.drafter.run(input_ids, positions, meta)
         self.collect_prompt_logprobs(hidden, states, num_tokens)
         sampled_ids: list[list[int]] = []
         request_ids: list[str] = []
@@ -162,31 +179,50 @@ class ModelRunner:
         grammar_ended = []
         if logits_indices:
             logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
-            out = self.sampler(logits, [s.sampling for s in sampling_states])
+            rows = [s.sampling for s in sampling_states]
+            if drafts:  # one row per position a verifying request samples
+                rows = [row for s in sampling_states
+                        for row in (draft_row_states(s.sampling, drafts[s.request_id])
+                                    if s.request_id in drafts else (s.sampling,))]
+            out = self.sampler(logits, rows)
             sampled_logprobs = []
-            for state, token, lp in zip(sampling_states, out.sampled_token_ids, out.logprobs):
+            r = 0
+            for state in sampling_states:
+                draft = drafts.get(state.request_id, ()) if drafts else ()
+                sampled = out.sampled_token_ids[r : r + len(draft) + 1]
+                kept = num_accepted(draft, sampled) + 1 if draft else 1
+                tokens = sampled[:kept]
                 # kept even by a request that failed: a step scheduled meanwhile computes its position
-                state.token_ids.append(token)
-                state.sampling.output_token_ids.append(token)
-                if state.sampling.error is not None:
-                    errors[state.request_id] = state.sampling.error
+                state.token_ids.extend(tokens)
+                state.sampling.output_token_ids.extend(tokens)
+                error = next((row.error for row in rows[r : r + kept] if row.error is not None), None)
+                lps = out.logprobs[r : r + kept]
+                r += len(draft) + 1
+                if error is not None:
+                    state.sampling.error = errors[state.request_id] = error
                     continue
                 if state.lora_id and state.lora_id in self.lora.failed:
                     errors[state.request_id] = self.lora.failed[state.lora_id]
                     continue
                 request_ids.append(state.request_id)
-                sampled_ids.append([token])
-                sampled_logprobs.append(lp)
+                sampled_ids.append(tokens)
+                sampled_logprobs.append(lps if lps[0] is not None else None)
                 if state.sampling.grammar is not None and state.sampling.grammar.is_terminated():
                     grammar_ended.append(state.request_id)
             if any(lp is not None for lp in sampled_logprobs):
                 logprobs = sampled_logprobs
+        proposals = None
+        if self.drafter is not None and request_ids:
+            kept = [self.requests[request_id] for request_id in request_ids]
+            proposals = dict(zip(request_ids, self.drafter.propose(
+                [s.token_ids[-1] for s in kept], [len(s.token_ids) - 1 for s in kept], [s.block_ids for s in kept])))
         prompt_logprobs = {}
         for state in sampling_states:
             if state.prompt_logprobs is not None:
                 prompt_logprobs[state.request_id], state.prompt_logprobs = state.prompt_logprobs, None
         return ModelRunnerOutput(step.step_id, request_ids, sampled_ids, logprobs, prompt_logprobs or None,
-                                 errors=errors or None, grammar_ended=grammar_ended or None)
+                                 errors=errors or None, grammar_ended=grammar_ended or None,
+                                 draft_token_ids=proposals)
 
     def collect_prompt_logprobs(self, hidden, states, num_tokens) -> None:
         """For requests that asked for prompt logprobs: the logprob of each prompt token given the
@@ -203,7 +239,11 @@ class ModelRunner:
                     state.prompt_logprobs += compute_logprobs(logits, targets, num_top)
             start += n
 
-    def prepare_inputs(self, states: list[CachedRequestState], num_tokens: list[int]):
+    def prepare_inputs(self, states: list[CachedRequestState], num_tokens: list[int],
+                       drafts: dict[str, list[int]] | None = None):
+        """The step's flattened batch. A request's tokens are its known ones from
+        num_computed_tokens on, then its `drafts` (counted in `num_tokens`); one that reaches the
+        end of its known tokens samples there and after each draft."""
         bs = self.block_size
         counts = np.array(num_tokens, dtype=np.int64)
         starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
@@ -221,16 +261,19 @@ class ModelRunner:
         q0 = 0  # plain ints in this loop: numpy scalars cost more than the work
         for i, (state, n) in enumerate(zip(states, num_tokens)):
             start, token_ids = state.num_computed_tokens, state.token_ids
+            draft = drafts.get(state.request_id, ()) if drafts else ()
+            known = n - len(draft)
             if n == 1:
                 input_ids[q0] = token_ids[start]
             else:
-                input_ids[q0 : q0 + n] = token_ids[start : start + n]
+                input_ids[q0 : q0 + known] = token_ids[start : start + known]
+                input_ids[q0 + known : q0 + n] = draft
             block_tables[i, : len(state.block_ids)] = state.block_ids
             if state.embedding_table is not None and start < state.num_prompt_tokens:
                 tabled.append((state, q0, n))
             q0 += n
-            if start + n >= len(token_ids):  # reaches the end of what is known: sample
-                logits_indices.append(q0 - 1)
+            if start + known >= len(token_ids):  # reaches the end of what is known: sample
+                logits_indices.extend(range(q0 - len(draft) - 1, q0))
                 sampling_states.append(state)
         row = np.repeat(np.arange(len(states)), counts)
         slot_mapping = block_tables[row, positions // bs].astype(np.int64) * bs + positions % bs

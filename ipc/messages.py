@@ -116,6 +116,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     error: str | None = None
+    num_draft_tokens: int = 0  # drafts the step verified (speculative decoding)
+    num_accepted_tokens: int = 0  # of which the model kept
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -133,6 +135,9 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_running_loras: int = 0  # distinct LoRA adapters among the running requests
     num_waiting_loras: int = 0  # and among the waiting ones
     num_lora_loads: int = 0  # adapters the workers loaded, reloads after eviction included, since start
+    num_drafts: int = 0  # since start: steps of a request that verified drafts
+    num_draft_tokens: int = 0  # the drafts they verified
+    num_accepted_tokens: int = 0  # the drafts the model kept
 
 
 class EngineCoreOutputs(Message, tag="out"):
@@ -196,6 +201,12 @@ class SchedulerOutput(Message, tag="step"):
     lora_evictions: list[int] = []  # adapters to drop, before the loads
     lora_loads: dict[int, str] = {}  # adapter id -> PEFT directory, to load before the forward
     grammar_tokenizer: str | None = None  # xgrammar's view of the tokenizer (a frontend's), sent once
+    # request -> tokens it computes after its last known one, which the workers verify: its
+    # num_scheduled_tokens counts them
+    draft_token_ids: dict[str, list[int]] = {}
+    # request -> how many of its blocks it keeps: the core freed those past its kept tokens (rejected
+    # drafts) since the last step; applied before this step's new block ids
+    trimmed_blocks: dict[str, int] = {}
 
     def scheduled_request_ids(self) -> list[str]:
         """The requests of `num_scheduled_tokens`, in its order."""
@@ -219,13 +230,15 @@ WorkerInput = SchedulerOutput | WorkerCall | Shutdown
 
 class ModelRunnerOutput(Message, tag="mro"):
     step_id: int
-    request_ids: list[str]  # requests that sampled a token this step, in order
-    sampled_token_ids: list[list[int]]
-    logprobs: list[Logprobs | None] | None = None
+    request_ids: list[str]  # requests that sampled this step, in order
+    sampled_token_ids: list[list[int]]  # per request: its kept drafts and the token after them
+    logprobs: list[list[Logprobs] | None] | None = None  # per request: one per sampled token
     prompt_logprobs: dict[str, list[Logprobs | None]] | None = None
     model_time: float = 0.0
     errors: dict[str, str] | None = None  # requests that failed alone this step (not in request_ids)
     grammar_ended: list[str] | None = None  # requests whose structured output is complete with this token
+    # the draft model's proposals for each request's next step (speculative decoding)
+    draft_token_ids: dict[str, list[int]] | None = None
 
 
 class WorkerReady(Message, tag="ready"):

@@ -23,6 +23,7 @@ import pytest
 from transformers import AutoConfig
 
 from conveyor import AsyncLLM, LoRARequest, RequestOutputKind, SamplingParams, StructuredOutputsParams
+from conveyor.tools.make_tiny_model import make_tiny_model
 from constraints import CHOICES, GRAMMAR, REGEXES, assert_meets
 from reference import dequantized_model, hf_greedy, hf_sequence_logprobs, make_lora_adapter, make_prompts
 
@@ -36,10 +37,12 @@ AXES = {
     "quantization": (None, "int8"),
     "lora": (False, True),
     "structured_outputs": (False, True),  # constrained requests join the workload
+    "speculation": (None, "ngram", "draft_model"),  # drafts verified in the step
 }
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 128
 LOGPROB_TOLERANCE = 1e-4
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
 def pairwise_rows(axes: dict[str, tuple]) -> list[dict]:
@@ -66,11 +69,15 @@ def row_id(row: dict) -> str:
     return "-".join(f"{name}_{value}" for name, value in row.items())
 
 
-def engine_options(row: dict) -> dict:
+def engine_options(row: dict, draft_dir: str) -> dict:
     options = {name: value for name, value in row.items()
-               if name not in ("preemption", "lora", "structured_outputs")}
+               if name not in ("preemption", "lora", "structured_outputs", "speculation")}
     if row["lora"]:
         options |= {"enable_lora": True, "max_loras": 2}  # as many running requests as without adapters
+    if row["speculation"] == "ngram":
+        options["speculative_config"] = NGRAM
+    elif row["speculation"] == "draft_model":  # a draft of other weights: many drafts rejected
+        options["speculative_config"] = {"method": "draft_model", "model": draft_dir, "num_speculative_tokens": 3}
     # chunked: prompts split across 64-token steps; whole: every prompt (and a preempted request's
     # prompt and output) fits one step
     options["max_num_batched_tokens"] = 64 if row["enable_chunked_prefill"] else MAX_MODEL_LEN
@@ -153,6 +160,12 @@ def reference_dirs(llama_dir, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory) -> str:
+    """The tiny llama's shape and vocabulary with other random weights."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("draft"), "llama", seed=1))
+
+
+@pytest.fixture(scope="module")
 def greedy_reference(reference_dirs, workload) -> dict:
     """(quantization, lora) -> request index -> transformers' greedy tokens (peft's, under an adapter)."""
     references = {}
@@ -193,11 +206,13 @@ def test_every_pair_of_options_runs_together():
 
 @pytest.mark.parametrize("row", ROWS, ids=row_id)
 async def test_workload_is_exact_under(row, llama_dir, workload, reference_dirs, greedy_reference,
-                                       seeded_reference):
-    async with AsyncLLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, **engine_options(row)) as llm:
+                                       seeded_reference, draft_dir):
+    async with AsyncLLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN,
+                        **engine_options(row, draft_dir)) as llm:
         results = await workload.run(llm, row["lora"], row["structured_outputs"])
-        preemptions = (await llm.get_stats())["num_preemptions"]
-    assert (preemptions > 0) == row["preemption"]
+        stats = await llm.get_stats()
+    assert (stats["num_preemptions"] > 0) == row["preemption"]
+    assert (stats.get("num_draft_tokens", 0) > 0) == (row["speculation"] is not None)
 
     tokens = [t for t, _ in results]
     quantization, lora = row["quantization"], row["lora"]

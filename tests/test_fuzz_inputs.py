@@ -13,6 +13,7 @@ from conveyor.config import RequestLimits
 from conveyor.frontend.async_llm import check_priority
 from conveyor.frontend.protocol import ChatCompletionRequest, CompletionRequest, to_sampling_params
 from conveyor.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from conveyor.gpu_worker.rejection_sampler import draft_row_states
 from conveyor.gpu_worker.sampler import Sampler, make_sampling_state
 from conveyor.ipc.messages import (Abort, CachedRequestData, EmbeddingTable, EngineCoreInput, EngineCoreOutput,
                                    EngineCoreOutputMessage, EngineCoreOutputs, EngineCoreRequest, EngineDead,
@@ -67,6 +68,7 @@ VALID = {
     "structured_outputs": st.one_of(st.none(), st.builds(StructuredOutputsParams, regex=st.just("[ab]+")),
                                     st.builds(StructuredOutputsParams, choice=st.lists(st.text(min_size=1), min_size=1,
                                                                                        max_size=3))),
+    "draft_token_ids": st.one_of(st.none(), st.lists(token_ids, min_size=1, max_size=40)),
 }
 # structured-output constraints as request bodies carry them: well-formed, malformed, or of the wrong type
 CONSTRAINT_FIELDS = {
@@ -114,19 +116,23 @@ def encode_for_the_engine(params: SamplingParams, priority: int = 0) -> None:
     """As AsyncLLM sends it: the request to the core, and on to a worker; both decode it back."""
     request = EngineCoreRequest("r", [1, 2, 3], params, 0.0, priority=priority)
     assert Decoder(EngineCoreInput).decode(Encoder().encode(request)) == request
-    step = SchedulerOutput(0, [NewRequestData("r", [1, 2, 3], params, [0], 0)], CachedRequestData(), [3], [])
+    drafts = {"r": params.draft_token_ids} if params.draft_token_ids else {}
+    step = SchedulerOutput(0, [NewRequestData("r", [1, 2, 3], params, [0], 0)], CachedRequestData(),
+                           [3 + len(params.draft_token_ids or ())], [], draft_token_ids=drafts)
     assert Decoder(WorkerInput).decode(Encoder().encode(step)) == step
 
 
 def sample(params: SamplingParams, output: list[int]) -> None:
-    """A step of the sampler: a token of the vocabulary, one the request allows unless it failed."""
+    """A step of the sampler: a token of the vocabulary, one the request allows unless it failed;
+    with drafts, a verifying step's rows, one per draft and one after them."""
     state = make_sampling_state(params, [1, 2, 3], "cpu", seed=0)
     state.output_token_ids.extend(output)
-    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(0))
-    token = Sampler(V)(logits, [state]).sampled_token_ids[0]
-    assert 0 <= token < V
-    if state.error is None and params.allowed_token_ids is not None:
-        assert token in params.allowed_token_ids
+    rows = draft_row_states(state, params.draft_token_ids[:4]) if params.draft_token_ids else [state]
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(0))
+    for row, token in zip(rows, Sampler(V)(logits, rows).sampled_token_ids):
+        assert 0 <= token < V
+        if row.error is None and params.allowed_token_ids is not None:
+            assert token in params.allowed_token_ids
 
 
 def accepted(make, fields) -> SamplingParams | None:
@@ -248,9 +254,12 @@ SOCKETS = {
                         CachedRequestData(["r2"], [[4]], [17]), [2, 1], ["r0"]),
         SchedulerOutput(4, [NewRequestData("r3", [1], PARAMS, [2], 0, lora_id=7)], CachedRequestData(), [1], [],
                         [5], {7: "/adapters/b"}),
+        SchedulerOutput(5, [NewRequestData("r1", [1, 2], PARAMS, [0, 1], 0, [9])],
+                        CachedRequestData(["r2"], [[4]], [17]), [2, 3], ["r0"], draft_token_ids={"r2": [5, 6]},
+                        trimmed_blocks={"r2": 1}),
         WorkerCall("init_kv_cache", [12])]),
     "worker output": (WorkerOutput, [
-        ModelRunnerOutput(3, ["r1"], [[7]], [LP], {"r1": [None, LP]}, 0.1, {"r2": "failed"}),
+        ModelRunnerOutput(3, ["r1"], [[7]], [[LP]], {"r1": [None, LP]}, 0.1, {"r2": "failed"}),
         WorkerResult(torch.arange(6, dtype=torch.float32).reshape(2, 3)), WorkerError(0, "boom")]),
 }
 

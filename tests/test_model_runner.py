@@ -51,7 +51,7 @@ def run_greedy(runner: ModelRunner, prompts, max_tokens=MAX_TOKENS, chunk: int |
             reqs[rid]["tokens"] += tokens
             reqs[rid]["out"] += tokens
             if out.logprobs:
-                reqs[rid]["lps"].append(out.logprobs[k].logprob)
+                reqs[rid]["lps"] += [lp.logprob for lp in out.logprobs[k]]
     return [(reqs[str(i)]["out"], reqs[str(i)]["lps"]) for i in range(len(prompts))]
 
 

@@ -25,3 +25,10 @@ def break_the_worker(output_token_ids: list[int], logits: torch.Tensor) -> torch
 
     ModelRunner.execute_model = execute_model
     return logits
+
+
+def ban_the_last_token(output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """Depends on the whole history: a verifying step must give each position its own."""
+    if output_token_ids:
+        logits[output_token_ids[-1]] = float("-inf")
+    return logits

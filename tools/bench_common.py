@@ -341,6 +341,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, help="engines' batch limit (hf: generate() batch size)")
     parser.add_argument("--max-num-batched-tokens", type=int, help="engines' token budget per step")
     parser.add_argument("--max-model-len", type=int, help="engines' context limit (default: the model's)")
+    parser.add_argument("--speculative-config", type=json.loads, metavar="JSON",
+                        help='speculative decoding, vLLM\'s spelling, for conveyor and vllm alike: '
+                             '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}')
     parser.add_argument("--kv-cache-gib", type=int, default=2,
                         help="KV-cache memory of conveyor and vllm, the same for both (GiB; 0: each engine's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -356,7 +359,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_args(args: argparse.Namespace) -> dict:
     """The engine limits given (of add_engine_args), the same for every backend."""
-    names = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "quantization")
+    names = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "quantization", "speculative_config")
     return {name: getattr(args, name, None) for name in names if getattr(args, name, None) is not None}
 
 

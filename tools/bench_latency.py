@@ -6,6 +6,9 @@
 TTFT is the time from submitting the request to its first token; TPOT the mean time per later
 token, (last - first) / (n - 1). Conveyor and vLLM stream through their AsyncLLM (delta outputs),
 transformers through a `streamer` passed to generate(). Every request has a prompt of its own.
+`--prompt-repeats R` makes each prompt a random text repeated R times, a workload that n-gram
+speculative decoding (`--speculative-config`) can draft from; Conveyor's rows then report the
+drafts' acceptance rate.
 """
 
 import argparse
@@ -15,7 +18,8 @@ from conveyor.tools import bench_common as bc
 
 COLUMNS = [("backend", "backend"), ("dtype", "dtype"), ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p90", "TTFT p90 ms"),
            ("tpot_ms_p50", "TPOT p50 ms"), ("tpot_ms_p90", "TPOT p90 ms"), ("e2e_s_p50", "E2E p50 s"),
-           ("max_itl_ms_p50", "max ITL p50 ms"), ("startup_s", "startup s"), ("peak_rss_mib", "peak RSS MiB")]
+           ("max_itl_ms_p50", "max ITL p50 ms"), ("acceptance_rate", "drafts kept"), ("startup_s", "startup s"),
+           ("peak_rss_mib", "peak RSS MiB")]
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +27,16 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10, help="timed requests, one after another")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
+    parser.add_argument("--prompt-repeats", type=int, default=1, metavar="R",
+                        help="each prompt a random text of input-len / R tokens, repeated R times (default 1)")
 
 
 def latency_workload(args: argparse.Namespace, backend: str) -> dict:
     vocab = bc.model_vocab_size(args.model)
     # a seed apart from the throughput prompts', so a shared prefix cache could not help either
-    prompts = bc.random_prompts(args.warmup + args.repeats, args.input_len, vocab, args.seed + 1_000_003)
+    repeats = max(1, getattr(args, "prompt_repeats", 1))
+    texts = bc.random_prompts(args.warmup + args.repeats, -(-args.input_len // repeats), vocab, args.seed + 1_000_003)
+    prompts = [(text * repeats)[:args.input_len] for text in texts]
     return {"backend": backend, "mode": "latency", "model": args.model, "dtype": args.dtype,
             "engine_args": bc.engine_args(args), "kv_cache_gib": args.kv_cache_gib or None,
             "output_len": args.output_len,
@@ -44,6 +52,8 @@ def summarize_latency(result: dict) -> dict:
         values = [r[key] * scale for r in runs]
         row[f"{name}_p50"], row[f"{name}_p90"] = bc.percentile(values, 50), bc.percentile(values, 90)
         row[f"{name}_mean"] = sum(values) / len(values)
+    if result.get("num_draft_tokens"):
+        row["acceptance_rate"] = result["num_accepted_tokens"] / result["num_draft_tokens"]
     return row
 
 

@@ -39,13 +39,12 @@ class ConveyorBackend:
     def dtype_chosen(self) -> str:
         """The dtype the workers run in: resolved here as they resolve it (same environment)."""
         import torch
-        from transformers import AutoConfig
 
         from conveyor.config import EngineConfig
         from conveyor.gpu_worker.model_runner import resolve_dtype
 
-        config = EngineConfig(model=self.model, dtype=self.dtype)
-        dtype = resolve_dtype(config, AutoConfig.from_pretrained(self.model), torch.device(config.resolved_device()))
+        config = EngineConfig(model=self.model, dtype=self.dtype)  # a GGUF file's config is its metadata
+        dtype = resolve_dtype(config, config.load_hf_config(), torch.device(config.resolved_device()))
         return str(dtype).removeprefix("torch.")
 
     def _params(self, output_len: int):
@@ -64,6 +63,11 @@ class ConveyorBackend:
         async for out in self.llm.generate({"prompt_token_ids": prompt}, self._params(output_len)):
             times += [time.perf_counter() - start] * len(out.outputs[0].token_ids)
         return times
+
+    def spec_stats(self, loop) -> dict:
+        """Speculative decoding's counters since start (zero without it)."""
+        stats = loop.run_until_complete(self.llm.get_stats())
+        return {name: stats.get(name, 0) for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
 
     def close(self) -> None:
         if self.llm is not None:
@@ -85,6 +89,9 @@ class VllmBackend(ConveyorBackend):
             from vllm import LLM
 
             self.llm = LLM(**args)
+
+    def spec_stats(self, loop) -> dict:
+        return {}
 
     def dtype_chosen(self) -> str:
         engine = getattr(self.llm, "llm_engine", self.llm)
@@ -212,7 +219,8 @@ def run_latency(backend, workload: dict) -> dict:
             runs.append({"ttft_s": times[0], "e2e_s": times[-1], "output_tokens": len(times),
                          "tpot_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0,
                          "max_itl_s": max(itl, default=0.0), "median_itl_s": statistics.median(itl or [0.0])})
-        return {"runs": runs}
+        spec_stats = getattr(backend, "spec_stats", None)
+        return {"runs": runs, **(spec_stats(loop) if spec_stats else {})}
     finally:
         backend.close()  # while the loop is still open: async engines may clean up on it
         loop.close()

@@ -294,7 +294,7 @@ def main(argv: list[str]) -> None:
     begin = time.perf_counter()
     backend.start()
     result = {"backend": workload["backend"], "mode": mode, "startup_s": time.perf_counter() - begin,
-              "process_startup_s": time.perf_counter() - PROCESS_START, "dtype": backend.dtype_chosen()}
+              "process_startup_s": time.perf_counter() - PROCESS_START, "dtype": backend.dtype_chosen(), **extra}
     try:
         result.update(run_throughput(backend, workload) if mode == "throughput" else run_latency(backend, workload))
     finally:

@@ -1,7 +1,9 @@
 """The benchmark tools on tiny workloads: they run each backend, measure, print and write JSON.
 
 No benchmark runs here. The vLLM backend runs only when its virtualenv exists (tools/setup_vllm_cpu.sh)
-and CONVEYOR_TEST_VLLM=1 is set: vLLM takes about a minute to start on this machine.
+and CONVEYOR_TEST_VLLM=1 is set: vLLM takes about a minute to start on this machine. The llama.cpp
+backend likewise needs .venv-llamacpp (tools/setup_llama_cpp.sh) and CONVEYOR_TEST_LLAMACPP=1; its
+plumbing is tested here without it.
 """
 
 import argparse
@@ -26,8 +28,10 @@ from conveyor.tools import (
     bench_overhead,
     bench_serving,
     bench_stalls,
+    bench_runner,
     bench_throughput,
 )
+from conveyor.config import usable_cpus
 
 TINY = ["--num-prompts", "3", "--input-len", "6", "--output-len", "4", "--repeats", "2", "--warmup", "1"]
 
@@ -222,6 +226,86 @@ def test_compare_serving_loads_each_backends_server(llama_dir, tmp_path, capsys)
     assert report["serving_ratios"][0]["output_tok_per_s"] == 1.0
     assert "hf: no serving run" in " ".join(report["notes"])
     assert "serving: 3 requests" in capsys.readouterr().out
+
+
+# ---- llama.cpp ----
+
+def test_compare_skips_llamacpp_without_its_virtualenv(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no backend ran"):
+        bench_compare.main(["--backends", "llamacpp", "--llamacpp-venv", str(tmp_path / "no-venv"),
+                            "--model", str(tmp_path / "m.gguf")])
+    assert f"llamacpp: skipped, no llama.cpp virtualenv at {tmp_path / 'no-venv'}" in capsys.readouterr().err
+    with pytest.raises(bc.BenchError, match="run tools/setup_llama_cpp.sh first"):
+        bc.runner_command("llamacpp", llamacpp_venv=tmp_path / "no-venv")
+
+
+def test_llamacpp_takes_no_dtype_of_its_own():
+    assert bench_compare.parse_backends("conveyor,llamacpp") == ["conveyor", "llamacpp"]
+    with pytest.raises(ValueError, match="llamacpp: none"):
+        bench_compare.parse_backends("llamacpp:float32")
+
+
+def test_llamacpp_refuses_a_model_that_is_not_a_gguf_file(llama_dir, tmp_path):
+    with pytest.raises(SystemExit, match="llamacpp needs a GGUF file.* is a directory"):
+        bench_latency.main(["--backend", "llamacpp", "--llamacpp-venv", str(tmp_path), "--model", llama_dir])
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(bc.BenchError, match="is not a .gguf file"):
+        bc.check_llamacpp_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(bc.BenchError, match="is not found"):
+        bc.check_llamacpp_model(str(tmp_path / "missing.gguf"))
+
+
+def test_llamacpp_runner_gets_the_gguf_file_and_conveyors_thread_count(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"  # stands in for the venv's python: its "result" is the workload it got
+    python.write_text('#!/bin/sh\ncp "$2" "$3"\n')
+    python.chmod(0o755)
+    (tmp_path / "m.gguf").write_bytes(b"")
+    workload = {"backend": "llamacpp", "mode": "latency", "model": str(tmp_path / "m.gguf"), "dtype": "auto",
+                "engine_args": {}, "output_len": 4, "warmup": [], "runs": [[5, 6]]}
+    got = bc.run_backend(workload, llamacpp_venv=venv, timeout=60)
+    assert got["command"].split()[0] == str(python)
+    assert (got["model"], got["threads"]) == (str(tmp_path / "m.gguf"), len(usable_cpus()))
+
+
+class FakeLlama:
+    """llama-cpp-python's `Llama.generate` as the runner sees it: endless tokens, the prompt list
+    rewritten in place, the cache kept unless reset."""
+
+    def __init__(self):
+        self.resets, self.kwargs = 0, None
+
+    def reset(self):
+        self.resets += 1
+
+    def generate(self, tokens, **kwargs):
+        self.kwargs = kwargs
+        while True:
+            tokens.clear()
+            yield 7
+
+
+def test_llamacpp_backend_is_greedy_and_generates_exactly_output_len_tokens():
+    backend = bench_runner.LlamaCppBackend("m.gguf", "auto", {}, None, streaming=True, threads=2)
+    backend.llm = fake = FakeLlama()
+    prompts = [[1, 2, 3], [4, 5]]
+    assert backend.generate(prompts, 5) == [5, 5]
+    assert prompts == [[1, 2, 3], [4, 5]] and fake.resets == 2
+    assert (fake.kwargs["temp"], fake.kwargs["top_k"], fake.kwargs["repeat_penalty"]) == (0.0, 1, 1.0)
+    times = asyncio.run(backend.stream([1, 2, 3], 4))
+    assert len(times) == 4 and times == sorted(times)
+
+
+@pytest.mark.skipif(not (bc.llamacpp_available() and os.environ.get("CONVEYOR_TEST_LLAMACPP") == "1"),
+                    reason="needs .venv-llamacpp (tools/setup_llama_cpp.sh) and CONVEYOR_TEST_LLAMACPP=1")
+def test_llamacpp_backend_runs_in_its_virtualenv(tmp_path):
+    from conveyor.config import default_model
+
+    out = tmp_path / "lat.json"
+    bench_latency.main(["--backend", "llamacpp", "--model", default_model(), "--input-len", "6", "--output-len", "4",
+                        "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    assert [r["output_tokens"] for r in read_json(out)["result"]["runs"]] == [4, 4]
 
 
 @pytest.mark.skipif(not (bc.vllm_available() and os.environ.get("CONVEYOR_TEST_VLLM") == "1"),

@@ -1,5 +1,6 @@
 """What the benchmark tools share: workloads, one runner process per backend with its memory
-sampled over the whole process tree, vLLM's environment, statistics, tables and JSON output."""
+sampled over the whole process tree, vLLM's environment, llama.cpp's threads, statistics, tables
+and JSON output."""
 
 import argparse
 import contextlib
@@ -19,7 +20,9 @@ TOOLS = pathlib.Path(__file__).resolve().parent
 REPO = TOOLS.parent
 RUNNER = TOOLS / "bench_runner.py"
 DEFAULT_VLLM_VENV = REPO / ".venv-vllm"
-BACKEND_NAMES = ("conveyor", "hf", "vllm")
+DEFAULT_LLAMACPP_VENV = REPO / ".venv-llamacpp"
+BACKEND_NAMES = ("conveyor", "hf", "llamacpp", "vllm")
+VENV_BACKENDS = {"vllm": ("vLLM", "tools/setup_vllm_cpu.sh"), "llamacpp": ("llama.cpp", "tools/setup_llama_cpp.sh")}
 TCMALLOC_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                        "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
                        "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")
@@ -110,19 +113,43 @@ def vllm_env(tuned: bool, kv_cache_gib: int | None = None, mode: str = "throughp
     return env
 
 
-def runner_command(backend: str, vllm_venv: str | os.PathLike) -> list[str]:
+def runner_command(backend: str, vllm_venv: str | os.PathLike = DEFAULT_VLLM_VENV,
+                   llamacpp_venv: str | os.PathLike = DEFAULT_LLAMACPP_VENV) -> list[str]:
+    """The runner under the python that has the backend: Conveyor's own, or the backend's virtualenv."""
     if backend not in BACKEND_NAMES:
         raise BenchError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
-    if backend != "vllm":
+    if backend not in VENV_BACKENDS:
         return [sys.executable, str(RUNNER)]
-    python = pathlib.Path(vllm_venv) / "bin" / "python"
+    venv = vllm_venv if backend == "vllm" else llamacpp_venv
+    python = pathlib.Path(venv) / "bin" / "python"
     if not python.exists():
-        raise BenchError(f"no vLLM virtualenv at {vllm_venv}: run tools/setup_vllm_cpu.sh first")
+        name, script = VENV_BACKENDS[backend]
+        raise BenchError(f"no {name} virtualenv at {venv}: run {script} first")
     return [str(python), str(RUNNER)]
 
 
 def vllm_available(vllm_venv: str | os.PathLike = DEFAULT_VLLM_VENV) -> bool:
     return (pathlib.Path(vllm_venv) / "bin" / "python").exists()
+
+
+def llamacpp_available(llamacpp_venv: str | os.PathLike = DEFAULT_LLAMACPP_VENV) -> bool:
+    return (pathlib.Path(llamacpp_venv) / "bin" / "python").exists()
+
+
+def check_llamacpp_model(model: str) -> None:
+    """llama.cpp reads GGUF files only: refuse anything else before its runner starts."""
+    if not (model.endswith(".gguf") and pathlib.Path(model).is_file()):
+        what = "a directory" if pathlib.Path(model).is_dir() else "not a .gguf file" if pathlib.Path(model).exists() \
+            else "not found"
+        raise BenchError(f"llamacpp needs a GGUF file as --model (e.g. the default model, "
+                         f"conveyor.config.default_model()); {model!r} is {what}")
+
+
+def llamacpp_threads() -> int:
+    """The threads Conveyor's worker computes with (no tensor parallelism), for llama.cpp to use too."""
+    from conveyor.config import usable_cpus
+
+    return len(usable_cpus())
 
 
 def _children() -> dict[int, list[int]]:
@@ -195,10 +222,14 @@ class PeakMemory(threading.Thread):
 
 
 def run_backend(workload: dict, *, vllm_venv: str | os.PathLike = DEFAULT_VLLM_VENV, vllm_tuned: bool = True,
-                vllm_extra_env: dict[str, str] | None = None, timeout: float = 3600.0,
+                vllm_extra_env: dict[str, str] | None = None,
+                llamacpp_venv: str | os.PathLike = DEFAULT_LLAMACPP_VENV, timeout: float = 3600.0,
                 verbose: bool = False) -> dict:
     """Run one backend's runner process on `workload`; return its result plus peak tree memory."""
-    command = runner_command(workload["backend"], vllm_venv)
+    if workload["backend"] == "llamacpp":
+        check_llamacpp_model(workload["model"])
+        workload = {**workload, "threads": workload.get("threads") or llamacpp_threads()}
+    command = runner_command(workload["backend"], vllm_venv, llamacpp_venv)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if workload["backend"] == "vllm":
         env.update(vllm_env(vllm_tuned, workload.get("kv_cache_gib"), workload["mode"]), **(vllm_extra_env or {}))
@@ -352,6 +383,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="vLLM CPU environment: tuned (tcmalloc, OpenMP bound to cores) or its defaults")
     parser.add_argument("--vllm-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the vLLM runner, over --vllm-config's (repeatable)")
+    parser.add_argument("--llamacpp-venv", default=str(DEFAULT_LLAMACPP_VENV),
+                        help="virtualenv made by setup_llama_cpp.sh (llamacpp: --model must be a .gguf file; "
+                             "it uses the file's own weight types and ignores --dtype and --quantization)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one backend may run")
     parser.add_argument("--verbose", action="store_true", help="show the runner's own output")
     parser.add_argument("--out", help="write the results here as JSON")
@@ -376,7 +410,8 @@ def vllm_extra_env(args: argparse.Namespace) -> dict[str, str]:
 
 def run_options(args: argparse.Namespace) -> dict:
     return dict(vllm_venv=args.vllm_venv, vllm_tuned=args.vllm_config == "tuned", vllm_extra_env=vllm_extra_env(args),
-                timeout=args.timeout, verbose=args.verbose)
+                llamacpp_venv=getattr(args, "llamacpp_venv", DEFAULT_LLAMACPP_VENV), timeout=args.timeout,
+                verbose=args.verbose)
 
 
 def run_one(args, backend: str, workload, summarize) -> dict:

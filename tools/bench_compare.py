@@ -9,9 +9,13 @@ same prompts, as bench_serving does: Poisson arrivals at --request-rate, --max-c
 The servers get the same engine limits (--max-num-seqs, ...) and vLLM environment as the offline runs.
 
 Backends: conveyor, hf (transformers generate), vllm (tuned: tcmalloc, OpenMP bound to every
-core) and vllm-default (vLLM's CPU defaults), each optionally with a dtype of its own
-(`conveyor,conveyor:float32,vllm:bfloat16`; otherwise --dtype). A vLLM backend is skipped, with a
-note, when its virtualenv is missing (tools/setup_vllm_cpu.sh). Ratios are each backend's number
+core), vllm-default (vLLM's CPU defaults) and llamacpp (llama-cpp-python on the same GGUF file,
+which --model must then be, with as many threads as Conveyor's worker; its API runs one sequence
+at a time, so its throughput batch runs its prompts one after another, and it has no serving run).
+Each but llamacpp optionally takes a dtype of its own (`conveyor,conveyor:float32,vllm:bfloat16`;
+otherwise --dtype; llamacpp computes in the file's own types). A vLLM or llama.cpp backend is
+skipped, with a note, when its virtualenv is missing (tools/setup_vllm_cpu.sh,
+tools/setup_llama_cpp.sh). Ratios are each backend's number
 divided by the reference backend's (the first conveyor that ran). The table shows the dtype each
 engine chose.
 
@@ -29,7 +33,7 @@ from conveyor.tools.bench_latency import run_latency
 from conveyor.tools.bench_serving import run_serving, summarize
 from conveyor.tools.bench_throughput import add_workload_args, run_throughput
 
-CHOICES = ("conveyor", "hf", "vllm", "vllm-default")
+CHOICES = ("conveyor", "hf", "llamacpp", "vllm", "vllm-default")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 COLUMNS = [("backend", "backend"), ("dtype", "dtype"), ("output_tok_per_s", "out tok/s"), ("requests_per_s", "req/s"),
            ("ttft_ms_p50", "TTFT p50 ms"), ("tpot_ms_p50", "TPOT p50 ms"), ("startup_s", "startup s"),
@@ -44,10 +48,10 @@ SERVING_RATIO_KEYS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50", "itl_ms_
 def parse_backends(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name.partition(":")[0] not in CHOICES
-               or name.partition(":")[1] and name.partition(":")[2] not in DTYPES]
+               or name.partition(":")[1] and (name.partition(":")[2] not in DTYPES or name.startswith("llamacpp:"))]
     if unknown or not names:
         raise ValueError(f"backends must be a comma-separated list of {', '.join(CHOICES)}, each optionally "
-                         f"with :{'|'.join(DTYPES)}, got {text!r}")
+                         f"with :{'|'.join(DTYPES)} (llamacpp: none, the GGUF file's types), got {text!r}")
     return names
 
 
@@ -130,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         if name.startswith("vllm") and not bc.vllm_available(args.vllm_venv):
             notes.append(f"{name}: skipped, no vLLM virtualenv at {args.vllm_venv} (tools/setup_vllm_cpu.sh)")
             continue
+        if name == "llamacpp" and not bc.llamacpp_available(args.llamacpp_venv):
+            notes.append(f"{name}: skipped, no llama.cpp virtualenv at {args.llamacpp_venv} (tools/setup_llama_cpp.sh)")
+            continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
             result = run_one(args, name)
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         details[name] = result["detail"]
         if args.serving and name == "hf":
             notes.append("hf: no serving run (transformers has no server)")
+        elif args.serving and name == "llamacpp":
+            notes.append("llamacpp: no serving run (llama-cpp-python's server runs one request at a time)")
         elif args.serving:
             try:
                 serving_rows.append(serve_one(args, name))

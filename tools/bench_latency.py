@@ -5,10 +5,11 @@
 
 TTFT is the time from submitting the request to its first token; TPOT the mean time per later
 token, (last - first) / (n - 1). Conveyor and vLLM stream through their AsyncLLM (delta outputs),
-transformers through a `streamer` passed to generate(). Every request has a prompt of its own.
-`--prompt-repeats R` makes each prompt a random text repeated R times, a workload that n-gram
-speculative decoding (`--speculative-config`) can draft from; Conveyor's rows then report the
-drafts' acceptance rate.
+transformers through a `streamer` passed to generate(), llama.cpp (`--backend llamacpp`, a .gguf
+--model, Conveyor's worker thread count) through llama-cpp-python's token generator. Every request
+has a prompt of its own. `--prompt-repeats R` makes each prompt a random text repeated R times, a
+workload that n-gram speculative decoding (`--speculative-config`) can draft from; Conveyor's rows
+then report the drafts' acceptance rate.
 """
 
 import argparse

@@ -2,13 +2,15 @@
 
 The benchmark tools start this file as a script, one process per backend, so that each backend's
 memory is measured alone and each runs the same timing code. Only the standard library is imported
-at module level: the vLLM backend runs this file with the python of the `.venv-vllm` virtualenv,
-where Conveyor is not installed (and Conveyor never imports vLLM).
+at module level: the vLLM and llama.cpp backends run this file with the python of their own
+virtualenvs (`.venv-vllm`, `.venv-llamacpp`), where Conveyor is not installed (and Conveyor never
+imports either).
 
     python tools/bench_runner.py WORKLOAD.json RESULT.json
 
 WORKLOAD.json holds {"backend", "mode": "throughput" | "latency", "model", "dtype", "engine_args",
-"warmup": [[prompt ids...]...], "runs": [[[prompt ids...]...]...], "output_len"}: each run is one
+"warmup": [[prompt ids...]...], "runs": [[[prompt ids...]...]...], "output_len", "threads" (llamacpp:
+the CPU threads Conveyor's workers would use)}: each run is one
 timed batch (throughput) or one timed single-request stream per prompt (latency).
 """
 
@@ -184,7 +186,56 @@ class HfBackend:
         self.hf = None
 
 
-BACKENDS = {"conveyor": ConveyorBackend, "hf": HfBackend, "vllm": VllmBackend}
+class LlamaCppBackend:
+    """llama-cpp-python's `Llama` on a GGUF file (run inside `.venv-llamacpp`): greedy, exactly
+    `output_len` tokens (EOS ignored: `Llama.generate` samples until told to stop). Its API runs one
+    sequence at a time, so a throughput batch is its prompts one after another."""
+
+    def __init__(self, model: str, dtype: str, engine_args: dict, kv_cache_gib: int | None, streaming: bool,
+                 threads: int | None = None):
+        self.model, self.engine_args, self.threads = model, engine_args, threads
+        self.llm = None
+
+    def start(self) -> None:
+        from llama_cpp import Llama
+
+        kwargs = {"n_threads": self.threads, "n_threads_batch": self.threads} if self.threads else {}
+        if self.engine_args.get("max_num_batched_tokens"):
+            kwargs["n_batch"] = kwargs["n_ubatch"] = self.engine_args["max_num_batched_tokens"]
+        # n_ctx 0: the context the file declares, as the other engines size theirs from the model
+        self.llm = Llama(model_path=self.model, n_ctx=self.engine_args.get("max_model_len") or 0, seed=0,
+                         verbose=False, **kwargs)
+
+    def dtype_chosen(self) -> str:
+        desc = self.llm._model.desc() if hasattr(self.llm._model, "desc") else ""
+        return desc.rsplit(" ", 1)[-1] if desc else "gguf"  # "llama ?B Q4_1 ...": the file's weight type
+
+    def _tokens(self, prompt: list[int], output_len: int):
+        """Yield `output_len` greedy tokens after `prompt`, from an empty cache each time."""
+        self.llm.reset()  # no prefix shared with the previous request, as in the other engines' runs
+        count = 0  # generate() rewrites the list it is given: hand it a copy
+        for _ in self.llm.generate(list(prompt), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            count += 1
+            yield count
+            if count == output_len:
+                return
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> list[int]:
+        return [sum(1 for _ in self._tokens(prompt, output_len)) for prompt in prompts]
+
+    async def stream(self, prompt: list[int], output_len: int) -> list[float]:
+        start, times = time.perf_counter(), []
+        for _ in self._tokens(prompt, output_len):
+            times.append(time.perf_counter() - start)
+        return times
+
+    def close(self) -> None:
+        if self.llm is not None and hasattr(self.llm, "close"):
+            self.llm.close()
+        self.llm = None
+
+
+BACKENDS = {"conveyor": ConveyorBackend, "hf": HfBackend, "llamacpp": LlamaCppBackend, "vllm": VllmBackend}
 
 
 def run_throughput(backend, workload: dict) -> dict:
@@ -245,12 +296,13 @@ def main(argv: list[str]) -> None:
     mode = workload["mode"]
     if mode not in ("throughput", "latency"):
         sys.exit(f"mode must be throughput or latency, got {mode!r}")
+    extra = {"threads": workload["threads"]} if workload.get("threads") else {}
     backend = BACKENDS[workload["backend"]](workload["model"], workload["dtype"], workload["engine_args"],
-                                            workload.get("kv_cache_gib"), streaming=mode == "latency")
+                                            workload.get("kv_cache_gib"), streaming=mode == "latency", **extra)
     begin = time.perf_counter()
     backend.start()
     result = {"backend": workload["backend"], "mode": mode, "startup_s": time.perf_counter() - begin,
-              "process_startup_s": time.perf_counter() - PROCESS_START, "dtype": backend.dtype_chosen()}
+              "process_startup_s": time.perf_counter() - PROCESS_START, "dtype": backend.dtype_chosen(), **extra}
     try:
         result.update(run_throughput(backend, workload) if mode == "throughput" else run_latency(backend, workload))
     finally:

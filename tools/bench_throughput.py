@@ -6,7 +6,8 @@
 Each backend runs in its own process (tools/bench_runner.py); prompts are random token ids from a
 fixed seed, or --dataset (JSON lines). Every timed run gets prompts no earlier run has seen, so
 prefix caches never serve a repeat. Reports medians over --repeats, start-up time and the peak
-memory of the backend's whole process tree.
+memory of the backend's whole process tree. `--backend llamacpp` (a .gguf --model) runs the batch's
+prompts one after another: llama-cpp-python's API decodes one sequence at a time.
 """
 
 import argparse

@@ -18,7 +18,7 @@ def bare_core(num_blocks: int = 64) -> EngineCore:
     """A core's admission state: a scheduler of blocks of 4 tokens, a vocabulary of 100 tokens."""
     core = EngineCore.__new__(EngineCore)
     core.config = EngineConfig(model="unused", block_size=4)
-    core.executor = SimpleNamespace(vocab_size=100)
+    core.executor = SimpleNamespace(vocab_size=100, hidden_size=16)
     core.scheduler = Scheduler(core.config, num_blocks, max_model_len=MAX_MODEL_LEN)
     core.num_requests_added = 0
     return core
